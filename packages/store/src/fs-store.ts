@@ -1,0 +1,409 @@
+import { randomUUID } from 'node:crypto';
+import { createReadStream, createWriteStream } from 'node:fs';
+import { Readable } from 'node:stream';
+import { mkdir, open, readdir, readFile, rename, rm, stat, truncate } from 'node:fs/promises';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import { Digester, parseDigest, parseManifest, type ParsedManifest } from '@shoal/oci';
+import { ManifestCatalog, manifestMeta, type ManifestMeta } from './catalog.ts';
+import { ChunkHasher, DEFAULT_CHUNK_SIZE, decodeChunkIndex, encodeChunkIndex } from './chunk-index.ts';
+import { DigestMismatchError, RangeNotSatisfiableError, UploadBusyError } from './errors.ts';
+import { syncDir, syncFile, writeFileAtomic } from './fs-util.ts';
+import type {
+  BlobInfo,
+  BlobReader,
+  BlobWriter,
+  ByteRange,
+  ByteSource,
+  ChunkIndex,
+  ContentStore,
+  ReferrerDescriptor,
+  StoredManifest,
+  TaggedImage,
+} from './types.ts';
+
+export interface FsContentStoreOptions {
+  /** Data directory; the OCI image layout lives in `<dir>/oci`. */
+  dir: string;
+  /** Chunk size for chunk indexes (default 1 MiB). */
+  chunkSize?: number;
+  /** Upload sessions idle longer than this are discarded (default 1 hour). */
+  uploadTtlMs?: number;
+}
+
+const READ_HIGH_WATER_MARK = 1024 * 1024;
+
+/**
+ * The content store on disk. `<dir>/oci` is a plain OCI image layout (oci-layout, index.json,
+ * blobs/<alg>/<hex>) that skopeo and umoci read directly; upload temp files live in
+ * `<dir>/uploads` (same file system, so commit is a rename) and chunk indexes in `<dir>/chunks`.
+ */
+export class FsContentStore implements ContentStore {
+  readonly layoutDir: string;
+  readonly #uploadsDir: string;
+  readonly #chunksDir: string;
+  readonly #chunkSize: number;
+  readonly #uploadTtlMs: number;
+  readonly #writers = new Map<string, FsBlobWriter>();
+  #catalog = new ManifestCatalog();
+  #persisting: Promise<void> = Promise.resolve();
+  #sweeper?: NodeJS.Timeout;
+
+  private constructor(opts: FsContentStoreOptions) {
+    this.layoutDir = join(opts.dir, 'oci');
+    this.#uploadsDir = join(opts.dir, 'uploads');
+    this.#chunksDir = join(opts.dir, 'chunks');
+    this.#chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
+    this.#uploadTtlMs = opts.uploadTtlMs ?? 60 * 60 * 1000;
+  }
+
+  static async open(opts: FsContentStoreOptions): Promise<FsContentStore> {
+    const store = new FsContentStore(opts);
+    await store.#init();
+    return store;
+  }
+
+  async #init(): Promise<void> {
+    await mkdir(join(this.layoutDir, 'blobs', 'sha256'), { recursive: true });
+    await mkdir(this.#chunksDir, { recursive: true });
+    // Uploads do not survive a restart: their hash state was in memory.
+    await rm(this.#uploadsDir, { recursive: true, force: true });
+    await mkdir(this.#uploadsDir, { recursive: true });
+    const layoutFile = join(this.layoutDir, 'oci-layout');
+    if (!(await exists(layoutFile))) {
+      await writeFileAtomic(layoutFile, Buffer.from('{"imageLayoutVersion":"1.0.0"}\n'));
+    }
+    const indexFile = join(this.layoutDir, 'index.json');
+    if (await exists(indexFile)) {
+      this.#catalog = await ManifestCatalog.fromIndexJson(await readFile(indexFile), (d) => this.#loadMeta(d));
+    } else {
+      await writeFileAtomic(indexFile, this.#catalog.toIndexJson());
+    }
+    this.#sweeper = setInterval(() => void this.#sweepUploads(), Math.min(this.#uploadTtlMs, 60_000));
+    this.#sweeper.unref();
+  }
+
+  async #loadMeta(digest: string): Promise<ManifestMeta | undefined> {
+    try {
+      return manifestMeta(parseManifest(await readFile(this.#blobPath(digest))));
+    } catch {
+      return undefined;
+    }
+  }
+
+  #blobPath(digest: string): string {
+    const { algorithm, hex } = parseDigest(digest);
+    return join(this.layoutDir, 'blobs', algorithm, hex);
+  }
+
+  #chunkIndexPath(digest: string): string {
+    const { algorithm, hex } = parseDigest(digest);
+    return join(this.#chunksDir, `${algorithm}-${hex}.json`);
+  }
+
+  async statBlob(digest: string): Promise<BlobInfo | undefined> {
+    try {
+      const s = await stat(this.#blobPath(digest));
+      return { digest, size: s.size };
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+  }
+
+  async readBlob(digest: string, range?: ByteRange): Promise<BlobReader | undefined> {
+    let fh;
+    try {
+      fh = await open(this.#blobPath(digest), 'r');
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+    const { size } = await fh.stat();
+    if (range && (range.start > range.end || range.end >= size)) {
+      await fh.close();
+      throw new RangeNotSatisfiableError(size);
+    }
+    if (size === 0) {
+      await fh.close();
+      return { info: { digest, size }, stream: Readable.from([]) };
+    }
+    const stream = createReadStream('', {
+      fd: fh,
+      start: range?.start ?? 0,
+      end: range?.end ?? size - 1,
+      highWaterMark: READ_HIGH_WATER_MARK,
+    });
+    return { info: { digest, size }, stream };
+  }
+
+  async createWriter(): Promise<BlobWriter> {
+    const id = randomUUID();
+    const path = join(this.#uploadsDir, id);
+    await (await open(path, 'wx')).close();
+    const writer = new FsBlobWriter(id, path, this.#chunkSize, {
+      commit: (w, digest, chunks) => this.#commit(w, digest, chunks),
+      forget: (w) => this.#writers.delete(w.id),
+    });
+    this.#writers.set(id, writer);
+    return writer;
+  }
+
+  getWriter(id: string): BlobWriter | undefined {
+    return this.#writers.get(id);
+  }
+
+  async putBlob(digest: string, source: ByteSource): Promise<BlobInfo> {
+    const writer = await this.createWriter();
+    try {
+      await writer.append(source);
+      return await writer.commit(digest);
+    } catch (err) {
+      await writer.abort();
+      throw err;
+    }
+  }
+
+  /** Verifies, fsyncs and renames an upload into the layout, then records its chunk index. */
+  async #commit(writer: FsBlobWriter, digest: string, hasher: ChunkHasher): Promise<BlobInfo> {
+    const { algorithm } = parseDigest(digest);
+    const actual = writer.runningDigest(algorithm) ?? (await hashFile(writer.path, algorithm));
+    if (actual !== digest) throw new DigestMismatchError(digest, actual);
+    await syncFile(writer.path);
+    const target = this.#blobPath(digest);
+    await mkdir(join(this.layoutDir, 'blobs', algorithm), { recursive: true });
+    await rename(writer.path, target);
+    await syncDir(join(this.layoutDir, 'blobs', algorithm));
+    this.#writers.delete(writer.id);
+    await writeFileAtomic(this.#chunkIndexPath(digest), encodeChunkIndex(hasher.finish(digest, writer.size)));
+    return { digest, size: writer.size };
+  }
+
+  async deleteBlob(digest: string): Promise<boolean> {
+    try {
+      await rm(this.#blobPath(digest));
+    } catch (err) {
+      if (isNotFound(err)) return false;
+      throw err;
+    }
+    await rm(this.#chunkIndexPath(digest), { force: true });
+    return true;
+  }
+
+  async chunkIndex(digest: string): Promise<ChunkIndex | undefined> {
+    try {
+      return decodeChunkIndex(await readFile(this.#chunkIndexPath(digest)));
+    } catch (err) {
+      if (!isNotFound(err)) throw err;
+    }
+    // A blob placed in the layout by another tool: index it now.
+    if (!(await this.statBlob(digest))) return undefined;
+    const index = (await chunkFile(this.#blobPath(digest), this.#chunkSize)).finish(
+      digest,
+      (await stat(this.#blobPath(digest))).size,
+    );
+    await writeFileAtomic(this.#chunkIndexPath(digest), encodeChunkIndex(index));
+    return index;
+  }
+
+  async putManifest(repository: string, manifest: ParsedManifest, tag?: string): Promise<void> {
+    if (!(await this.statBlob(manifest.digest))) {
+      await this.putBlob(manifest.digest, [manifest.bytes]);
+    }
+    this.#catalog.add(repository, manifestMeta(manifest), tag);
+    await this.#persist();
+  }
+
+  async getManifest(repository: string, reference: string): Promise<StoredManifest | undefined> {
+    const meta = this.#catalog.resolve(repository, reference);
+    if (!meta) return undefined;
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(this.#blobPath(meta.digest));
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+    return { digest: meta.digest, mediaType: meta.mediaType, size: bytes.byteLength, bytes };
+  }
+
+  async deleteManifest(repository: string, digest: string): Promise<boolean> {
+    if (!this.#catalog.removeManifest(repository, digest)) return false;
+    await this.#persist();
+    return true;
+  }
+
+  async deleteTag(repository: string, tag: string): Promise<boolean> {
+    if (!this.#catalog.removeTag(repository, tag)) return false;
+    await this.#persist();
+    return true;
+  }
+
+  async tags(repository: string): Promise<string[] | undefined> {
+    return this.#catalog.tags(repository);
+  }
+
+  async repositories(): Promise<string[]> {
+    return this.#catalog.repositories();
+  }
+
+  async referrers(repository: string, digest: string): Promise<ReferrerDescriptor[]> {
+    return this.#catalog.referrers(repository, digest);
+  }
+
+  async listImages(): Promise<TaggedImage[]> {
+    const out: TaggedImage[] = [];
+    for (const { repository, tag, meta } of this.#catalog.taggedImages()) {
+      out.push({ repository, tag, digest: meta.digest, mediaType: meta.mediaType, size: await this.#imageSize(meta) });
+    }
+    return out;
+  }
+
+  async #imageSize(meta: ManifestMeta): Promise<number> {
+    try {
+      const m = parseManifest(await readFile(this.#blobPath(meta.digest)));
+      const children = m.kind === 'index' ? m.manifests : m.config ? [m.config, ...m.layers] : m.layers;
+      return meta.size + children.reduce((sum, d) => sum + d.size, 0);
+    } catch {
+      return meta.size;
+    }
+  }
+
+  /** Writes index.json; calls are chained so the file always ends at the newest state. */
+  #persist(): Promise<void> {
+    const next = this.#persisting.then(() =>
+      writeFileAtomic(join(this.layoutDir, 'index.json'), this.#catalog.toIndexJson()),
+    );
+    this.#persisting = next.catch(() => {});
+    return next;
+  }
+
+  async #sweepUploads(): Promise<void> {
+    const cutoff = Date.now() - this.#uploadTtlMs;
+    for (const writer of this.#writers.values()) {
+      if (writer.lastActivity < cutoff && !writer.busy) await writer.abort().catch(() => {});
+    }
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.#sweeper);
+    await this.#persisting;
+    for (const writer of [...this.#writers.values()]) await writer.abort().catch(() => {});
+  }
+
+  /** Files in the uploads directory, for tests that check nothing half-written is left. */
+  async pendingUploadFiles(): Promise<string[]> {
+    return readdir(this.#uploadsDir);
+  }
+}
+
+interface WriterHooks {
+  commit(writer: FsBlobWriter, digest: string, chunks: ChunkHasher): Promise<BlobInfo>;
+  forget(writer: FsBlobWriter): void;
+}
+
+class FsBlobWriter implements BlobWriter {
+  readonly id: string;
+  readonly path: string;
+  readonly startedAt = Date.now();
+  lastActivity = Date.now();
+  busy = false;
+  #size = 0;
+  #digester = new Digester('sha256');
+  #chunks: ChunkHasher;
+  #hooks: WriterHooks;
+  #closed = false;
+
+  constructor(id: string, path: string, chunkSize: number, hooks: WriterHooks) {
+    this.id = id;
+    this.path = path;
+    this.#chunks = new ChunkHasher(chunkSize);
+    this.#hooks = hooks;
+  }
+
+  get size(): number {
+    return this.#size;
+  }
+
+  runningDigest(algorithm: string): string | undefined {
+    return algorithm === this.#digester.algorithm ? this.#digester.peek() : undefined;
+  }
+
+  async append(source: ByteSource): Promise<number> {
+    if (this.busy) throw new UploadBusyError();
+    if (this.#closed) throw new Error('upload is closed');
+    this.busy = true;
+    const before = { size: this.#size, digester: this.#digester.copy(), chunks: this.#chunks.copy() };
+    const self = this;
+    try {
+      await pipeline(
+        source,
+        async function* (chunks: ByteSource) {
+          for await (const chunk of chunks) {
+            self.#digester.update(chunk);
+            self.#chunks.update(chunk);
+            self.#size += chunk.byteLength;
+            self.lastActivity = Date.now();
+            yield chunk;
+          }
+        },
+        createWriteStream(this.path, { flags: 'a', highWaterMark: READ_HIGH_WATER_MARK }),
+      );
+    } catch (err) {
+      // Roll back to the last complete append so a retry continues from a known offset.
+      this.#size = before.size;
+      this.#digester = before.digester;
+      this.#chunks = before.chunks;
+      await truncate(this.path, before.size).catch(() => {});
+      throw err;
+    } finally {
+      this.busy = false;
+    }
+    return this.#size;
+  }
+
+  async commit(digest: string): Promise<BlobInfo> {
+    if (this.busy) throw new UploadBusyError();
+    this.busy = true;
+    try {
+      return await this.#hooks.commit(this, digest, this.#chunks);
+    } catch (err) {
+      await this.abort();
+      throw err;
+    } finally {
+      this.busy = false;
+    }
+  }
+
+  async abort(): Promise<void> {
+    this.#closed = true;
+    this.#hooks.forget(this);
+    await rm(this.path, { force: true });
+  }
+}
+
+async function hashFile(path: string, algorithm: 'sha256' | 'sha512'): Promise<string> {
+  const d = new Digester(algorithm);
+  for await (const chunk of createReadStream(path, { highWaterMark: READ_HIGH_WATER_MARK })) d.update(chunk as Buffer);
+  return d.peek();
+}
+
+async function chunkFile(path: string, chunkSize: number): Promise<ChunkHasher> {
+  const h = new ChunkHasher(chunkSize);
+  for await (const chunk of createReadStream(path, { highWaterMark: READ_HIGH_WATER_MARK })) h.update(chunk as Buffer);
+  return h;
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch (err) {
+    if (isNotFound(err)) return false;
+    throw err;
+  }
+}
+
+function isNotFound(err: unknown): boolean {
+  return (err as NodeJS.ErrnoException)?.code === 'ENOENT';
+}

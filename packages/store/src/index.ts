@@ -1,0 +1,5 @@
+export * from './types.ts';
+export * from './errors.ts';
+export * from './chunk-index.ts';
+export * from './catalog.ts';
+export { FsContentStore, type FsContentStoreOptions } from './fs-store.ts';

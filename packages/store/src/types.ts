@@ -1,0 +1,107 @@
+import type { Readable } from 'node:stream';
+import type { ParsedManifest } from '@shoal/oci';
+
+/** Bytes to write: a Readable, an async generator, or an array of buffers. */
+export type ByteSource = AsyncIterable<Uint8Array> | Iterable<Uint8Array>;
+
+export interface BlobInfo {
+  digest: string;
+  size: number;
+}
+
+/** An inclusive byte range, as HTTP Range uses. */
+export interface ByteRange {
+  start: number;
+  end: number;
+}
+
+export interface BlobReader {
+  info: BlobInfo;
+  stream: Readable;
+}
+
+/**
+ * An in-progress blob write (an upload session). Bytes land in a private temp file and become
+ * visible only through `commit`, after the digest is verified.
+ */
+export interface BlobWriter {
+  readonly id: string;
+  /** Bytes accepted so far. */
+  readonly size: number;
+  readonly startedAt: number;
+  /**
+   * Appends a stream. If the source fails part way, the bytes of this call are discarded and
+   * the writer stays at its previous size, so the client can retry from there.
+   */
+  append(source: ByteSource): Promise<number>;
+  /** Verifies the bytes against `digest`, then makes the blob visible atomically. */
+  commit(digest: string): Promise<BlobInfo>;
+  abort(): Promise<void>;
+}
+
+/** A manifest as the store keeps it: exact bytes plus what the catalog needs. */
+export interface StoredManifest {
+  digest: string;
+  mediaType: string;
+  size: number;
+  bytes: Buffer;
+}
+
+/** What the referrers API reports for one manifest. */
+export interface ReferrerDescriptor {
+  mediaType: string;
+  digest: string;
+  size: number;
+  artifactType?: string;
+  annotations?: Record<string, string>;
+}
+
+/**
+ * The content store: blobs by digest (shared by all repositories, as content addressing
+ * allows) and manifests and tags per repository. Repository names are full names including
+ * the registry namespace, e.g. `docker.io/library/nginx`.
+ */
+export interface ContentStore {
+  statBlob(digest: string): Promise<BlobInfo | undefined>;
+  /** Opens a blob, or undefined if absent. `range` must lie within the blob. */
+  readBlob(digest: string, range?: ByteRange): Promise<BlobReader | undefined>;
+  createWriter(): Promise<BlobWriter>;
+  /** An upload session by id, or undefined if unknown or expired. */
+  getWriter(id: string): BlobWriter | undefined;
+  /** Writes a whole stream as a blob, verified against `digest`. */
+  putBlob(digest: string, source: ByteSource): Promise<BlobInfo>;
+  deleteBlob(digest: string): Promise<boolean>;
+  /** The chunk index of a committed blob. */
+  chunkIndex(digest: string): Promise<ChunkIndex | undefined>;
+
+  /** Stores manifest bytes (as a blob) and records it in `repository`, tagging it if asked. */
+  putManifest(repository: string, manifest: ParsedManifest, tag?: string): Promise<void>;
+  /** Resolves a tag or digest within a repository. */
+  getManifest(repository: string, reference: string): Promise<StoredManifest | undefined>;
+  /** Removes a manifest from a repository, with every tag that points at it. */
+  deleteManifest(repository: string, digest: string): Promise<boolean>;
+  deleteTag(repository: string, tag: string): Promise<boolean>;
+  tags(repository: string): Promise<string[] | undefined>;
+  repositories(): Promise<string[]>;
+  referrers(repository: string, digest: string): Promise<ReferrerDescriptor[]>;
+  /** Every tag in the store: repository, tag, manifest digest and media type. */
+  listImages(): Promise<TaggedImage[]>;
+  close(): Promise<void>;
+}
+
+export interface TaggedImage {
+  repository: string;
+  tag: string;
+  digest: string;
+  mediaType: string;
+  /** Manifest size plus the sizes of the blobs it references (children for an index). */
+  size: number;
+}
+
+/** sha256 of each fixed-size chunk of a blob; deterministic, so any honest holder agrees. */
+export interface ChunkIndex {
+  blob: string;
+  size: number;
+  chunkSize: number;
+  chunks: string[];
+}
