@@ -1,0 +1,136 @@
+import { readFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { resolve } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { isValidRegistry } from '@shoal/oci';
+
+/** Everything a node needs to run. Each field has a default, so an empty config runs. */
+export interface NodeConfig {
+  /** Device name shown to users and peers (default: the host name). */
+  name: string;
+  /** Where the content store and node state live (default: ./data). */
+  dataDir: string;
+  /** Registry gateway listen address (default 127.0.0.1:5000). */
+  gateway: HostPort;
+  /** Control API and dashboard listen address (default 127.0.0.1:7070). */
+  api: HostPort;
+  /** Registry namespace for requests without ?ns= (default docker.io). */
+  defaultNamespace: string;
+  /** Upstream registries for pull-through, by namespace: docker.io -> http://mirror:5000. */
+  upstreams: Record<string, string>;
+  /** When set, pushes and deletes need this token. */
+  pushToken?: string;
+  /** pino level (default info). */
+  logLevel: string;
+}
+
+export interface HostPort {
+  host: string;
+  port: number;
+}
+
+export const DEFAULT_CONFIG: Readonly<Omit<NodeConfig, 'name'>> = {
+  dataDir: './data',
+  gateway: { host: '127.0.0.1', port: 5000 },
+  api: { host: '127.0.0.1', port: 7070 },
+  defaultNamespace: 'docker.io',
+  upstreams: {},
+  logLevel: 'info',
+};
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+/** The config as a file or flags spell it, before defaults are applied. */
+export interface ConfigInput {
+  name?: string;
+  dataDir?: string;
+  gateway?: string;
+  api?: string;
+  defaultNamespace?: string;
+  upstreams?: Record<string, string> | string[];
+  pushToken?: string;
+  logLevel?: string;
+}
+
+/** Reads a YAML config file; unknown keys are an error so typos do not pass silently. */
+export async function loadConfigFile(path: string): Promise<ConfigInput> {
+  let doc: unknown;
+  try {
+    doc = parseYaml(await readFile(path, 'utf8'));
+  } catch (err) {
+    throw new ConfigError(`cannot read config ${path}: ${(err as Error).message}`);
+  }
+  if (doc === null || doc === undefined) return {};
+  if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: top level must be a mapping`);
+  const known = ['name', 'dataDir', 'gateway', 'api', 'defaultNamespace', 'upstreams', 'pushToken', 'logLevel'];
+  for (const key of Object.keys(doc)) {
+    if (!known.includes(key)) throw new ConfigError(`${path}: unknown key "${key}" (known: ${known.join(', ')})`);
+  }
+  return doc as ConfigInput;
+}
+
+/** Layers inputs (later wins: file, then flags) over the defaults and validates the result. */
+export function resolveConfig(...inputs: ConfigInput[]): NodeConfig {
+  const merged: ConfigInput = {};
+  const upstreams: Record<string, string> = {};
+  for (const input of inputs) {
+    for (const [k, v] of Object.entries(input)) {
+      if (v === undefined) continue;
+      if (k === 'upstreams') Object.assign(upstreams, parseUpstreams(v as ConfigInput['upstreams']));
+      else (merged as Record<string, unknown>)[k] = v;
+    }
+  }
+  const config: NodeConfig = {
+    name: merged.name ?? hostname(),
+    dataDir: resolve(merged.dataDir ?? DEFAULT_CONFIG.dataDir),
+    gateway: merged.gateway ? parseHostPort(merged.gateway, 'gateway') : DEFAULT_CONFIG.gateway,
+    api: merged.api ? parseHostPort(merged.api, 'api') : DEFAULT_CONFIG.api,
+    defaultNamespace: merged.defaultNamespace ?? DEFAULT_CONFIG.defaultNamespace,
+    upstreams,
+    logLevel: merged.logLevel ?? DEFAULT_CONFIG.logLevel,
+  };
+  if (merged.pushToken) config.pushToken = merged.pushToken;
+  if (!isValidRegistry(config.defaultNamespace)) {
+    throw new ConfigError(`default namespace "${config.defaultNamespace}" is not a registry host name`);
+  }
+  return config;
+}
+
+/** `host:port`, `[v6]:port` or `:port`. */
+export function parseHostPort(value: string, what: string): HostPort {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]*)):(\d{1,5})$/.exec(value);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) throw new ConfigError(`${what}: expected HOST:PORT, got "${value}"`);
+  return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
+}
+
+function parseUpstreams(value: ConfigInput['upstreams']): Record<string, string> {
+  const entries = Array.isArray(value)
+    ? value.map((spec) => {
+        const eq = spec.indexOf('=');
+        if (eq <= 0) throw new ConfigError(`upstream: expected REGISTRY=URL, got "${spec}"`);
+        return [spec.slice(0, eq), spec.slice(eq + 1)] as const;
+      })
+    : Object.entries(value ?? {});
+  const out: Record<string, string> = {};
+  for (const [registry, url] of entries) {
+    if (!isValidRegistry(registry)) throw new ConfigError(`upstream: "${registry}" is not a registry host name`);
+    let parsed: URL;
+    try {
+      parsed = new URL(url);
+    } catch {
+      throw new ConfigError(`upstream ${registry}: "${url}" is not a URL`);
+    }
+    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') {
+      throw new ConfigError(`upstream ${registry}: only http and https URLs are supported`);
+    }
+    out[registry] = url;
+  }
+  return out;
+}
+
+export function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}
