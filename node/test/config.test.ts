@@ -1,0 +1,36 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ConfigError, DEFAULT_CONFIG, loadConfigFile, parseHostPort, resolveConfig } from '../src/config.ts';
+
+test('an empty config runs on the documented defaults', () => {
+  const c = resolveConfig({});
+  assert.deepEqual(c.gateway, DEFAULT_CONFIG.gateway);
+  assert.deepEqual(c.api, DEFAULT_CONFIG.api);
+  assert.equal(c.defaultNamespace, 'docker.io');
+  assert.ok(c.dataDir.endsWith('/data'));
+});
+
+test('flags override the file; upstreams merge', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-config-'));
+  const file = join(dir, 'shoal.yaml');
+  await writeFile(file, 'name: edge-1\ngateway: 0.0.0.0:5000\nupstreams:\n  docker.io: http://127.0.0.1:5001\n');
+  const c = resolveConfig(await loadConfigFile(file), { gateway: '127.0.0.1:6000', upstreams: ['ghcr.io=http://127.0.0.1:5002'] });
+  assert.equal(c.name, 'edge-1');
+  assert.deepEqual(c.gateway, { host: '127.0.0.1', port: 6000 });
+  assert.deepEqual(c.upstreams, { 'docker.io': 'http://127.0.0.1:5001', 'ghcr.io': 'http://127.0.0.1:5002' });
+});
+
+test('bad config is a clear error', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-config-'));
+  const file = join(dir, 'bad.yaml');
+  await writeFile(file, 'gatway: 1.2.3.4:5\n');
+  await assert.rejects(loadConfigFile(file), /unknown key "gatway"/);
+  assert.throws(() => parseHostPort('nope', 'gateway'), ConfigError);
+  assert.throws(() => resolveConfig({ upstreams: ['docker.io'] }), /REGISTRY=URL/);
+  assert.throws(() => resolveConfig({ upstreams: ['docker.io=ftp://x'] }), /http and https/);
+  assert.deepEqual(parseHostPort('[::1]:80', 'api'), { host: '::1', port: 80 });
+  assert.deepEqual(parseHostPort(':80', 'api'), { host: '0.0.0.0', port: 80 });
+});
