@@ -20,6 +20,7 @@ import type {
   ReferrerDescriptor,
   StoredManifest,
   TaggedImage,
+  UploadReader,
 } from './types.ts';
 
 export interface FsContentStoreOptions {
@@ -373,6 +374,16 @@ class FsBlobWriter implements BlobWriter {
     } finally {
       this.busy = false;
     }
+  }
+
+  async openReader(): Promise<UploadReader> {
+    if (this.#closed) throw new Error('upload is closed');
+    // An open descriptor survives the rename of commit and the unlink of abort.
+    const fh = await open(this.path, 'r');
+    return {
+      read: async (buffer, position) => (await fh.read(buffer, 0, buffer.byteLength, position)).bytesRead,
+      close: () => fh.close(),
+    };
   }
 
   async abort(): Promise<void> {

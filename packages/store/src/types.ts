@@ -37,6 +37,19 @@ export interface BlobWriter {
   /** Verifies the bytes against `digest`, then makes the blob visible atomically. */
   commit(digest: string): Promise<BlobInfo>;
   abort(): Promise<void>;
+  /**
+   * Opens the bytes written so far for reading, to serve a blob while it is still arriving.
+   * Bytes of an append in progress become visible as they land (an append that fails is
+   * rolled back). An open reader keeps reading the same bytes after commit or abort.
+   */
+  openReader(): Promise<UploadReader>;
+}
+
+/** Read access to the bytes an upload has written (see BlobWriter.openReader). */
+export interface UploadReader {
+  /** Reads up to `buffer.byteLength` bytes at `position`; resolves with how many were there. */
+  read(buffer: Uint8Array, position: number): Promise<number>;
+  close(): Promise<void>;
 }
 
 /** A manifest as the store keeps it: exact bytes plus what the catalog needs. */
