@@ -1,0 +1,162 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+/** The repository root, from this file's place in test/helpers/. */
+export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
+const MAX_LOG_LINES = 5000;
+
+export interface ShoalNodeOptions {
+  /** Data directory; default a fresh temporary directory (the caller removes it). */
+  dataDir?: string;
+  name?: string;
+  /** Pull-through upstreams: registry namespace -> URL. */
+  upstreams?: Record<string, string>;
+  defaultNamespace?: string;
+  pushToken?: string;
+  logLevel?: string;
+  /** Milliseconds to wait for both "listening" lines; default 30 s. */
+  startTimeoutMs?: number;
+}
+
+/** One pino line from the daemon (or a non-JSON line, kept as msg). */
+export interface LogEntry {
+  msg?: string;
+  level?: number;
+  [field: string]: unknown;
+}
+
+export interface RunningShoalNode {
+  gatewayUrl: string;
+  /** 127.0.0.1:PORT, as container clients write it in references. */
+  gatewayHost: string;
+  apiUrl: string;
+  dataDir: string;
+  pid: number;
+  /** Every stdout line parsed so far (the last few thousand). */
+  logs(): LogEntry[];
+  /** The raw output (stdout and stderr), last `lines` lines, for failure messages. */
+  logText(lines?: number): string;
+  /** GET <api>/api/images. */
+  images(): Promise<ImageRecord[]>;
+  /** SIGTERM and wait; SIGKILL if it does not exit in time. Resolves with the exit code. */
+  stop(): Promise<number | null>;
+  /** SIGKILL and wait, as a crash would. */
+  kill9(): Promise<void>;
+}
+
+export interface ImageRecord {
+  repository: string;
+  tag: string;
+  digest: string;
+  size: number;
+  mediaType: string;
+}
+
+function parseLine(line: string): LogEntry {
+  try {
+    const parsed = JSON.parse(line) as unknown;
+    if (parsed && typeof parsed === 'object') return parsed as LogEntry;
+  } catch {
+    // not JSON: keep the text
+  }
+  return { msg: line };
+}
+
+async function waitForExit(child: ChildProcess, timeoutMs: number): Promise<boolean> {
+  if (child.exitCode !== null || child.signalCode !== null) return true;
+  const timer = new Promise<false>((resolve) => setTimeout(() => resolve(false), timeoutMs).unref());
+  return Promise.race([once(child, 'exit').then(() => true), timer]);
+}
+
+/**
+ * Starts `shoal node` as a real process on random loopback ports and resolves once both the
+ * gateway and the control API say they listen. The caller must stop() it (in an after hook).
+ */
+export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<RunningShoalNode> {
+  const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'shoal-node-')));
+  const args = [CLI, 'node', '--data-dir', dataDir, '--gateway', '127.0.0.1:0', '--api', '127.0.0.1:0'];
+  if (options.name) args.push('--name', options.name);
+  for (const [namespace, url] of Object.entries(options.upstreams ?? {})) args.push('--upstream', `${namespace}=${url}`);
+  if (options.defaultNamespace) args.push('--default-namespace', options.defaultNamespace);
+  if (options.pushToken) args.push('--push-token', options.pushToken);
+  if (options.logLevel) args.push('--log-level', options.logLevel);
+
+  // process.execPath is Node 24 when the test runs under `npx node --test`.
+  const child = spawn(process.execPath, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  const entries: LogEntry[] = [];
+  const rawLines: string[] = [];
+  const keep = (line: string) => {
+    rawLines.push(line);
+    if (rawLines.length > MAX_LOG_LINES) rawLines.shift();
+  };
+  const logText = (lines = 200) => rawLines.slice(-lines).join('\n');
+
+  let gatewayUrl: string | undefined;
+  let apiUrl: string | undefined;
+  let onListening: () => void = () => {};
+  const bothListening = new Promise<void>((resolve) => (onListening = resolve));
+
+  createInterface({ input: child.stdout! }).on('line', (line) => {
+    keep(line);
+    const entry = parseLine(line);
+    entries.push(entry);
+    if (entries.length > MAX_LOG_LINES) entries.shift();
+    if (entry.msg === 'gateway listening' && typeof entry.url === 'string') gatewayUrl = entry.url;
+    if (entry.msg === 'control API listening' && typeof entry.url === 'string') apiUrl = entry.url;
+    if (gatewayUrl && apiUrl) onListening();
+  });
+  createInterface({ input: child.stderr! }).on('line', (line) => keep(`[stderr] ${line}`));
+
+  const exited = once(child, 'exit').then(([code, signal]) => {
+    throw new Error(`shoal node exited before listening (code ${code}, signal ${signal}):\n${logText()}`);
+  });
+  const timeoutMs = options.startTimeoutMs ?? 30_000;
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`shoal node did not listen within ${timeoutMs} ms:\n${logText()}`)), timeoutMs);
+  });
+  try {
+    await Promise.race([bothListening, exited, timedOut]);
+  } catch (error) {
+    child.kill('SIGKILL');
+    throw error;
+  } finally {
+    clearTimeout(timer);
+    exited.catch(() => {}); // the race is over; a later exit is expected
+  }
+
+  const gateway = new URL(gatewayUrl!);
+  return {
+    gatewayUrl: gatewayUrl!,
+    gatewayHost: gateway.host,
+    apiUrl: apiUrl!,
+    dataDir,
+    pid: child.pid!,
+    logs: () => [...entries],
+    logText,
+    async images() {
+      const response = await fetch(new URL('/api/images', apiUrl));
+      if (!response.ok) throw new Error(`GET /api/images: HTTP ${response.status} ${await response.text()}`);
+      return (await response.json()) as ImageRecord[];
+    },
+    async stop() {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+      if (!(await waitForExit(child, 10_000))) {
+        child.kill('SIGKILL');
+        await waitForExit(child, 5_000);
+        throw new Error(`shoal node did not stop within 10 s of SIGTERM:\n${logText(50)}`);
+      }
+      return child.exitCode;
+    },
+    async kill9() {
+      child.kill('SIGKILL');
+      await waitForExit(child, 5_000);
+    },
+  };
+}
