@@ -1,0 +1,66 @@
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import { OciError, rangeNotSatisfiable } from './errors.ts';
+import { requireDigest, type GatewayContext, type RequestTarget } from './context.ts';
+import { resolveRange } from './range.ts';
+
+function blobUnknown(digest: string): OciError {
+  return new OciError(404, 'BLOB_UNKNOWN', 'blob unknown to registry', { digest });
+}
+
+/** HEAD a blob: its length and digest, no body. */
+export async function headBlob(ctx: GatewayContext, target: RequestTarget, digestParam: string, reply: FastifyReply) {
+  const digest = requireDigest(digestParam);
+  const info = await ctx.registry.statBlob(target.repository, digest);
+  if (!info) throw blobUnknown(digest);
+  return reply
+    .headers({
+      'content-type': 'application/octet-stream',
+      'content-length': String(info.size),
+      'docker-content-digest': digest,
+      'accept-ranges': 'bytes',
+    })
+    .send();
+}
+
+/** GET a blob, streamed from the registry; a single byte range gives 206. */
+export async function getBlob(
+  ctx: GatewayContext,
+  target: RequestTarget,
+  digestParam: string,
+  request: FastifyRequest,
+  reply: FastifyReply,
+) {
+  const digest = requireDigest(digestParam);
+  const rangeHeader = request.headers.range;
+  let range: { start: number; end: number } | undefined;
+  if (rangeHeader !== undefined) {
+    const info = await ctx.registry.statBlob(target.repository, digest);
+    if (!info) throw blobUnknown(digest);
+    const wanted = resolveRange(rangeHeader, info.size);
+    if (wanted.kind === 'unsatisfiable') throw rangeNotSatisfiable(info.size);
+    if (wanted.kind === 'partial') range = { start: wanted.start, end: wanted.end };
+  }
+  const blob = await ctx.registry.readBlob(target.repository, digest, range);
+  if (!blob) throw blobUnknown(digest);
+  reply.headers({
+    'content-type': 'application/octet-stream',
+    'docker-content-digest': digest,
+    'accept-ranges': 'bytes',
+  });
+  if (range) {
+    reply
+      .code(206)
+      .header('content-range', `bytes ${range.start}-${range.end}/${blob.info.size}`)
+      .header('content-length', String(range.end - range.start + 1));
+  } else {
+    reply.header('content-length', String(blob.info.size));
+  }
+  // fastify destroys the stream (closing the file) when the client goes away early.
+  return reply.send(blob.stream);
+}
+
+export async function deleteBlob(ctx: GatewayContext, digestParam: string, reply: FastifyReply) {
+  const digest = requireDigest(digestParam);
+  if (!(await ctx.registry.store.deleteBlob(digest))) throw blobUnknown(digest);
+  return reply.code(202).send();
+}
