@@ -2,6 +2,7 @@ import Fastify, {
   type FastifyInstance,
   type FastifyReply,
   type FastifyRequest,
+  type FastifyBaseLogger,
   type FastifyServerOptions,
   type HTTPMethods,
 } from 'fastify';
@@ -152,11 +153,12 @@ function targetOf(name: string, request: FastifyRequest, defaultNamespace: strin
 
 /** A standalone fastify server running only the gateway. */
 export async function createGateway(
-  opts: GatewayOptions & { logger?: FastifyServerOptions['logger'] },
+  opts: GatewayOptions & { logger?: FastifyServerOptions['logger']; loggerInstance?: FastifyBaseLogger },
 ): Promise<FastifyInstance> {
-  const { logger = false, ...gatewayOptions } = opts;
+  const { logger = false, loggerInstance, ...gatewayOptions } = opts;
   const app = Fastify({
-    logger,
+    // A pino instance (the daemon's) goes in loggerInstance; fastify 5 refuses it as logger.
+    ...(loggerInstance ? { loggerInstance } : { logger }),
     // Malformed URLs are answered by the router before any plugin runs; keep the OCI shape.
     frameworkErrors: (error, _request, reply) => {
       void (reply as FastifyReply).code(400).type(JSON_TYPE).send(errorBody('NAME_INVALID', error.message));

@@ -1,0 +1,94 @@
+import { once } from 'node:events';
+import type { AddressInfo } from 'node:net';
+import type { Server } from 'node:http';
+import { serve } from '@hono/node-server';
+import type { FastifyInstance } from 'fastify';
+import { FsContentStore } from '@shoal/store';
+import { createGateway, LocalRegistry, MirroringRegistry, UpstreamClient, type Registry } from '@shoal/registry-gateway';
+import { createControlApi } from './control-api.ts';
+import { isLoopback, type HostPort, type NodeConfig } from './config.ts';
+import type { Logger } from './logger.ts';
+import { VERSION } from './version.ts';
+
+/** One Shoal node: the content store, the registry gateway and the control API, wired. */
+export class ShoalNode {
+  readonly config: NodeConfig;
+  readonly log: Logger;
+  #store?: FsContentStore;
+  #gateway?: FastifyInstance;
+  #api?: Server;
+  gatewayUrl = '';
+  apiUrl = '';
+
+  constructor(config: NodeConfig, log: Logger) {
+    this.config = config;
+    this.log = log;
+  }
+
+  async start(): Promise<void> {
+    const { config, log } = this;
+    this.#store = await FsContentStore.open({ dir: config.dataDir });
+    const registry = this.#registry(this.#store);
+
+    if (!config.pushToken && !isLoopback(config.gateway.host)) {
+      log.warn(
+        { gateway: config.gateway.host },
+        'gateway listens beyond loopback and pushes need no token: anyone on the network can push and delete (set --push-token)',
+      );
+    }
+    this.#gateway = await createGateway({
+      registry,
+      defaultNamespace: config.defaultNamespace,
+      ...(config.pushToken ? { pushToken: config.pushToken } : {}),
+      loggerInstance: log.child({ component: 'gateway' }),
+    });
+    await this.#gateway.listen({ host: config.gateway.host, port: config.gateway.port });
+    this.gatewayUrl = urlOf(this.#gateway.server.address() as AddressInfo);
+    log.info({ url: this.gatewayUrl, dataDir: config.dataDir }, 'gateway listening');
+
+    const app = createControlApi({ store: this.#store, node: { name: config.name, version: VERSION } });
+    this.#api = serve({ fetch: app.fetch, hostname: config.api.host, port: config.api.port }) as Server;
+    await listening(this.#api, config.api);
+    this.apiUrl = urlOf(this.#api.address() as AddressInfo);
+    log.info({ url: this.apiUrl }, 'control API listening');
+  }
+
+  #registry(store: FsContentStore): Registry {
+    const upstreams = Object.entries(this.config.upstreams);
+    if (upstreams.length === 0) return new LocalRegistry(store);
+    const registry = new MirroringRegistry({
+      store,
+      upstreams: new Map(upstreams.map(([ns, url]) => [ns, new UpstreamClient({ url })])),
+    });
+    this.log.info({ upstreams: upstreams.map(([ns, url]) => `${ns}=${redact(url)}`) }, 'pull-through enabled');
+    return registry;
+  }
+
+  async stop(): Promise<void> {
+    await this.#gateway?.close();
+    if (this.#api) {
+      this.#api.closeAllConnections();
+      await new Promise<void>((res) => this.#api!.close(() => res()));
+    }
+    await this.#store?.close();
+    this.log.info('stopped');
+  }
+}
+
+async function listening(server: Server, at: HostPort): Promise<void> {
+  if (server.listening) return;
+  const [err] = await Promise.race([once(server, 'listening').then(() => [undefined]), once(server, 'error')]);
+  if (err) throw new Error(`control API cannot listen on ${at.host}:${at.port}: ${(err as Error).message}`);
+}
+
+function urlOf(addr: AddressInfo): string {
+  const host = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  return `http://${host}:${addr.port}`;
+}
+
+/** Hides credentials in an upstream URL before logging it. */
+function redact(url: string): string {
+  const u = new URL(url);
+  if (u.password) u.password = '***';
+  return u.toString();
+}
