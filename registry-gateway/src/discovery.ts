@@ -9,20 +9,27 @@ interface Page {
   next?: string;
 }
 
-/** `n` and `last` pagination over a sorted list, as tags/list and _catalog use it. */
-function paginate(sorted: string[], request: FastifyRequest): { page: Page; n?: number } {
-  const nParam = queryParam(request, 'n', 'UNSUPPORTED');
+interface PageRequest {
+  n?: number;
+  last?: string;
+}
+
+/** The `n` and `last` parameters of tags/list and _catalog; a bad `n` is a 400. */
+function pageRequest(request: FastifyRequest): PageRequest {
+  const n = queryParam(request, 'n', 'UNSUPPORTED');
   const last = queryParam(request, 'last', 'UNSUPPORTED');
-  if (nParam !== undefined && !/^\d{1,9}$/.test(nParam)) {
-    throw new OciError(400, 'UNSUPPORTED', 'n must be a non-negative integer', { n: nParam.slice(0, 20) });
+  if (n !== undefined && !/^\d{1,9}$/.test(n)) {
+    throw new OciError(400, 'UNSUPPORTED', 'n must be a non-negative integer', { n: n.slice(0, 20) });
   }
+  return { n: n === undefined ? undefined : Number(n), last };
+}
+
+/** One page of a sorted list: the entries after `last`, at most `n` of them. */
+function paginate(sorted: string[], { n, last }: PageRequest): Page {
   const after = last ? sorted.filter((item) => item > last) : sorted;
-  if (nParam === undefined) return { page: { items: after } };
-  const n = Number(nParam);
+  if (n === undefined) return { items: after };
   const items = after.slice(0, n);
-  const page: Page = { items };
-  if (n > 0 && after.length > n) page.next = items[items.length - 1];
-  return { page, n };
+  return n > 0 && after.length > n ? { items, next: items[items.length - 1] } : { items };
 }
 
 function linkHeader(path: string, n: number, next: string, nsParam: string): string {
@@ -31,23 +38,25 @@ function linkHeader(path: string, n: number, next: string, nsParam: string): str
 
 /** GET /v2/<name>/tags/list[?n=&last=] */
 export async function listTags(ctx: GatewayContext, target: RequestTarget, request: FastifyRequest, reply: FastifyReply) {
+  const wanted = pageRequest(request);
   const tags = await ctx.registry.store.tags(target.repository);
   if (!tags) throw new OciError(404, 'NAME_UNKNOWN', 'repository name not known to registry', { name: target.name });
-  const { page, n } = paginate(tags, request);
+  const page = paginate(tags, wanted);
   if (page.next !== undefined) {
-    reply.header('link', linkHeader(`/v2/${target.name}/tags/list`, n!, page.next, target.nsQuery.replace('?', '&')));
+    reply.header('link', linkHeader(`/v2/${target.name}/tags/list`, wanted.n!, page.next, target.nsQuery.replace('?', '&')));
   }
   return reply.type('application/json').send({ name: target.name, tags: page.items });
 }
 
 /** GET /v2/_catalog[?n=&last=]: the repositories of one namespace, named as clients name them. */
 export async function listCatalog(ctx: GatewayContext, namespace: string, nsQuery: string, request: FastifyRequest, reply: FastifyReply) {
+  const wanted = pageRequest(request);
   const prefix = `${namespace}/`;
   const names = (await ctx.registry.store.repositories())
     .filter((repository) => repository.startsWith(prefix))
     .map((repository) => repository.slice(prefix.length));
-  const { page, n } = paginate(names, request);
-  if (page.next !== undefined) reply.header('link', linkHeader('/v2/_catalog', n!, page.next, nsQuery.replace('?', '&')));
+  const page = paginate(names, wanted);
+  if (page.next !== undefined) reply.header('link', linkHeader('/v2/_catalog', wanted.n!, page.next, nsQuery.replace('?', '&')));
   return reply.type('application/json').send({ repositories: page.items });
 }
 
