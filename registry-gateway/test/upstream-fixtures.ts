@@ -59,8 +59,12 @@ export function bufferBlob(bytes: Buffer): BlobContent {
   return { digest: sha256Of(bytes), size: bytes.byteLength, open: () => bytes };
 }
 
+export interface FileBlob extends BlobContent {
+  path: string;
+}
+
 /** A random blob written to a file (hashed on the way), so big blobs are never held in memory. */
-export async function randomFileBlob(dir: string, size: number): Promise<BlobContent> {
+export async function randomFileBlob(dir: string, size: number): Promise<FileBlob> {
   const path = join(dir, `blob-${randomBytes(6).toString('hex')}`);
   const hash = createHash('sha256');
   const out = createWriteStream(path);
@@ -68,11 +72,11 @@ export async function randomFileBlob(dir: string, size: number): Promise<BlobCon
   for (let written = 0; written < size; written += piece) {
     const chunk = randomBytes(Math.min(piece, size - written));
     hash.update(chunk);
-    if (!out.write(chunk)) await new Promise((r) => out.once('drain', r));
+    if (!out.write(chunk)) await new Promise<void>((resolve) => out.once('drain', () => resolve()));
   }
   out.end();
   await finished(out);
-  return { digest: `sha256:${hash.digest('hex')}`, size, open: () => createReadStream(path) };
+  return { digest: `sha256:${hash.digest('hex')}`, size, path, open: () => createReadStream(path) };
 }
 
 export async function pushBlob(url: string, repo: string, blob: BlobContent, authorization?: string): Promise<void> {
