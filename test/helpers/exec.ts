@@ -5,6 +5,8 @@ export interface RunOptions {
   cwd?: string;
   /** Milliseconds before the command is killed; default 60 s. */
   timeoutMs?: number;
+  /** Written to the command's standard input (e.g. a password for --password-stdin). */
+  input?: string;
 }
 
 export interface RunResult {
@@ -32,7 +34,7 @@ export class CommandError extends Error {
 export function run(command: string, args: string[], options: RunOptions = {}): Promise<RunResult> {
   const commandLine = [command, ...args].join(' ');
   return new Promise((resolve, reject) => {
-    execFile(
+    const child = execFile(
       command,
       args,
       {
@@ -50,6 +52,7 @@ export function run(command: string, args: string[], options: RunOptions = {}): 
         reject(new CommandError(commandLine, exitCode, signal, stdout, stderr));
       },
     );
+    child.stdin?.end(options.input);
   });
 }
 
