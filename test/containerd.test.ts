@@ -1,60 +1,26 @@
 import assert from 'node:assert/strict';
-import { mkdir, writeFile } from 'node:fs/promises';
-import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
-import { join } from 'node:path';
 import { after, afterEach, before, describe, it } from 'node:test';
 import { PrivateContainerd } from './helpers/daemons.ts';
 import { explainFailure } from './helpers/diagnostics.ts';
 import { run } from './helpers/exec.ts';
+import { startFallbackUpstream, writeHostsToml, type FallbackUpstream } from './helpers/hosts-toml.ts';
 import { BUSYBOX_PATH, buildTestImage, type TestImage } from './helpers/image.ts';
-import { startShoalNode, type RunningShoalNode } from './helpers/node.ts';
+import { startShoalNode, type GatewayRequest, type RunningShoalNode } from './helpers/node.ts';
 import { prerequisiteGate } from './helpers/prerequisites.ts';
 import { Scratch } from './helpers/scratch.ts';
 
 const gate = prerequisiteGate({ commands: ['containerd', 'ctr', 'skopeo'], files: [BUSYBOX_PATH], root: true });
 
-/**
- * Stands in for the real upstream in hosts.toml (`server = ...`): containerd falls back to it
- * when the mirror misses. It answers 404 and records what it was asked, so a test can tell
- * whether the mirror answered, and no request ever leaves loopback.
- */
-async function startFallbackUpstream(): Promise<{ url: string; requests: string[]; server: Server }> {
-  const requests: string[] = [];
-  const server = createServer((req, res) => {
-    requests.push(`${req.method} ${req.url}`);
-    res.writeHead(404, { 'content-type': 'application/json' });
-    res.end('{"errors":[{"code":"NAME_UNKNOWN","message":"fallback upstream has nothing"}]}');
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, requests, server };
-}
-
-/** `<hostsDir>/<registry>/hosts.toml` naming the Shoal gateway as a pull+resolve mirror. */
-async function writeHostsToml(hostsDir: string, registry: string, server: string, mirror: string): Promise<void> {
-  await mkdir(join(hostsDir, registry), { recursive: true });
-  await writeFile(
-    join(hostsDir, registry, 'hosts.toml'),
-    [`server = ${JSON.stringify(server)}`, '', `[host.${JSON.stringify(mirror)}]`, '  capabilities = ["pull", "resolve"]', ''].join('\n'),
-  );
-}
-
-/** Request URLs the gateway logged that carry `ns=<namespace>`. */
-function requestsWithNamespace(node: RunningShoalNode, namespace: string): string[] {
-  const pattern = new RegExp(`[?&]ns=${namespace.replace(/\./g, '\\.')}(&|$)`);
-  const urls: string[] = [];
-  for (const entry of node.logs()) {
-    const url = (entry.req as { url?: string } | undefined)?.url ?? (typeof entry.url === 'string' ? entry.url : undefined);
-    if (url && pattern.test(url)) urls.push(url);
-  }
-  return urls;
+/** The gateway's requests whose query carries `ns=<namespace>`. */
+function requestsWithNamespace(node: RunningShoalNode, namespace: string): GatewayRequest[] {
+  return node.requests().filter((r) => new URL(r.url, 'http://gateway').searchParams.get('ns') === namespace);
 }
 
 describe('containerd pulls through a shoal node as a hosts.toml mirror', gate.options, () => {
   let scratch: Scratch;
   let node: RunningShoalNode;
   let containerd: PrivateContainerd;
-  let fallback: Awaited<ReturnType<typeof startFallbackUpstream>>;
+  let fallback: FallbackUpstream;
   let image: TestImage;
   let hostsDir: string;
 
@@ -72,7 +38,7 @@ describe('containerd pulls through a shoal node as a hosts.toml mirror', gate.op
 
   after(async () => {
     await containerd?.stop();
-    fallback?.server.close();
+    await fallback?.close();
     await node?.stop();
     await scratch?.remove();
   });
@@ -123,7 +89,9 @@ describe('containerd pulls through a shoal node as a hosts.toml mirror', gate.op
       containerd.ctr(['images', 'pull', '--hosts-dir', hostsDir, 'ghcr.io/library/shoal-test:1'], { timeoutMs: 60_000 }),
       /not found|404/,
     );
-    assert.ok(requestsWithNamespace(node, 'ghcr.io').length > 0, 'the gateway logged no request with ns=ghcr.io');
+    const ghcr = requestsWithNamespace(node, 'ghcr.io');
+    assert.ok(ghcr.length > 0, 'the gateway logged no request with ns=ghcr.io');
+    for (const request of ghcr) assert.equal(request.statusCode, 404, `${request.method} ${request.url}`);
     assert.ok(
       fallback.requests.some((r) => r.includes('/library/shoal-test/manifests/1')),
       `containerd did not fall back to the upstream after the mirror missed: ${JSON.stringify(fallback.requests)}`,

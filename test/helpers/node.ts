@@ -40,6 +40,8 @@ export interface RunningShoalNode {
   pid: number;
   /** Every stdout line parsed so far (the last few thousand). */
   logs(): LogEntry[];
+  /** The gateway's requests so far, from its "incoming request"/"request completed" lines. */
+  requests(): GatewayRequest[];
   /** The raw output (stdout and stderr), last `lines` lines, for failure messages. */
   logText(lines?: number): string;
   /** GET <api>/api/images. */
@@ -48,6 +50,28 @@ export interface RunningShoalNode {
   stop(): Promise<number | null>;
   /** SIGKILL and wait, as a crash would. */
   kill9(): Promise<void>;
+}
+
+export interface GatewayRequest {
+  method: string;
+  url: string;
+  /** Undefined while the response is not finished (or was never logged). */
+  statusCode?: number;
+}
+
+/** Joins fastify's request and response log lines by reqId. */
+function gatewayRequests(entries: LogEntry[]): GatewayRequest[] {
+  const byId = new Map<unknown, GatewayRequest>();
+  for (const entry of entries) {
+    const req = entry.req as { method?: string; url?: string } | undefined;
+    const res = entry.res as { statusCode?: number } | undefined;
+    if (req?.method && req.url !== undefined) byId.set(entry.reqId, { method: req.method, url: req.url });
+    else if (res?.statusCode !== undefined) {
+      const request = byId.get(entry.reqId);
+      if (request) request.statusCode = res.statusCode;
+    }
+  }
+  return [...byId.values()];
 }
 
 export interface ImageRecord {
@@ -139,6 +163,7 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
     dataDir,
     pid: child.pid!,
     logs: () => [...entries],
+    requests: () => gatewayRequests(entries),
     logText,
     async images() {
       const response = await fetch(new URL('/api/images', apiUrl));
