@@ -22,6 +22,7 @@ describe('containerd pulls through a shoal node as a hosts.toml mirror', gate.op
   let containerd: PrivateContainerd;
   let fallback: FallbackUpstream;
   let image: TestImage;
+  let multi: TestImage;
   let hostsDir: string;
 
   before(async () => {
@@ -30,6 +31,8 @@ describe('containerd pulls through a shoal node as a hosts.toml mirror', gate.op
     image = await buildTestImage({ dir: await scratch.dir('image'), randomLayerMiB: 4 });
     node = await startShoalNode({ dataDir: await scratch.dir('node') });
     await run('skopeo', ['copy', '--dest-tls-verify=false', image.ociReference, `docker://${node.gatewayHost}/library/shoal-test:1`]);
+    multi = await buildTestImage({ dir: await scratch.dir('multi'), asIndex: true });
+    await run('skopeo', ['copy', '--all', '--dest-tls-verify=false', multi.ociReference, `docker://${node.gatewayHost}/library/shoal-multi:1`]);
     fallback = await startFallbackUpstream();
     hostsDir = await scratch.dir('hosts');
     for (const registry of ['docker.io', 'ghcr.io']) await writeHostsToml(hostsDir, registry, fallback.url, node.gatewayUrl);
@@ -82,6 +85,19 @@ describe('containerd pulls through a shoal node as a hosts.toml mirror', gate.op
     const held = new Set(stdout.split('\n').filter(Boolean));
     for (const blob of [image.manifest, image.config, ...image.layers]) assert.ok(held.has(blob.digest), `containerd lacks ${blob.digest}`);
     assert.deepEqual(fallback.requests, [], 'containerd fell back to the upstream for a digest reference');
+  });
+
+  it('pulls an image index and picks the platform manifest from it', async () => {
+    await containerd.ctr(['images', 'pull', '--hosts-dir', hostsDir, 'docker.io/library/shoal-multi:1'], { timeoutMs: 120_000 });
+    const { stdout } = await containerd.ctr(['images', 'ls']);
+    const row = stdout.split('\n').find((line) => line.startsWith('docker.io/library/shoal-multi:1 '));
+    assert.ok(row, `image not listed:\n${stdout}`);
+    const [, mediaType, digest] = row.split(/\s+/);
+    assert.equal(mediaType, multi.index!.mediaType);
+    assert.equal(digest, multi.index!.digest);
+    const held = await containerd.ctr(['content', 'get', multi.manifest.digest]);
+    assert.equal(held.stdout, multi.manifestBytes.toString('utf8'));
+    assert.deepEqual(fallback.requests, [], 'containerd fell back to the upstream for the index');
   });
 
   it('does not serve the docker.io image to a ghcr.io pull (namespaces are kept apart)', async () => {

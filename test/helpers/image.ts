@@ -11,6 +11,7 @@ import { pack as createTarPack, type Pack } from 'tar-stream';
 export const BUSYBOX_PATH = '/bin/busybox';
 
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
+const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 const OCI_CONFIG = 'application/vnd.oci.image.config.v1+json';
 const OCI_LAYER_GZIP = 'application/vnd.oci.image.layer.v1.tar+gzip';
 const REF_NAME = 'org.opencontainers.image.ref.name';
@@ -33,6 +34,8 @@ export interface TestImageOptions {
   message?: string;
   /** Adds a second layer holding this many MiB of random (incompressible) bytes. */
   randomLayerMiB?: number;
+  /** Tags an OCI image index (one entry, this platform) instead of the manifest itself. */
+  asIndex?: boolean;
 }
 
 export interface TestImage {
@@ -41,8 +44,14 @@ export interface TestImage {
   /** `oci:<dir>:<tag>` for skopeo. */
   ociReference: string;
   message: string;
+  /** The image manifest. */
   manifest: Descriptor;
   manifestBytes: Buffer;
+  /** The image index, with `asIndex`. */
+  index?: Descriptor;
+  indexBytes?: Buffer;
+  /** What the tag names: the index with `asIndex`, else the manifest. */
+  tagged: Descriptor;
   config: Descriptor;
   layers: Descriptor[];
 }
@@ -174,8 +183,16 @@ export async function buildTestImage(options: TestImageOptions): Promise<TestIma
   const manifestBytes = Buffer.from(JSON.stringify(manifestJson));
   const manifest = await writeBlob(layoutDir, manifestBytes, OCI_MANIFEST);
 
-  const index = { schemaVersion: 2, manifests: [{ ...manifest, annotations: { [REF_NAME]: tag } }] };
-  await writeFile(join(layoutDir, 'index.json'), JSON.stringify(index));
+  let index: Descriptor | undefined;
+  let indexBytes: Buffer | undefined;
+  if (options.asIndex) {
+    const platform = { architecture: platformArchitecture(), os: 'linux' };
+    indexBytes = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_INDEX, manifests: [{ ...manifest, platform }] }));
+    index = await writeBlob(layoutDir, indexBytes, OCI_INDEX);
+  }
+  const tagged = index ?? manifest;
+  const layoutIndex = { schemaVersion: 2, manifests: [{ ...tagged, annotations: { [REF_NAME]: tag } }] };
+  await writeFile(join(layoutDir, 'index.json'), JSON.stringify(layoutIndex));
   await writeFile(join(layoutDir, 'oci-layout'), JSON.stringify({ imageLayoutVersion: '1.0.0' }));
 
   return {
@@ -185,6 +202,8 @@ export async function buildTestImage(options: TestImageOptions): Promise<TestIma
     message,
     manifest,
     manifestBytes,
+    ...(index ? { index, indexBytes } : {}),
+    tagged,
     config,
     layers: layers.map((layer) => layer.descriptor),
   };

@@ -155,6 +155,15 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
     exited.catch(() => {}); // the race is over; a later exit is expected
   }
 
+  // The contract: once listening, the control API reports healthy.
+  const health = await fetch(new URL('/healthz', apiUrl)).catch((error: Error) => error);
+  if (health instanceof Error || health.status !== 200) {
+    child.kill('SIGKILL');
+    const got = health instanceof Error ? health.message : `HTTP ${health.status}`;
+    throw new Error(`GET ${apiUrl}/healthz after start: ${got}\n${logText()}`);
+  }
+  await health.body?.cancel();
+
   const gateway = new URL(gatewayUrl!);
   return {
     gatewayUrl: gatewayUrl!,
