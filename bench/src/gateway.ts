@@ -52,7 +52,7 @@ async function main(): Promise<void> {
   const digest = await writeRandomFile(file, SIZE);
   process.stdout.write(`${digest}\n`);
 
-  const shoal = await startShoalNode({ dataDir: join(work, 'shoal'), logLevel: 'warn' });
+  const shoal = await startShoalNode({ dataDir: join(work, 'shoal') });
   const reference = await startDockerRegistry();
   const targets: Target[] = [
     { name: 'shoal', url: shoal.gatewayUrl, pid: shoal.pid },
