@@ -1,3 +1,5 @@
+import type { OutgoingHttpHeaders } from 'node:http';
+import type { Writable } from 'node:stream';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { OciError, rangeNotSatisfiable } from './errors.ts';
 import { requireDigest, type GatewayContext, type RequestTarget } from './context.ts';
@@ -55,8 +57,28 @@ export async function getBlob(
   } else {
     reply.header('content-length', String(blob.info.size));
   }
+  if (blob.sendTo) return sendHijacked(reply, request, blob.sendTo.bind(blob));
   // fastify destroys the stream (closing the file) when the client goes away early.
   return reply.send(blob.stream);
+}
+
+/**
+ * Serves a blob through its pooled sender, writing the prepared headers on the raw response.
+ * fastify skips its response log for hijacked replies, so it is written here.
+ */
+async function sendHijacked(reply: FastifyReply, request: FastifyRequest, sendTo: (out: Writable) => Promise<void>) {
+  reply.hijack();
+  const res = reply.raw;
+  res.writeHead(reply.statusCode, reply.getHeaders() as OutgoingHttpHeaders);
+  try {
+    await sendTo(res);
+    res.end();
+  } catch (err) {
+    res.destroy();
+    request.log.debug({ err }, 'blob send ended early');
+  }
+  request.log.info({ res: { statusCode: reply.statusCode }, responseTime: reply.elapsedTime }, 'request completed');
+  return reply;
 }
 
 export async function deleteBlob(ctx: GatewayContext, digestParam: string, reply: FastifyReply) {

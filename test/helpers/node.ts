@@ -104,7 +104,8 @@ async function waitForExit(child: ChildProcess, timeoutMs: number): Promise<bool
  */
 export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<RunningShoalNode> {
   const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'shoal-node-')));
-  const args = [CLI, 'node', '--data-dir', dataDir, '--gateway', '127.0.0.1:0', '--api', '127.0.0.1:0'];
+  // The same V8 flag as node/bin/shoal.js, so tests and benchmarks see the daemon users run.
+  const args = ['--max-semi-space-size=2', CLI, 'node', '--data-dir', dataDir, '--gateway', '127.0.0.1:0', '--api', '127.0.0.1:0'];
   if (options.name) args.push('--name', options.name);
   for (const [namespace, url] of Object.entries(options.upstreams ?? {})) args.push('--upstream', `${namespace}=${url}`);
   if (options.defaultNamespace) args.push('--default-namespace', options.defaultNamespace);

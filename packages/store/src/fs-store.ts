@@ -1,13 +1,14 @@
 import { randomUUID } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
-import { Readable } from 'node:stream';
-import { mkdir, open, readdir, readFile, rename, rm, stat, truncate } from 'node:fs/promises';
+import { Readable, type Writable } from 'node:stream';
+import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { Digester, parseDigest, parseManifest, type ParsedManifest } from '@shoal/oci';
 import { ManifestCatalog, manifestMeta, type ManifestMeta } from './catalog.ts';
 import { ChunkHasher, DEFAULT_CHUNK_SIZE, decodeChunkIndex, encodeChunkIndex } from './chunk-index.ts';
 import { DigestMismatchError, RangeNotSatisfiableError, UploadBusyError } from './errors.ts';
+import { sendFileRange } from './file-sender.ts';
 import { syncDir, syncFile, writeFileAtomic } from './fs-util.ts';
 import type {
   BlobInfo,
@@ -129,13 +130,7 @@ export class FsContentStore implements ContentStore {
       await fh.close();
       return { info: { digest, size }, stream: Readable.from([]) };
     }
-    const stream = createReadStream('', {
-      fd: fh,
-      start: range?.start ?? 0,
-      end: range?.end ?? size - 1,
-      highWaterMark: READ_HIGH_WATER_MARK,
-    });
-    return { info: { digest, size }, stream };
+    return new FileBlobReader({ digest, size }, fh, range?.start ?? 0, range?.end ?? size - 1);
   }
 
   async createWriter(): Promise<BlobWriter> {
@@ -295,6 +290,33 @@ export class FsContentStore implements ContentStore {
   /** Files in the uploads directory, for tests that check nothing half-written is left. */
   async pendingUploadFiles(): Promise<string[]> {
     return readdir(this.#uploadsDir);
+  }
+}
+
+/** A committed blob in the layout: a stream on demand, or the pooled sender for serving. */
+class FileBlobReader implements BlobReader {
+  readonly info: BlobInfo;
+  readonly #fh: FileHandle;
+  readonly #start: number;
+  readonly #end: number;
+
+  constructor(info: BlobInfo, fh: FileHandle, start: number, end: number) {
+    this.info = info;
+    this.#fh = fh;
+    this.#start = start;
+    this.#end = end;
+  }
+
+  get stream(): Readable {
+    return createReadStream('', { fd: this.#fh, start: this.#start, end: this.#end, highWaterMark: READ_HIGH_WATER_MARK });
+  }
+
+  async sendTo(out: Writable): Promise<void> {
+    try {
+      await sendFileRange(this.#fh, this.#start, this.#end, out);
+    } finally {
+      await this.#fh.close();
+    }
   }
 }
 

@@ -1,4 +1,4 @@
-import type { Readable } from 'node:stream';
+import type { Readable, Writable } from 'node:stream';
 import type { ParsedManifest } from '@shoal/oci';
 
 /** Bytes to write: a Readable, an async generator, or an array of buffers. */
@@ -17,7 +17,14 @@ export interface ByteRange {
 
 export interface BlobReader {
   info: BlobInfo;
-  stream: Readable;
+  /** The bytes as a stream. Use either this or `sendTo`, once. */
+  readonly stream: Readable;
+  /**
+   * Optional fast path for serving: writes the bytes to `out` (left open) without allocating
+   * per chunk, resolving once all are written. Readers that offer it release their resources
+   * when it settles.
+   */
+  sendTo?(out: Writable): Promise<void>;
 }
 
 /**
