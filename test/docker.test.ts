@@ -45,14 +45,14 @@ describe('docker pushes to, pulls from and runs from a shoal node', gate.options
 
   afterEach((t) => explainFailure(t, () => ({ 'shoal node log': node?.logText(60), dockerd: dockerd?.logText(30) })));
 
-  it('docker push stores the image under the default namespace', async () => {
+  it('docker push stores the image under the default namespace, one-part names under library/', async () => {
     const { stdout } = await dockerd.docker(['push', reference], { timeoutMs: 120_000 });
     const match = DIGEST_LINE.exec(stdout);
     assert.ok(match, `no digest line in docker push output:\n${stdout}`);
     pushedDigest = match[1];
     const images = await node.images();
-    const stored = images.find((i) => i.repository === 'docker.io/app' && i.tag === '1');
-    assert.ok(stored, `docker.io/app:1 not in /api/images: ${JSON.stringify(images)}`);
+    const stored = images.find((i) => i.repository === 'docker.io/library/app' && i.tag === '1');
+    assert.ok(stored, `docker.io/library/app:1 not in /api/images: ${JSON.stringify(images)}`);
     assert.equal(stored.digest, pushedDigest);
     // Docker 20.10 converts the loaded image to a Docker schema 2 manifest on push.
     assert.equal(stored.mediaType, 'application/vnd.docker.distribution.manifest.v2+json');

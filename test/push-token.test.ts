@@ -83,12 +83,12 @@ describe('a shoal node with --push-token, used by skopeo and docker', gate.optio
     );
     assert.ok(refused, 'docker push without login succeeded');
     assert.match(refused.message, /unauthorized|no basic auth credentials|authentication required/i);
-    assert.ok(!(await node.images()).some((i) => i.repository === 'docker.io/pushed-by-docker'));
+    assert.ok(!(await node.images()).some((i) => i.repository === 'docker.io/library/pushed-by-docker'));
 
     await dockerd.docker(['login', node.gatewayHost, '--username', 'shoal', '--password-stdin'], { input: token });
     await dockerd.docker(['push', reference], { timeoutMs: 120_000 });
     const images = await node.images();
-    assert.ok(images.some((i) => i.repository === 'docker.io/pushed-by-docker' && i.tag === '1'), JSON.stringify(images));
+    assert.ok(images.some((i) => i.repository === 'docker.io/library/pushed-by-docker' && i.tag === '1'), JSON.stringify(images));
   });
 
   it('docker pulls and runs it once logged in', async () => {

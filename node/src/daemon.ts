@@ -15,6 +15,7 @@ export class ShoalNode {
   readonly config: NodeConfig;
   readonly log: Logger;
   #store?: FsContentStore;
+  #mirror?: MirroringRegistry;
   #gateway?: FastifyInstance;
   #api?: Server;
   gatewayUrl = '';
@@ -56,10 +57,10 @@ export class ShoalNode {
   #registry(store: FsContentStore): Registry {
     const upstreams = Object.entries(this.config.upstreams);
     if (upstreams.length === 0) return new LocalRegistry(store);
-    const registry = new MirroringRegistry({
+    const registry = (this.#mirror = new MirroringRegistry({
       store,
       upstreams: new Map(upstreams.map(([ns, url]) => [ns, new UpstreamClient({ url })])),
-    });
+    }));
     this.log.info({ upstreams: upstreams.map(([ns, url]) => `${ns}=${redact(url)}`) }, 'pull-through enabled');
     return registry;
   }
@@ -70,6 +71,8 @@ export class ShoalNode {
       this.#api.closeAllConnections();
       await new Promise<void>((res) => this.#api!.close(() => res()));
     }
+    // Downloads in flight end (their temp files removed) before the store closes.
+    await this.#mirror?.close();
     await this.#store?.close();
     this.log.info('stopped');
   }

@@ -74,6 +74,9 @@ export function toOciError(err: unknown): OciError | undefined {
   if (typeof status === 'number' && status >= 400 && status < 500) {
     return new OciError(status, CODE_FOR_STATUS[status] ?? 'UNSUPPORTED', (err as Error).message);
   }
+  // An upstream that failed (unreachable, timed out, answered 5xx): say so, so clients such as
+  // containerd move on to their next host knowing it is not this node's fault.
+  if (status === 502 || status === 503 || status === 504) return new OciError(status, 'UNKNOWN', (err as Error).message);
   return undefined;
 }
 

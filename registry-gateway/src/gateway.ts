@@ -6,7 +6,7 @@ import Fastify, {
   type FastifyServerOptions,
   type HTTPMethods,
 } from 'fastify';
-import { isValidName, isValidRegistry } from '@shoal/oci';
+import { canonicalRepository, isValidName, isValidRegistry } from '@shoal/oci';
 import { AUTH_CHALLENGE, PushTokenAuth } from './auth.ts';
 import { deleteBlob, getBlob, headBlob } from './blobs.ts';
 import { queryParam, type GatewayContext, type RequestTarget } from './context.ts';
@@ -148,7 +148,7 @@ function namespaceOf(request: FastifyRequest, defaultNamespace: string): { names
 function targetOf(name: string, request: FastifyRequest, defaultNamespace: string): RequestTarget {
   if (!isValidName(name)) throw new OciError(400, 'NAME_INVALID', 'invalid repository name', { name: name.slice(0, 300) });
   const { namespace, nsQuery } = namespaceOf(request, defaultNamespace);
-  return { name, repository: `${namespace}/${name}`, nsQuery };
+  return { name, repository: canonicalRepository(namespace, name), nsQuery };
 }
 
 /** A standalone fastify server running only the gateway. */
@@ -159,6 +159,8 @@ export async function createGateway(
   const app = Fastify({
     // A pino instance (the daemon's) goes in loggerInstance; fastify 5 refuses it as logger.
     ...(loggerInstance ? { loggerInstance } : { logger }),
+    // Stopping must not wait on keep-alive clients (kubelet keeps connections for minutes).
+    forceCloseConnections: true,
     // Malformed URLs are answered by the router before any plugin runs; keep the OCI shape.
     frameworkErrors: (error, _request, reply) => {
       void (reply as FastifyReply).code(400).type(JSON_TYPE).send(errorBody('NAME_INVALID', error.message));

@@ -228,7 +228,7 @@ test('maxManifestBytes bounds manifests exactly, with or without a Content-Lengt
     assertError(await putManifest(gw, 'big', 'over', Readable.from([over.subarray(0, 1000), over.subarray(1000)]) as never), 413, 'SIZE_INVALID');
     const huge = await putManifest(gw, 'big', 'huge', Buffer.alloc(8 * 1024 * 1024, 0x20));
     assertError(huge, 413, 'SIZE_INVALID');
-    assert.deepEqual(await gw.store.tags('docker.io/big'), ['exact']);
+    assert.deepEqual(await gw.store.tags('docker.io/library/big'), ['exact']);
     // The connection stays usable after a refused body.
     assert.equal((await send(gw, 'GET', '/v2/big/manifests/exact')).status, 200);
   }));

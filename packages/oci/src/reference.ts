@@ -85,3 +85,14 @@ function parseDigestForReference(s: string): string {
     throw new InvalidReferenceError((err as Error).message);
   }
 }
+
+/**
+ * The store's name for a repository: its registry namespace, then its path, with Docker Hub's
+ * convention that a one-part name lives under `library/`. So `docker push 127.0.0.1:5000/app`
+ * (no ns, default docker.io) and kubelet's `app:1` (containerd asks for `library/app` with
+ * `ns=docker.io`) name the same repository.
+ */
+export function canonicalRepository(namespace: string, name: string): string {
+  const path = namespace === 'docker.io' && !name.includes('/') ? `library/${name}` : name;
+  return `${namespace}/${path}`;
+}

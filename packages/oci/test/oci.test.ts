@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
+  canonicalRepository,
   InvalidDigestError,
   InvalidManifestError,
   InvalidReferenceError,
@@ -38,6 +39,12 @@ test('references split registry, name, tag and digest', () => {
   assert.deepEqual(parseReference(`ghcr.io/x/y@sha256:${HEX64}`), { registry: 'ghcr.io', name: 'x/y', digest: `sha256:${HEX64}` });
   assert.throws(() => parseReference('Bad/Name'), InvalidReferenceError);
   assert.throws(() => parseReference('app@sha256:zz'), InvalidReferenceError);
+});
+
+test('one-part Docker Hub names live under library/, other registries keep names as given', () => {
+  assert.equal(canonicalRepository('docker.io', 'app'), 'docker.io/library/app');
+  assert.equal(canonicalRepository('docker.io', 'lib/app'), 'docker.io/lib/app');
+  assert.equal(canonicalRepository('ghcr.io', 'app'), 'ghcr.io/app');
 });
 
 test('manifest parsing keeps the exact bytes and lists what they reference', () => {
