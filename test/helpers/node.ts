@@ -12,6 +12,8 @@ const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
 const MAX_LOG_LINES = 5000;
 
 export interface ShoalNodeOptions {
+  /** A YAML config file passed with --config (the flags below still override it). */
+  configFile?: string;
   /** Data directory; default a fresh temporary directory (the caller removes it). */
   dataDir?: string;
   name?: string;
@@ -106,6 +108,7 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
   const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'shoal-node-')));
   // The same V8 flag as node/bin/shoal.js, so tests and benchmarks see the daemon users run.
   const args = ['--max-semi-space-size=2', CLI, 'node', '--data-dir', dataDir, '--gateway', '127.0.0.1:0', '--api', '127.0.0.1:0'];
+  if (options.configFile) args.push('--config', options.configFile);
   if (options.name) args.push('--name', options.name);
   for (const [namespace, url] of Object.entries(options.upstreams ?? {})) args.push('--upstream', `${namespace}=${url}`);
   if (options.defaultNamespace) args.push('--default-namespace', options.defaultNamespace);

@@ -1,0 +1,94 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { sha256Of } from '@shoal/oci';
+import { CommandError, run } from './helpers/exec.ts';
+import { REPO_ROOT, startShoalNode, type RunningShoalNode } from './helpers/node.ts';
+import { Scratch } from './helpers/scratch.ts';
+
+const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
+const shoal = (args: string[]) => run(process.execPath, [CLI, ...args], { cwd: REPO_ROOT });
+
+/** Pushes a small image (config + one layer + manifest) with plain HTTP, as any client would. */
+async function pushImage(gateway: string, name: string, tag: string): Promise<string> {
+  const config = Buffer.from('{"architecture":"amd64","os":"linux"}');
+  const layer = Buffer.from('not really a tarball, but a blob all the same');
+  for (const blob of [config, layer]) {
+    const res = await fetch(`${gateway}/v2/${name}/blobs/uploads/?digest=${sha256Of(blob)}`, { method: 'POST', body: blob });
+    assert.equal(res.status, 201, await res.text());
+  }
+  const manifest = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: 'application/vnd.oci.image.manifest.v1+json',
+      config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: sha256Of(config), size: config.length },
+      layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar', digest: sha256Of(layer), size: layer.length }],
+    }),
+  );
+  const res = await fetch(`${gateway}/v2/${name}/manifests/${tag}`, {
+    method: 'PUT',
+    headers: { 'content-type': 'application/vnd.oci.image.manifest.v1+json' },
+    body: manifest,
+  });
+  assert.equal(res.status, 201, await res.text());
+  return sha256Of(manifest);
+}
+
+describe('shoal node --config and shoal images', () => {
+  let scratch: Scratch;
+  let node: RunningShoalNode;
+  let digest: string;
+
+  before(async () => {
+    scratch = await Scratch.create();
+    const configFile = join(scratch.root, 'shoal.yaml');
+    await writeFile(configFile, 'name: edge-07\ndefaultNamespace: registry.lan:5000\n');
+    node = await startShoalNode({ dataDir: await scratch.dir('node'), configFile });
+    digest = await pushImage(node.gatewayUrl, 'lib/app', '1.2');
+  });
+
+  after(async () => {
+    await node?.stop();
+    await scratch?.remove();
+  });
+
+  it('takes the name and default namespace from the config file', async () => {
+    const health = (await (await fetch(`${node.apiUrl}/healthz`)).json()) as { name: string; status: string };
+    assert.deepEqual([health.status, health.name], ['ok', 'edge-07']);
+    const images = await node.images();
+    assert.deepEqual(
+      images.map((i) => [i.repository, i.tag, i.digest]),
+      [['registry.lan:5000/lib/app', '1.2', digest]],
+    );
+  });
+
+  it('shoal images prints a table, and JSON with --json', async () => {
+    const table = (await shoal(['images', '--api', node.apiUrl])).stdout.split('\n');
+    assert.match(table[0]!, /^REPOSITORY\s+TAG\s+DIGEST\s+SIZE\s+TYPE$/);
+    assert.match(table[1]!, new RegExp(`^registry\\.lan:5000/lib/app\\s+1\\.2\\s+${digest.slice(0, 19)}\\s+\\d+ B\\s+oci manifest$`));
+    const json = JSON.parse((await shoal(['images', '--api', node.apiUrl, '--json'])).stdout) as { digest: string; size: number }[];
+    assert.equal(json[0]!.digest, digest);
+    assert.ok(json[0]!.size > 0);
+  });
+
+  it('says clearly when no node answers, and exits 2', async () => {
+    const err = await shoal(['images', '--api', 'http://127.0.0.1:9']).then(
+      () => assert.fail('shoal images succeeded without a node'),
+      (e: unknown) => e as CommandError,
+    );
+    assert.equal(err.exitCode, 2);
+    assert.match(err.stderr, /cannot reach the Shoal node at http:\/\/127\.0\.0\.1:9/);
+  });
+
+  it('refuses a config file with an unknown key, and exits 2', async () => {
+    const bad = join(scratch.root, 'bad.yaml');
+    await writeFile(bad, 'gatway: 127.0.0.1:5000\n');
+    const err = await shoal(['node', '--config', bad]).then(
+      () => assert.fail('shoal node started with a bad config'),
+      (e: unknown) => e as CommandError,
+    );
+    assert.equal(err.exitCode, 2);
+    assert.match(err.stderr, /unknown key "gatway"/);
+  });
+});
