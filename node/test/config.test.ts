@@ -34,3 +34,10 @@ test('bad config is a clear error', async () => {
   assert.deepEqual(parseHostPort('[::1]:80', 'api'), { host: '::1', port: 80 });
   assert.deepEqual(parseHostPort(':80', 'api'), { host: '0.0.0.0', port: 80 });
 });
+
+test('the example device config in examples/ is valid', async () => {
+  const c = resolveConfig(await loadConfigFile(new URL('../../examples/shoal.yaml', import.meta.url).pathname));
+  assert.equal(c.name, 'edge-07');
+  assert.equal(c.dataDir, '/var/lib/shoal');
+  assert.deepEqual(c.upstreams, { 'docker.io': 'http://registry.lan:5000' });
+});
