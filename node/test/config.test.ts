@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { ConfigError, DEFAULT_CONFIG, loadConfigFile, parseHostPort, resolveConfig } from '../src/config.ts';
+import { ConfigError, DEFAULT_CONFIG, isLoopback, loadConfigFile, parseHostPort, resolveConfig } from '../src/config.ts';
 
 test('an empty config runs on the documented defaults', () => {
   const c = resolveConfig({});
@@ -40,4 +40,9 @@ test('the example device config in examples/ is valid', async () => {
   assert.equal(c.name, 'edge-07');
   assert.equal(c.dataDir, '/var/lib/shoal');
   assert.deepEqual(c.upstreams, { 'docker.io': 'http://registry.lan:5000' });
+});
+
+test('only loopback gateways go without the push-token warning', () => {
+  for (const host of ['127.0.0.1', '127.3.2.1', '::1', 'localhost']) assert.ok(isLoopback(host), host);
+  for (const host of ['0.0.0.0', '::', '10.0.0.5', 'edge.lan']) assert.ok(!isLoopback(host), host);
 });
