@@ -1,0 +1,3 @@
+export * from './mesh-host.ts';
+export * from './peer-key.ts';
+export * from './swarm-key.ts';

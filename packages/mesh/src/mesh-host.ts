@@ -1,0 +1,222 @@
+import { noise } from '@chainsafe/libp2p-noise';
+import { yamux } from '@chainsafe/libp2p-yamux';
+import { gossipsub, type GossipSub } from '@libp2p/gossipsub';
+import { identify, type Identify } from '@libp2p/identify';
+import { KEEP_ALIVE, type Libp2p, type PeerDiscovery, type PeerId, type PeerInfo, type PrivateKey } from '@libp2p/interface';
+import { kadDHT, removePublicAddressesMapper, type KadDHT } from '@libp2p/kad-dht';
+import { mdns } from '@libp2p/mdns';
+import { peerIdFromString } from '@libp2p/peer-id';
+import { ping, type Ping } from '@libp2p/ping';
+import { preSharedKey } from '@libp2p/pnet';
+import { tcp } from '@libp2p/tcp';
+import { multiaddr, type Multiaddr } from '@multiformats/multiaddr';
+import { createLibp2p, type ServiceFactoryMap } from 'libp2p';
+
+export const DEFAULT_LISTEN = ['/ip4/0.0.0.0/tcp/4001'];
+export const DEFAULT_MDNS_SERVICE_TAG = '_shoal._udp.local';
+/** The LAN DHT's own protocol, so Shoal nodes never join the public IPFS DHT. */
+export const LAN_DHT_PROTOCOL = '/shoal/lan/kad/1.0.0';
+
+/** The pino-compatible subset of a logger the host writes to. */
+export interface MeshLog {
+  debug(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+}
+
+export interface MeshHostOptions {
+  /** Multiaddrs to listen on. Default `['/ip4/0.0.0.0/tcp/4001']`. */
+  listen?: string[];
+  /**
+   * Peers to dial at start and keep connected (tagged KEEP_ALIVE and redialled every
+   * `bootstrapRedialMs` while disconnected). Each must end in `/p2p/<peer id>`. Default none.
+   */
+  bootstrap?: string[];
+  /** How often disconnected bootstrap peers are dialled again. Default 10 000 ms. */
+  bootstrapRedialMs?: number;
+  /** Find peers on the LAN by multicast DNS. Default true. */
+  mdns?: boolean;
+  /** mDNS query interval; short so devices find each other quickly. Default 2 000 ms. */
+  mdnsIntervalMs?: number;
+  /** mDNS service name; Shoal's own so other libp2p nodes on the LAN stay out. Default `_shoal._udp.local`. */
+  mdnsServiceTag?: string;
+  /**
+   * swarm.key bytes (see loadSwarmKey): only nodes holding the same key can connect.
+   * Default none, which means an open network.
+   */
+  swarmKey?: Uint8Array;
+  /** The node identity (see loadOrCreatePeerKey). Default a fresh Ed25519 key, so a new peer id. */
+  privateKey?: PrivateKey;
+  /**
+   * Inbound connections accepted per second from one host. libp2p's default of 5 is too low
+   * when many nodes share an IP (tests, containers, NAT). Default 100.
+   */
+  inboundConnectionThreshold?: number;
+  /** Default silent. */
+  log?: MeshLog;
+}
+
+export type MeshServices = {
+  identify: Identify;
+  ping: Ping;
+  dht: KadDHT;
+  pubsub: GossipSub;
+  mdns?: PeerDiscovery;
+};
+
+export type MeshNode = Libp2p<MeshServices>;
+
+const silentLog: MeshLog = { debug() {}, warn() {} };
+// yamux grows a stream's receive window to 16 MiB by default but resets a stream whose unread
+// buffer passes maxReadBufferLength (4 MiB), so a paused fast stream would be killed.
+const STREAM_BUFFER_BYTES = 4 * 1024 * 1024;
+
+/**
+ * The device's libp2p host: TCP + noise + yamux, optionally inside a private network (pnet),
+ * with identify, ping, mDNS discovery, a LAN kad-dht and gossipsub.
+ */
+export class MeshHost {
+  readonly #options: Required<Omit<MeshHostOptions, 'swarmKey' | 'privateKey'>> &
+    Pick<MeshHostOptions, 'swarmKey' | 'privateKey'>;
+  readonly #bootstrap: { peerId: PeerId; addr: Multiaddr }[];
+  #node: MeshNode | undefined;
+  #redialTimer: NodeJS.Timeout | undefined;
+
+  constructor(options: MeshHostOptions = {}) {
+    this.#options = {
+      listen: DEFAULT_LISTEN,
+      bootstrap: [],
+      bootstrapRedialMs: 10_000,
+      mdns: true,
+      mdnsIntervalMs: 2_000,
+      mdnsServiceTag: DEFAULT_MDNS_SERVICE_TAG,
+      inboundConnectionThreshold: 100,
+      log: silentLog,
+      ...withoutUndefined(options),
+    };
+    this.#bootstrap = this.#options.bootstrap.map(parseBootstrapAddr);
+  }
+
+  /** The running libp2p node; throws before start() and after stop(). */
+  get node(): MeshNode {
+    if (!this.#node) throw new Error('MeshHost is not started');
+    return this.#node;
+  }
+
+  get peerId(): PeerId {
+    return this.node.peerId;
+  }
+
+  /** The addresses the host listens on, each ending in /p2p/<peer id>. */
+  get multiaddrs(): Multiaddr[] {
+    return this.node.getMultiaddrs();
+  }
+
+  /**
+   * Starts libp2p and tries each bootstrap peer once before resolving (a dead one costs at most
+   * libp2p's 5 s dial timeout; it is logged and retried in the background, not thrown).
+   */
+  async start(): Promise<void> {
+    if (this.#node) return;
+    const { listen, swarmKey, privateKey, inboundConnectionThreshold } = this.#options;
+    const services: ServiceFactoryMap<MeshServices> = {
+      identify: identify(),
+      // kad-dht pings new contacts through this service; one outbound stream (the default)
+      // makes a concurrent liveness ping fail with TooManyOutboundProtocolStreamsError.
+      ping: ping({ maxOutboundStreams: 8 }),
+      dht: kadDHT({
+        protocol: LAN_DHT_PROTOCOL,
+        // Without a public address a node would otherwise stay a DHT client and provide() hangs.
+        clientMode: false,
+        // The default mapper drops private addresses, which are the only ones on a LAN.
+        peerInfoMapper: removePublicAddressesMapper,
+      }),
+      pubsub: gossipsub(),
+    };
+    if (this.#options.mdns) {
+      services.mdns = mdns({ interval: this.#options.mdnsIntervalMs, serviceTag: this.#options.mdnsServiceTag });
+    }
+    const node = await createLibp2p<MeshServices>({
+      start: false,
+      privateKey,
+      addresses: { listen },
+      transports: [tcp()],
+      connectionEncrypters: [noise()],
+      streamMuxers: [
+        yamux({ streamOptions: { maxStreamWindowSize: STREAM_BUFFER_BYTES, maxReadBufferLength: STREAM_BUFFER_BYTES } }),
+      ],
+      connectionProtector: swarmKey ? preSharedKey({ psk: swarmKey }) : undefined,
+      connectionManager: { inboundConnectionThreshold },
+      services,
+    });
+    // libp2p 3 only reports mDNS finds; dialling them is ours. 'peer' fires on every answer,
+    // so it also reconnects a peer that was lost.
+    node.services.mdns?.addEventListener('peer', (evt) => this.#onDiscovered(evt.detail));
+    await node.start();
+    this.#node = node;
+    await this.#dialBootstrap();
+    this.#redialTimer = setInterval(() => void this.#dialBootstrap(), this.#options.bootstrapRedialMs);
+    this.#redialTimer.unref();
+  }
+
+  async stop(): Promise<void> {
+    clearInterval(this.#redialTimer);
+    this.#redialTimer = undefined;
+    const node = this.#node;
+    this.#node = undefined;
+    await node?.stop();
+  }
+
+  /** Tags every bootstrap peer KEEP_ALIVE and dials those without a connection; failures are logged, not thrown. */
+  async #dialBootstrap(): Promise<void> {
+    const node = this.#node;
+    if (!node) return;
+    await Promise.all(
+      this.#bootstrap.map(async ({ peerId, addr }) => {
+        if (node.getConnections(peerId).length > 0) return;
+        try {
+          // libp2p's reconnect queue drops the tag after a few failed redials; set it again.
+          await node.peerStore.merge(peerId, { multiaddrs: [addr], tags: { [KEEP_ALIVE]: { value: 1 } } });
+          await node.dial(peerId);
+          this.#options.log.debug({ peer: peerId.toString() }, 'connected to bootstrap peer');
+        } catch (err) {
+          this.#options.log.warn({ peer: peerId.toString(), addr: addr.toString(), err }, 'bootstrap peer unreachable');
+        }
+      }),
+    );
+  }
+
+  #onDiscovered(peer: PeerInfo): void {
+    const node = this.#node;
+    if (!node || peer.id.equals(node.peerId) || node.getConnections(peer.id).length > 0) return;
+    node.peerStore
+      .merge(peer.id, { multiaddrs: peer.multiaddrs, tags: { [KEEP_ALIVE]: { value: 1 } } })
+      .then(() => node.dial(peer.id))
+      .then(
+        () => this.#options.log.debug({ peer: peer.id.toString() }, 'connected to mDNS peer'),
+        (err) => this.#options.log.debug({ peer: peer.id.toString(), err }, 'mDNS peer unreachable'),
+      );
+  }
+}
+
+/** Convenience: construct and start a MeshHost. */
+export async function createMeshHost(options: MeshHostOptions = {}): Promise<MeshHost> {
+  const host = new MeshHost(options);
+  await host.start();
+  return host;
+}
+
+function parseBootstrapAddr(text: string): { peerId: PeerId; addr: Multiaddr } {
+  let addr: Multiaddr;
+  try {
+    addr = multiaddr(text);
+  } catch (err) {
+    throw new Error(`bootstrap address ${JSON.stringify(text)} is not a multiaddr: ${(err as Error).message}`);
+  }
+  const id = addr.getComponents().findLast((component) => component.name === 'p2p')?.value;
+  if (!id) throw new Error(`bootstrap address ${JSON.stringify(text)} lacks /p2p/<peer id>`);
+  return { peerId: peerIdFromString(id), addr };
+}
+
+function withoutUndefined<T extends object>(options: T): Partial<T> {
+  return Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as Partial<T>;
+}
