@@ -5,6 +5,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Message } from '@libp2p/gossipsub';
 import { KEEP_ALIVE } from '@libp2p/interface';
+import { CID } from 'multiformats/cid';
+import * as raw from 'multiformats/codecs/raw';
+import { sha256 } from 'multiformats/hashes/sha2';
 import { MeshHost, generateSwarmKey, loadOrCreatePeerKey, parseSwarmKey, type MeshHostOptions } from '../src/index.ts';
 
 // mDNS stays off: the default network namespace's lo has no multicast.
@@ -97,6 +100,26 @@ describe('MeshHost over TCP on 127.0.0.1', () => {
     assert.equal(new TextDecoder().decode(message.data), 'hello mesh');
     assert.equal(message.type, 'signed');
     assert.ok(message.type === 'signed' && message.from.equals(seed.peerId));
+  });
+
+  test('the LAN DHT finds a provider announced by the other host', async () => {
+    // Only works because the DHT keeps private (here loopback) addresses and runs in server mode.
+    // provide() right after connecting can reach nobody: wait until each routing table holds the
+    // other peer (kad-dht's public type hides the table, hence the cast).
+    const routingTableSize = (host: MeshHost) =>
+      (host.node.services.dht as unknown as { routingTable: { size: number } }).routingTable.size;
+    await waitFor('the DHT routing tables to fill', () => routingTableSize(seed) > 0 && routingTableSize(joiner) > 0);
+    const cid = CID.createV1(raw.code, await sha256.digest(new TextEncoder().encode('a blob')));
+    await seed.node.contentRouting.provide(cid, { signal: AbortSignal.timeout(5_000) });
+    let provider;
+    for await (const found of joiner.node.contentRouting.findProviders(cid, { signal: AbortSignal.timeout(5_000) })) {
+      provider = found;
+      break; // the iterator only ends when the whole query finishes
+    }
+    assert.ok(provider, 'no provider found');
+    assert.ok(provider.id.equals(seed.peerId));
+    const [seedAddr] = seed.node.getMultiaddrs().map((addr) => addr.toString());
+    assert.ok(provider.multiaddrs.some((addr) => seedAddr === `${addr}/p2p/${seed.peerId}`));
   });
 
   test('a host restarted with the same data dir keeps its peer id and is reachable again', async () => {
