@@ -1,3 +1,5 @@
 export * from './mesh-host.ts';
 export * from './peer-key.ts';
 export * from './swarm-key.ts';
+export * from './membership.ts';
+export * from './membership-codec.ts';

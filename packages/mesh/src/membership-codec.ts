@@ -1,0 +1,190 @@
+import { peerIdFromString } from '@libp2p/peer-id';
+import { multiaddr } from '@multiformats/multiaddr';
+
+/** Wire format version of heartbeats and sync messages; a new format gets a new topic and protocol. */
+export const MEMBERSHIP_FORMAT_VERSION = 1;
+
+// Field limits: they keep one heartbeat well under the default 8 KiB message limit.
+export const MAX_ADDRESSES = 16;
+export const MAX_LABELS = 32;
+const MAX_TEXT = 256;
+const MAX_LABEL_KEY = 64;
+const MAX_URL = 1024;
+
+/** What a node announces about itself in every heartbeat. */
+export interface MemberRecord {
+  peerId: string;
+  /** Device name. */
+  name: string;
+  /** libp2p listen addresses. */
+  addresses: string[];
+  /** OCI registry gateway URL, if the device serves one. */
+  gateway?: string;
+  /** Admin API URL, if the device serves one. */
+  api?: string;
+  labels: Record<string, string>;
+  /** Software version. */
+  version: string;
+  /** Bytes used by the content store. */
+  usageBytes: number;
+  /** A non-negative load figure (e.g. load average or active transfers); higher is busier. */
+  load: number;
+  /** Grows with every heartbeat of the sender, across restarts; newer wins. */
+  seq: number;
+  /** Sender's clock (ms since the epoch) when sent; informational, liveness uses the receiver's clock. */
+  ts: number;
+}
+
+/** A member as relayed in a sync answer: the record plus how long ago the relaying node last heard it. */
+export interface SyncedMember extends MemberRecord {
+  ageMs: number;
+}
+
+export class MembershipFormatError extends Error {
+  override name = 'MembershipFormatError';
+}
+
+export function encodeHeartbeat(record: MemberRecord): Uint8Array {
+  return new TextEncoder().encode(JSON.stringify({ v: MEMBERSHIP_FORMAT_VERSION, ...record }));
+}
+
+/** Parses and schema-checks a heartbeat; throws MembershipFormatError for anything malformed or over maxBytes. */
+export function decodeHeartbeat(bytes: Uint8Array, maxBytes: number): MemberRecord {
+  const message = parseVersionedJson(bytes, maxBytes, 'heartbeat');
+  return parseMemberRecord(message, 'heartbeat');
+}
+
+export function encodeSync(members: SyncedMember[]): Uint8Array {
+  return new TextEncoder().encode(JSON.stringify({ v: MEMBERSHIP_FORMAT_VERSION, members }));
+}
+
+export interface SyncLimits {
+  maxBytes: number;
+  maxMembers: number;
+  /** Each member's record must fit in a heartbeat of this size, as if its owner had sent it. */
+  maxHeartbeatBytes: number;
+}
+
+/** Parses a sync message; one malformed entry makes the whole message malformed. */
+export function decodeSync(bytes: Uint8Array, { maxBytes, maxMembers, maxHeartbeatBytes }: SyncLimits): SyncedMember[] {
+  const message = parseVersionedJson(bytes, maxBytes, 'sync message');
+  const { members } = message;
+  if (!Array.isArray(members)) throw new MembershipFormatError('sync message: members is not an array');
+  if (members.length > maxMembers) {
+    throw new MembershipFormatError(`sync message: ${members.length} members, more than ${maxMembers}`);
+  }
+  return members.map((value, index) => {
+    const where = `sync message: members[${index}]`;
+    const record = parseMemberRecord(value, where);
+    const recordBytes = encodeHeartbeat(record).byteLength;
+    if (recordBytes > maxHeartbeatBytes) {
+      throw new MembershipFormatError(`${where} takes ${recordBytes} bytes, more than a heartbeat may (${maxHeartbeatBytes})`);
+    }
+    const ageMs = (value as Record<string, unknown>).ageMs;
+    return { ...record, ageMs: checkNumber(ageMs, `${where}.ageMs`, { integer: true }) };
+  });
+}
+
+/** Throws MembershipFormatError unless `name` is an acceptable device name. */
+export function checkName(value: unknown, where = 'name'): string {
+  const name = checkText(value, where, MAX_TEXT);
+  if (name.length === 0) throw new MembershipFormatError(`${where} is empty`);
+  return name;
+}
+
+/** Throws MembershipFormatError unless `value` is an http(s) URL. */
+export function checkUrl(value: unknown, where: string): string {
+  const text = checkText(value, where, MAX_URL);
+  const url = URL.parse(text);
+  if (!url || (url.protocol !== 'http:' && url.protocol !== 'https:')) {
+    throw new MembershipFormatError(`${where} is not an http(s) URL: ${JSON.stringify(text.slice(0, 80))}`);
+  }
+  return text;
+}
+
+/** Throws MembershipFormatError unless `value` is a flat string-to-string map within the label limits. */
+export function checkLabels(value: unknown, where = 'labels'): Record<string, string> {
+  if (!isPlainObject(value)) throw new MembershipFormatError(`${where} is not an object`);
+  const entries = Object.entries(value);
+  if (entries.length > MAX_LABELS) throw new MembershipFormatError(`${where} has more than ${MAX_LABELS} labels`);
+  const labels: Record<string, string> = {};
+  for (const [key, text] of entries) {
+    if (key.length === 0 || key.length > MAX_LABEL_KEY) {
+      throw new MembershipFormatError(`${where} has a key of ${key.length} characters (1-${MAX_LABEL_KEY} allowed)`);
+    }
+    labels[key] = checkText(text, `${where}.${key}`, MAX_TEXT);
+  }
+  return labels;
+}
+
+function parseVersionedJson(bytes: Uint8Array, maxBytes: number, what: string): Record<string, unknown> {
+  if (bytes.byteLength > maxBytes) throw new MembershipFormatError(`${what} of ${bytes.byteLength} bytes exceeds ${maxBytes}`);
+  let value: unknown;
+  try {
+    value = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
+  } catch (err) {
+    throw new MembershipFormatError(`${what} is not UTF-8 JSON: ${(err as Error).message}`);
+  }
+  if (!isPlainObject(value)) throw new MembershipFormatError(`${what} is not a JSON object`);
+  if (value.v !== MEMBERSHIP_FORMAT_VERSION) {
+    throw new MembershipFormatError(`${what} has version ${JSON.stringify(value.v)}, expected ${MEMBERSHIP_FORMAT_VERSION}`);
+  }
+  return value;
+}
+
+/** Checks every field and returns only the known ones, so extra fields never reach the table. */
+function parseMemberRecord(value: unknown, where: string): MemberRecord {
+  if (!isPlainObject(value)) throw new MembershipFormatError(`${where} is not an object`);
+  const peerId = checkText(value.peerId, `${where}.peerId`, 128);
+  try {
+    peerIdFromString(peerId);
+  } catch {
+    throw new MembershipFormatError(`${where}.peerId is not a peer id`);
+  }
+  const { addresses } = value;
+  if (!Array.isArray(addresses) || addresses.length > MAX_ADDRESSES) {
+    throw new MembershipFormatError(`${where}.addresses is not an array of at most ${MAX_ADDRESSES}`);
+  }
+  const record: MemberRecord = {
+    peerId,
+    name: checkName(value.name, `${where}.name`),
+    addresses: addresses.map((address, index) => checkMultiaddr(address, `${where}.addresses[${index}]`)),
+    labels: checkLabels(value.labels, `${where}.labels`),
+    version: checkText(value.version, `${where}.version`, 64),
+    usageBytes: checkNumber(value.usageBytes, `${where}.usageBytes`, { integer: true }),
+    load: checkNumber(value.load, `${where}.load`, { integer: false }),
+    seq: checkNumber(value.seq, `${where}.seq`, { integer: true }),
+    ts: checkNumber(value.ts, `${where}.ts`, { integer: true }),
+  };
+  if (value.gateway !== undefined) record.gateway = checkUrl(value.gateway, `${where}.gateway`);
+  if (value.api !== undefined) record.api = checkUrl(value.api, `${where}.api`);
+  return record;
+}
+
+function checkMultiaddr(value: unknown, where: string): string {
+  const text = checkText(value, where, MAX_TEXT);
+  try {
+    multiaddr(text);
+  } catch {
+    throw new MembershipFormatError(`${where} is not a multiaddr`);
+  }
+  return text;
+}
+
+function checkText(value: unknown, where: string, maxLength: number): string {
+  if (typeof value !== 'string') throw new MembershipFormatError(`${where} is not a string`);
+  if (value.length > maxLength) throw new MembershipFormatError(`${where} is longer than ${maxLength} characters`);
+  return value;
+}
+
+function checkNumber(value: unknown, where: string, { integer }: { integer: boolean }): number {
+  const valid = integer ? Number.isSafeInteger(value) : Number.isFinite(value);
+  if (!valid || (value as number) < 0) {
+    throw new MembershipFormatError(`${where} is not a non-negative ${integer ? 'integer' : 'number'}`);
+  }
+  return value as number;
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}

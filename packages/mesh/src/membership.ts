@@ -1,0 +1,480 @@
+import { arch, hostname, platform } from 'node:os';
+import { TopicValidatorResult, type Message } from '@libp2p/gossipsub';
+import { TypedEventEmitter, type Connection, type PeerId, type Stream } from '@libp2p/interface';
+import {
+  checkLabels,
+  checkName,
+  checkUrl,
+  decodeHeartbeat,
+  decodeSync,
+  encodeHeartbeat,
+  encodeSync,
+  MAX_ADDRESSES,
+  type MemberRecord,
+  type SyncedMember,
+} from './membership-codec.ts';
+import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
+
+export const MEMBERSHIP_TOPIC = '/shoal/membership/1';
+export const MEMBERSHIP_SYNC_PROTOCOL = '/shoal/membership/sync/1.0.0';
+
+export type MemberStatus = 'alive' | 'suspect' | 'down';
+
+/** One row of the membership table, as list() and the events give it. */
+export interface Member extends Omit<MemberRecord, 'ts'> {
+  status: MemberStatus;
+  /** When this node last heard of the member (ms since the epoch, this node's clock), directly or via sync. */
+  lastSeen: number;
+  /** True for this node's own row. */
+  self: boolean;
+}
+
+/** Figures the daemon supplies for each heartbeat. */
+export interface MemberStats {
+  /** Bytes used by the content store. */
+  usageBytes: number;
+  /** A non-negative load figure; higher is busier. */
+  load: number;
+}
+
+export interface MembershipEvents {
+  /** A member is new and alive, or was suspect or down and sent a newer heartbeat. */
+  'peer:alive': CustomEvent<Member>;
+  /** A member was not heard for `suspectAfterMs`, or its connection closed. */
+  'peer:suspect': CustomEvent<Member>;
+  /** A member was not heard for `downAfterMs`. */
+  'peer:down': CustomEvent<Member>;
+  /** A member's announced information (name, addresses, URLs, labels, version, usage, load) changed. */
+  'peer:updated': CustomEvent<Member>;
+}
+
+export interface MembershipOptions {
+  /** Device name. Default the hostname. */
+  name?: string;
+  /** This device's registry gateway URL, announced to the others. Default none. */
+  gatewayUrl?: string;
+  /** This device's API URL, announced to the others. Default none. */
+  apiUrl?: string;
+  /** Labels added to (and overriding) the built-in `os`, `arch` and `hostname`. Default none. */
+  labels?: Record<string, string>;
+  /** Software version. Default `0.0.0`. */
+  version?: string;
+  /**
+   * Called before each heartbeat for the store usage and load figures. Failing or taking longer
+   * than one heartbeat interval keeps the previous figures. Default both 0.
+   */
+  stats?: () => MemberStats | Promise<MemberStats>;
+  /** Gossipsub topic of the heartbeats. Default `/shoal/membership/1`. */
+  topic?: string;
+  /** Default 1 000 ms. */
+  heartbeatIntervalMs?: number;
+  /** A member not heard from for this long is suspect. Default 3 000 ms. */
+  suspectAfterMs?: number;
+  /** A member not heard from for this long is down. Default 8 000 ms. */
+  downAfterMs?: number;
+  /** A member not heard from for this long is forgotten. Default 300 000 ms (5 min). */
+  dropAfterMs?: number;
+  /** How often statuses are re-evaluated. Default 500 ms. */
+  checkIntervalMs?: number;
+  /** Largest heartbeat accepted (and sent). Default 8 192 bytes. */
+  maxHeartbeatBytes?: number;
+  /** Most members kept besides this node; a sync answer holds at most one more. Default 256. */
+  maxMembers?: number;
+  /** Limit for one table exchange with a newly connected peer. Default 5 000 ms. */
+  syncTimeoutMs?: number;
+  /** Default silent. */
+  log?: MeshLog;
+}
+
+type ResolvedOptions = Required<Omit<MembershipOptions, 'gatewayUrl' | 'apiUrl'>> & Pick<MembershipOptions, 'gatewayUrl' | 'apiUrl'>;
+
+interface Row {
+  record: MemberRecord;
+  status: MemberStatus;
+  /** performance.now() when last heard of, so wall-clock jumps do not age members. */
+  heardAt: number;
+  /** Highest seq the member itself authenticated (signed heartbeat or its own sync answer); -1 if none. */
+  authenticatedSeq: number;
+}
+
+const STATUS_RANK: Record<MemberStatus, number> = { alive: 0, suspect: 1, down: 2 };
+// One successful exchange gives a joiner the whole table, so a few in parallel are plenty.
+const MAX_CONCURRENT_SYNCS = 4;
+// Slack per member in a sync message for the ageMs field and separators.
+const SYNC_ENTRY_OVERHEAD_BYTES = 64;
+const silentLog: MeshLog = { debug() {}, warn() {} };
+
+/**
+ * Membership and liveness over a started MeshHost: every node heartbeats its description on a
+ * gossipsub topic, keeps a table of the others with alive/suspect/down status from the time
+ * since it last heard them, and exchanges tables with each newly connected peer so a joiner
+ * sees everyone at once.
+ *
+ * Trust: heartbeats are signed by their sender (a heartbeat about another peer is rejected);
+ * sync answers may relay third parties' records unsigned, so a member's own signed heartbeats
+ * always override relayed information.
+ */
+export class Membership extends TypedEventEmitter<MembershipEvents> {
+  readonly #host: MeshHost;
+  readonly #options: ResolvedOptions;
+  readonly #labels: Record<string, string>;
+  readonly #rows = new Map<string, Row>();
+  readonly #syncing = new Set<string>();
+  #node: MeshNode | undefined;
+  #self: MemberRecord | undefined;
+  #stats: MemberStats = { usageBytes: 0, load: 0 };
+  #heartbeatTimer: NodeJS.Timeout | undefined;
+  #checkTimer: NodeJS.Timeout | undefined;
+  #stopping = new AbortController();
+  #sending = false;
+  #rejected = 0;
+
+  constructor(host: MeshHost, options: MembershipOptions = {}) {
+    super();
+    this.#host = host;
+    this.#options = {
+      name: hostname(),
+      labels: {},
+      version: '0.0.0',
+      stats: () => ({ usageBytes: 0, load: 0 }),
+      topic: MEMBERSHIP_TOPIC,
+      heartbeatIntervalMs: 1_000,
+      suspectAfterMs: 3_000,
+      downAfterMs: 8_000,
+      dropAfterMs: 300_000,
+      checkIntervalMs: 500,
+      maxHeartbeatBytes: 8_192,
+      maxMembers: 256,
+      syncTimeoutMs: 5_000,
+      log: silentLog,
+      ...(Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as MembershipOptions),
+    };
+    const { name, gatewayUrl, apiUrl, suspectAfterMs, downAfterMs, dropAfterMs } = this.#options;
+    checkName(name);
+    if (gatewayUrl !== undefined) checkUrl(gatewayUrl, 'gatewayUrl');
+    if (apiUrl !== undefined) checkUrl(apiUrl, 'apiUrl');
+    this.#labels = checkLabels({ os: platform(), arch: arch(), hostname: hostname(), ...this.#options.labels });
+    for (const key of ['heartbeatIntervalMs', 'checkIntervalMs', 'syncTimeoutMs', 'maxHeartbeatBytes', 'maxMembers'] as const) {
+      if (!(this.#options[key] > 0)) throw new RangeError(`Membership ${key} must be positive`);
+    }
+    if (!(0 < suspectAfterMs && suspectAfterMs < downAfterMs && downAfterMs < dropAfterMs)) {
+      throw new RangeError('Membership needs 0 < suspectAfterMs < downAfterMs < dropAfterMs');
+    }
+  }
+
+  /** Heartbeats that failed validation (malformed, oversized or claiming another peer's id) since start. */
+  get rejectedHeartbeats(): number {
+    return this.#rejected;
+  }
+
+  /** Joins the topic, serves the sync protocol and exchanges tables with every connected peer. */
+  async start(): Promise<void> {
+    if (this.#node) return;
+    const node = this.#host.node;
+    const { topic, heartbeatIntervalMs, checkIntervalMs } = this.#options;
+    this.#stopping = new AbortController();
+    await node.handle(MEMBERSHIP_SYNC_PROTOCOL, (stream, connection) => this.#answerSync(stream, connection), {
+      maxInboundStreams: MAX_CONCURRENT_SYNCS,
+      maxOutboundStreams: MAX_CONCURRENT_SYNCS,
+    });
+    this.#node = node;
+    // Seeded from the clock so a restarted node's heartbeats are newer than its earlier ones.
+    this.#self = this.#selfRecord(Date.now());
+    node.services.pubsub.topicValidators.set(topic, this.#validate);
+    node.services.pubsub.addEventListener('message', this.#onMessage);
+    node.services.pubsub.subscribe(topic);
+    node.addEventListener('peer:connect', this.#onConnect);
+    node.addEventListener('peer:disconnect', this.#onDisconnect);
+    this.#heartbeatTimer = setInterval(() => void this.#heartbeat(), heartbeatIntervalMs);
+    this.#checkTimer = setInterval(() => this.#check(), checkIntervalMs);
+    void this.#heartbeat();
+    for (const peer of node.getPeers()) void this.#sync(peer);
+  }
+
+  /** Stops heartbeating and leaves the topic; the table is kept as it was. */
+  async stop(): Promise<void> {
+    const node = this.#node;
+    if (!node) return;
+    this.#node = undefined;
+    clearInterval(this.#heartbeatTimer);
+    clearInterval(this.#checkTimer);
+    this.#stopping.abort(new Error('Membership stopped'));
+    const { topic } = this.#options;
+    node.removeEventListener('peer:connect', this.#onConnect);
+    node.removeEventListener('peer:disconnect', this.#onDisconnect);
+    node.services.pubsub.removeEventListener('message', this.#onMessage);
+    if (node.status === 'started') {
+      node.services.pubsub.unsubscribe(topic);
+      await node.unhandle(MEMBERSHIP_SYNC_PROTOCOL);
+    }
+    node.services.pubsub.topicValidators.delete(topic);
+  }
+
+  /** The table, this node first, then by name. */
+  list(): Member[] {
+    const members = [...this.#rows.values()].map((row) => this.#member(row, false));
+    members.sort((a, b) => a.name.localeCompare(b.name) || a.peerId.localeCompare(b.peerId));
+    const self = this.#self;
+    if (!self) return members;
+    return [this.#member({ record: self, status: 'alive', heardAt: performance.now(), authenticatedSeq: self.seq }, true), ...members];
+  }
+
+  #selfRecord(seq: number): MemberRecord {
+    const { name, gatewayUrl, apiUrl, version } = this.#options;
+    const record: MemberRecord = {
+      peerId: this.#host.peerId.toString(),
+      name,
+      addresses: this.#host.multiaddrs.slice(0, MAX_ADDRESSES).map(String),
+      labels: this.#labels,
+      version,
+      ...this.#stats,
+      seq,
+      ts: Date.now(),
+    };
+    if (gatewayUrl !== undefined) record.gateway = gatewayUrl;
+    if (apiUrl !== undefined) record.api = apiUrl;
+    return record;
+  }
+
+  async #heartbeat(): Promise<void> {
+    const node = this.#node;
+    if (!node || this.#sending) return;
+    this.#sending = true;
+    try {
+      this.#stats = await this.#readStats();
+      if (this.#node !== node) return;
+      this.#self = this.#selfRecord(Math.max(this.#self!.seq + 1, Date.now()));
+      const bytes = encodeHeartbeat(this.#self);
+      if (bytes.byteLength > this.#options.maxHeartbeatBytes) {
+        this.#options.log.warn({ bytes: bytes.byteLength, max: this.#options.maxHeartbeatBytes }, 'heartbeat too large, not sent');
+        return;
+      }
+      await node.services.pubsub.publish(this.#options.topic, bytes);
+    } catch (err) {
+      // Alone on the topic is normal: the first node, or before subscriptions are exchanged.
+      if ((err as Error).message === 'PublishError.NoPeersSubscribedToTopic') return;
+      this.#options.log.warn({ err }, 'heartbeat not sent');
+    } finally {
+      this.#sending = false;
+    }
+  }
+
+  async #readStats(): Promise<MemberStats> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error('stats callback timed out')), this.#options.heartbeatIntervalMs);
+    });
+    try {
+      const stats = await Promise.race([this.#options.stats(), timeout]);
+      if (!(Number.isSafeInteger(stats.usageBytes) && stats.usageBytes >= 0 && Number.isFinite(stats.load) && stats.load >= 0)) {
+        throw new Error(`stats callback gave ${JSON.stringify(stats)}`);
+      }
+      return { usageBytes: stats.usageBytes, load: stats.load };
+    } catch (err) {
+      this.#options.log.warn({ err }, 'membership stats unavailable, sending the previous figures');
+      return this.#stats;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Gossipsub topic validator: a rejected message is neither delivered nor forwarded. */
+  #validate = (_propagationSource: PeerId, message: Message): TopicValidatorResult => {
+    const record = this.#authenticatedHeartbeat(message);
+    if (!record) {
+      this.#rejected++;
+      return TopicValidatorResult.Reject;
+    }
+    const row = this.#rows.get(record.peerId);
+    // Stale or replayed: drop quietly without penalising whoever forwarded it.
+    if (row && record.seq <= row.authenticatedSeq) return TopicValidatorResult.Ignore;
+    return TopicValidatorResult.Accept;
+  };
+
+  #onMessage = (evt: CustomEvent<Message>): void => {
+    if (evt.detail.topic !== this.#options.topic) return;
+    const record = this.#authenticatedHeartbeat(evt.detail);
+    if (record) this.#merge(record, 0, true);
+  };
+
+  /** The heartbeat in a signed message whose claimed peer id is its signer's; undefined otherwise. */
+  #authenticatedHeartbeat(message: Message): MemberRecord | undefined {
+    if (message.type !== 'signed') return undefined;
+    try {
+      const record = decodeHeartbeat(message.data, this.#options.maxHeartbeatBytes);
+      if (record.peerId === message.from.toString()) return record;
+      this.#options.log.warn({ from: message.from.toString(), claimed: record.peerId }, 'heartbeat claims another peer id');
+    } catch (err) {
+      this.#options.log.debug({ from: message.from.toString(), err }, 'malformed heartbeat');
+    }
+    return undefined;
+  }
+
+  /**
+   * Takes a record heard `ageMs` ago if it is newer than what the table holds. A member's own
+   * (authenticated) word only has to beat its own earlier word, so relayed records can never
+   * shut out its heartbeats.
+   */
+  #merge(record: MemberRecord, ageMs: number, authenticated: boolean): void {
+    if (record.peerId === this.#self?.peerId) return;
+    const heardAt = performance.now() - ageMs;
+    const row = this.#rows.get(record.peerId);
+    if (!row) {
+      if (ageMs >= this.#options.dropAfterMs) return;
+      if (this.#rows.size >= this.#options.maxMembers) {
+        this.#options.log.warn({ peer: record.peerId, max: this.#options.maxMembers }, 'membership table full, member ignored');
+        return;
+      }
+      const added: Row = { record, status: this.#statusForAge(ageMs), heardAt, authenticatedSeq: authenticated ? record.seq : -1 };
+      this.#rows.set(record.peerId, added);
+      this.#emit(added);
+      return;
+    }
+    if (record.seq <= (authenticated ? row.authenticatedSeq : row.record.seq)) return;
+    const changed = describes(row.record) !== describes(record);
+    row.record = record;
+    if (authenticated) row.authenticatedSeq = record.seq;
+    row.heardAt = Math.max(row.heardAt, heardAt);
+    const status = this.#statusForAge(performance.now() - row.heardAt);
+    if (status !== row.status) {
+      row.status = status;
+      this.#emit(row);
+    }
+    if (changed) this.dispatchEvent(new CustomEvent('peer:updated', { detail: this.#member(row, false) }));
+  }
+
+  /** Ages statuses; only news (#merge) makes a member alive again. */
+  #check(): void {
+    const now = performance.now();
+    for (const [peerId, row] of this.#rows) {
+      const age = now - row.heardAt;
+      if (age >= this.#options.dropAfterMs) {
+        this.#rows.delete(peerId);
+        continue;
+      }
+      const status = this.#statusForAge(age);
+      if (STATUS_RANK[status] > STATUS_RANK[row.status]) {
+        row.status = status;
+        this.#emit(row);
+      }
+    }
+  }
+
+  #statusForAge(ageMs: number): MemberStatus {
+    if (ageMs >= this.#options.downAfterMs) return 'down';
+    return ageMs >= this.#options.suspectAfterMs ? 'suspect' : 'alive';
+  }
+
+  #emit(row: Row): void {
+    this.dispatchEvent(new CustomEvent(`peer:${row.status}`, { detail: this.#member(row, false) }));
+  }
+
+  #member(row: Row, self: boolean): Member {
+    const { ts: _sentAt, ...record } = row.record;
+    return {
+      ...record,
+      addresses: [...record.addresses],
+      labels: { ...record.labels },
+      status: row.status,
+      lastSeen: Math.round(Date.now() - (performance.now() - row.heardAt)),
+      self,
+    };
+  }
+
+  // A closed connection is an early sign; the timeouts stay the authority for down.
+  #onDisconnect = (evt: CustomEvent<PeerId>): void => {
+    const row = this.#rows.get(evt.detail.toString());
+    if (row?.status !== 'alive') return;
+    row.status = 'suspect';
+    this.#emit(row);
+  };
+
+  #onConnect = (evt: CustomEvent<PeerId>): void => {
+    void this.#sync(evt.detail);
+  };
+
+  /** The table as a sync message: this node and every member with the age of its news. */
+  #syncMessage(): Uint8Array {
+    const now = performance.now();
+    const members: SyncedMember[] = [{ ...this.#self!, ageMs: 0 }];
+    for (const row of this.#rows.values()) members.push({ ...row.record, ageMs: Math.round(now - row.heardAt) });
+    return encodeSync(members);
+  }
+
+  #mergeSync(bytes: Uint8Array, remotePeer: PeerId): void {
+    const { maxHeartbeatBytes, maxMembers } = this.#options;
+    const members = decodeSync(bytes, { maxBytes: this.#maxSyncBytes, maxMembers: maxMembers + 1, maxHeartbeatBytes });
+    const remote = remotePeer.toString();
+    for (const member of members) {
+      const { ageMs, ...record } = member;
+      this.#merge(record, ageMs, record.peerId === remote);
+    }
+  }
+
+  get #maxSyncBytes(): number {
+    return (this.#options.maxMembers + 1) * (this.#options.maxHeartbeatBytes + SYNC_ENTRY_OVERHEAD_BYTES);
+  }
+
+  /** Sends our table to a newly connected peer and merges its answer. Failures only cost that stream. */
+  async #sync(peer: PeerId): Promise<void> {
+    const node = this.#node;
+    const key = peer.toString();
+    if (!node || this.#syncing.has(key) || this.#syncing.size >= MAX_CONCURRENT_SYNCS) return;
+    this.#syncing.add(key);
+    const signal = AbortSignal.any([this.#stopping.signal, AbortSignal.timeout(this.#options.syncTimeoutMs)]);
+    let stream: Stream | undefined;
+    try {
+      stream = await node.dialProtocol(peer, MEMBERSHIP_SYNC_PROTOCOL, { signal });
+      await sendAndClose(stream, this.#syncMessage(), signal);
+      this.#mergeSync(await readToEnd(stream, this.#maxSyncBytes, signal), peer);
+    } catch (err) {
+      stream?.abort(err as Error);
+      this.#options.log.debug({ peer: key, err }, 'membership sync failed');
+    } finally {
+      this.#syncing.delete(key);
+    }
+  }
+
+  async #answerSync(stream: Stream, connection: Connection): Promise<void> {
+    const signal = AbortSignal.any([this.#stopping.signal, AbortSignal.timeout(this.#options.syncTimeoutMs)]);
+    try {
+      const request = await readToEnd(stream, this.#maxSyncBytes, signal);
+      // Answer with the table as it was, so the asker's own record is not echoed back.
+      const answer = this.#syncMessage();
+      this.#mergeSync(request, connection.remotePeer);
+      await sendAndClose(stream, answer, signal);
+    } catch (err) {
+      stream.abort(err as Error);
+      this.#options.log.debug({ peer: connection.remotePeer.toString(), err }, 'membership sync request failed');
+    }
+  }
+}
+
+/** The announced information, for change detection (seq and ts change every heartbeat). */
+function describes({ seq: _seq, ts: _ts, ...info }: MemberRecord): string {
+  return JSON.stringify(info);
+}
+
+async function sendAndClose(stream: Stream, bytes: Uint8Array, signal: AbortSignal): Promise<void> {
+  stream.send(bytes);
+  await stream.close({ signal });
+}
+
+/** Reads until the remote closes its side; a message over maxBytes aborts the stream. */
+async function readToEnd(stream: Stream, maxBytes: number, signal: AbortSignal): Promise<Uint8Array> {
+  const onAbort = () => stream.abort(signal.reason as Error);
+  signal.throwIfAborted();
+  signal.addEventListener('abort', onAbort, { once: true });
+  try {
+    const chunks: Uint8Array[] = [];
+    let length = 0;
+    for await (const chunk of stream) {
+      length += chunk.byteLength;
+      if (length > maxBytes) throw new Error(`sync message exceeds ${maxBytes} bytes`);
+      chunks.push(chunk.subarray());
+    }
+    return Buffer.concat(chunks, length);
+  } finally {
+    signal.removeEventListener('abort', onAbort);
+  }
+}

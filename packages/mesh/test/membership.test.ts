@@ -1,0 +1,293 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import type { Message } from '@libp2p/gossipsub';
+import type { Stream } from '@libp2p/interface';
+import {
+  encodeHeartbeat,
+  encodeSync,
+  MEMBERSHIP_SYNC_PROTOCOL,
+  MEMBERSHIP_TOPIC,
+  Membership,
+  MeshHost,
+  type MemberRecord,
+  type MembershipOptions,
+  type MemberStatus,
+} from '../src/index.ts';
+
+// mDNS stays off: the default network namespace's lo has no multicast. Hosts meet by bootstrap.
+const LOOPBACK = ['/ip4/127.0.0.1/tcp/0'];
+// Short but not twitchy on a busy 2-core machine.
+const FAST: MembershipOptions = {
+  heartbeatIntervalMs: 200,
+  suspectAfterMs: 1_000,
+  downAfterMs: 2_000,
+  dropAfterMs: 4_000,
+  checkIntervalMs: 50,
+};
+// Nobody heartbeats again within a test, so only table exchanges can spread news.
+const HEARTBEAT_NEVER: MembershipOptions = {
+  heartbeatIntervalMs: 3_600_000,
+  suspectAfterMs: 7_200_000,
+  downAfterMs: 7_300_000,
+  dropAfterMs: 7_400_000,
+};
+
+async function waitFor(what: string, condition: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+interface Device {
+  host: MeshHost;
+  membership?: Membership;
+  id: string;
+}
+
+/** Starts hosts on 127.0.0.1 and stops every one of them in stopAll(). */
+class TestMesh {
+  readonly devices: Device[] = [];
+
+  async host(bootstrap: Device[] = []): Promise<Device> {
+    const host = new MeshHost({
+      listen: LOOPBACK,
+      mdns: false,
+      bootstrap: bootstrap.map((device) => device.host.multiaddrs[0].toString()),
+    });
+    const device: Device = { host, id: '' };
+    this.devices.push(device);
+    await host.start();
+    device.id = host.peerId.toString();
+    return device;
+  }
+
+  async device(name: string, options: MembershipOptions, bootstrap: Device[] = []): Promise<Device> {
+    const device = await this.host(bootstrap);
+    device.membership = new Membership(device.host, {
+      name,
+      gatewayUrl: `http://${name}.test:5000`,
+      apiUrl: `http://${name}.test:5001`,
+      labels: { role: 'test' },
+      version: '1.2.3',
+      ...options,
+    });
+    await device.membership.start();
+    return device;
+  }
+
+  async stopAll(): Promise<void> {
+    await Promise.all(this.devices.map(stopDevice));
+  }
+}
+
+async function stopDevice(device: Device): Promise<void> {
+  await device.membership?.stop();
+  await device.host.stop();
+}
+
+function statusOf(observer: Device, peer: Device): MemberStatus | undefined {
+  return observer.membership!.list().find((member) => member.peerId === peer.id)?.status;
+}
+
+function allAlive(observer: Device, peers: Device[]): boolean {
+  const members = observer.membership!.list();
+  return members.length === peers.length && peers.every((peer) => statusOf(observer, peer) === 'alive');
+}
+
+test('three devices see each other alive; a stopped one goes suspect, then down, then is dropped', async () => {
+  const mesh = new TestMesh();
+  try {
+    let loadOfA = 0.5;
+    const a = await mesh.device('a', { ...FAST, stats: () => ({ usageBytes: 1_000, load: loadOfA }) });
+    const b = await mesh.device('b', FAST, [a]);
+    const c = await mesh.device('c', FAST, [a, b]);
+    const all = [a, b, c];
+    await waitFor('all devices to see all alive', () => all.every((device) => allAlive(device, all)));
+
+    const [self, ...others] = b.membership!.list();
+    assert.equal(self.self, true);
+    assert.equal(self.peerId, b.id);
+    const seenA = others.find((member) => member.peerId === a.id)!;
+    assert.equal(seenA.name, 'a');
+    assert.equal(seenA.gateway, 'http://a.test:5000');
+    assert.equal(seenA.api, 'http://a.test:5001');
+    assert.equal(seenA.version, '1.2.3');
+    assert.equal(seenA.usageBytes, 1_000);
+    assert.equal(seenA.self, false);
+    assert.deepEqual(Object.keys(seenA.labels).sort(), ['arch', 'hostname', 'os', 'role']);
+    assert.equal(seenA.labels.role, 'test');
+    assert.ok(seenA.addresses.includes(a.host.multiaddrs[0].toString()));
+
+    const updated = new Promise<number>((resolve) => {
+      b.membership!.addEventListener('peer:updated', (evt) => {
+        if (evt.detail.peerId === a.id && evt.detail.load === 7) resolve(evt.detail.load);
+      });
+    });
+    loadOfA = 7;
+    assert.equal(await updated, 7);
+
+    const transitions = new Map<Device, MemberStatus[]>([[a, []], [b, []]]);
+    for (const [observer, seen] of transitions) {
+      for (const status of ['alive', 'suspect', 'down'] as const) {
+        observer.membership!.addEventListener(`peer:${status}`, (evt) => {
+          if (evt.detail.peerId === c.id) seen.push(evt.detail.status);
+        });
+      }
+    }
+    await stopDevice(c);
+    await waitFor('a and b to mark c down', () => statusOf(a, c) === 'down' && statusOf(b, c) === 'down');
+    for (const [observer, seen] of transitions) {
+      assert.deepEqual(seen.slice(-2), ['suspect', 'down'], `${observer === a ? 'a' : 'b'} saw ${seen}`);
+      assert.ok(!seen.slice(0, -1).includes('down'), `down only at the end: ${seen}`);
+    }
+    await waitFor('a and b to see each other alive', () => statusOf(a, b) === 'alive' && statusOf(b, a) === 'alive');
+
+    await waitFor('c to be dropped', () => statusOf(a, c) === undefined && statusOf(b, c) === undefined);
+    assert.equal(a.membership!.list().length, 2);
+  } finally {
+    await mesh.stopAll();
+  }
+});
+
+test('a joining device gets the whole table from one peer by sync, before any heartbeat of the others', async () => {
+  const mesh = new TestMesh();
+  try {
+    const a = await mesh.device('a', HEARTBEAT_NEVER);
+    const b = await mesh.device('b', HEARTBEAT_NEVER, [a]);
+    const c = await mesh.device('c', HEARTBEAT_NEVER, [a, b]);
+    await waitFor('a, b and c to exchange tables', () => [a, b, c].every((device) => allAlive(device, [a, b, c])));
+
+    // d connects to a only. Its own pubsub listener runs before its Membership's, so it knows
+    // whether a heartbeat from a peer arrived before that peer showed up alive.
+    const d = await mesh.host([a]);
+    const heardFrom = new Set<string>();
+    d.host.node.services.pubsub.addEventListener('message', (evt: CustomEvent<Message>) => {
+      if (evt.detail.type === 'signed') heardFrom.add(evt.detail.from.toString());
+    });
+    const aliveBeforeHeartbeat = new Map<string, boolean>();
+    d.membership = new Membership(d.host, { name: 'd', ...HEARTBEAT_NEVER });
+    d.membership.addEventListener('peer:alive', (evt) => aliveBeforeHeartbeat.set(evt.detail.peerId, !heardFrom.has(evt.detail.peerId)));
+    await d.membership.start();
+
+    await waitFor('d to see everyone alive', () => allAlive(d, [a, b, c, d]));
+    assert.deepEqual(Object.fromEntries(aliveBeforeHeartbeat), { [a.id]: true, [b.id]: true, [c.id]: true });
+    const seenC = d.membership.list().find((member) => member.peerId === c.id)!;
+    assert.equal(seenC.name, 'c');
+    assert.equal(seenC.gateway, 'http://c.test:5000');
+    // The exchange goes both ways: a learned d from d's request.
+    await waitFor('a to see d', () => statusOf(a, d) === 'alive');
+  } finally {
+    await mesh.stopAll();
+  }
+});
+
+test('forged, malformed and oversized heartbeats are rejected and the device keeps working', async () => {
+  const mesh = new TestMesh();
+  try {
+    const slowDown = { ...FAST, suspectAfterMs: 5_000, downAfterMs: 10_000, dropAfterMs: 20_000 };
+    const a = await mesh.device('a', slowDown);
+    const b = await mesh.device('b', slowDown, [a]);
+    await waitFor('a and b to see each other', () => allAlive(a, [a, b]) && allAlive(b, [a, b]));
+
+    // The forger runs no Membership: it publishes raw payloads, signed with its own key.
+    const forger = await mesh.host([a]);
+    const pubsub = forger.host.node.services.pubsub;
+    pubsub.subscribe(MEMBERSHIP_TOPIC);
+    await waitFor('the forger and a to exchange subscriptions', () =>
+      pubsub.getSubscribers(MEMBERSHIP_TOPIC).some((id) => id.toString() === a.id) &&
+      a.host.node.services.pubsub.getSubscribers(MEMBERSHIP_TOPIC).some((id) => id.toString() === forger.id),
+    );
+    const names = new Set<string>();
+    a.membership!.addEventListener('peer:updated', (evt) => names.add(evt.detail.name));
+    a.membership!.addEventListener('peer:alive', (evt) => names.add(evt.detail.name));
+
+    const record = (peerId: string, fields: Partial<MemberRecord> = {}): MemberRecord => ({
+      peerId,
+      name: 'forged',
+      addresses: [],
+      labels: {},
+      version: '6.6.6',
+      usageBytes: 0,
+      load: 0,
+      seq: Number.MAX_SAFE_INTEGER,
+      ts: Date.now(),
+      ...fields,
+    });
+    const hugeLabels = Object.fromEntries(Array.from({ length: 32 }, (_, i) => [`label${i}`, 'x'.repeat(250)]));
+    const text = (value: string) => new TextEncoder().encode(value);
+    const rejectedBefore = a.membership!.rejectedHeartbeats;
+    const payloads = [
+      encodeHeartbeat(record(b.id)), // claims to be b
+      text('not json'),
+      text('{"v":1,"peerId":"x"'),
+      text(JSON.stringify({ v: 1, ...record(forger.id), name: 42 })),
+      text(JSON.stringify({ v: 2, ...record(forger.id) })),
+      encodeHeartbeat(record(forger.id, { labels: hugeLabels })), // schema-valid but over 8 KiB
+      new Uint8Array([0xff, 0xfe, 0x00]),
+    ];
+    for (const payload of payloads) await pubsub.publish(MEMBERSHIP_TOPIC, payload);
+    await waitFor('a to reject every bad heartbeat', () => a.membership!.rejectedHeartbeats - rejectedBefore === payloads.length);
+
+    // A well-formed heartbeat about the forger itself is accepted: the validator is not just saying no.
+    await pubsub.publish(MEMBERSHIP_TOPIC, encodeHeartbeat(record(forger.id, { name: 'honest-forger' })));
+    await waitFor('a to accept the forger describing itself', () => statusOf(a, forger) === 'alive');
+    assert.deepEqual([...names], ['honest-forger']);
+
+    // b's real heartbeats still arrive (its seq keeps growing) and b is still b.
+    const seqOfB = () => a.membership!.list().find((member) => member.peerId === b.id)!.seq;
+    const seqAfterForgery = seqOfB();
+    await waitFor('a to hear b again', () => seqOfB() > seqAfterForgery);
+    const seenB = a.membership!.list().find((member) => member.peerId === b.id)!;
+    assert.equal(seenB.name, 'b');
+    assert.equal(seenB.status, 'alive');
+    assert.equal(a.membership!.rejectedHeartbeats - rejectedBefore, payloads.length);
+  } finally {
+    await mesh.stopAll();
+  }
+});
+
+test('a malformed sync answer closes that stream only; the table takes nothing from it', async () => {
+  const mesh = new TestMesh();
+  try {
+    const syncFailures: { peer: string; err: Error }[] = [];
+    const log = {
+      debug(obj: object, msg: string) {
+        if (msg === 'membership sync failed') syncFailures.push(obj as { peer: string; err: Error });
+      },
+      warn() {},
+    };
+    const a = await mesh.device('a', { ...HEARTBEAT_NEVER, log });
+    // A peer that speaks the sync protocol but answers with one good and one bad member.
+    const liar = await mesh.host();
+    const phantom = await mesh.host();
+    const good = { peerId: phantom.id, name: 'phantom', addresses: [], labels: {}, version: '1', usageBytes: 0, load: 0, seq: 1, ts: 1, ageMs: 0 };
+    await liar.host.node.handle(MEMBERSHIP_SYNC_PROTOCOL, async (stream: Stream) => {
+      for await (const _chunk of stream); // read the request to its end
+      stream.send(encodeSync([good, { ...good, peerId: liar.id, load: -1 }]));
+      await stream.close();
+    });
+    await liar.host.node.dial(a.host.multiaddrs[0]);
+
+    await waitFor('a to give up on the answer', () => syncFailures.length > 0);
+    assert.equal(syncFailures[0].peer, liar.id);
+    assert.match(syncFailures[0].err.message, /members\[1\]\.load is not a non-negative number/);
+    assert.equal(a.host.node.getConnections(liar.host.peerId).length, 1, 'the connection survives');
+    assert.deepEqual(a.membership!.list().map((member) => member.name), ['a']);
+
+    // a still exchanges tables with an honest newcomer.
+    const b = await mesh.device('b', HEARTBEAT_NEVER, [a]);
+    await waitFor('a and b to exchange tables', () => allAlive(a, [a, b]) && allAlive(b, [a, b]));
+  } finally {
+    await mesh.stopAll();
+  }
+});
+
+test('Membership refuses inconsistent options', () => {
+  const host = new MeshHost({ listen: LOOPBACK, mdns: false });
+  assert.throws(() => new Membership(host, { suspectAfterMs: 5_000, downAfterMs: 1_000 }), /suspectAfterMs < downAfterMs/);
+  assert.throws(() => new Membership(host, { gatewayUrl: 'ftp://x' }), /gatewayUrl is not an http\(s\) URL/);
+  assert.throws(() => new Membership(host, { labels: { '': 'x' } }), /key of 0 characters/);
+  assert.throws(() => new Membership(host, { heartbeatIntervalMs: 0 }), /heartbeatIntervalMs must be positive/);
+});
