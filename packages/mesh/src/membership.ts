@@ -179,7 +179,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     });
     this.#node = node;
     // Seeded from the clock so a restarted node's heartbeats are newer than its earlier ones.
-    this.#self = this.#selfRecord(Date.now());
+    this.#self = this.#selfRecord(Math.max((this.#self?.seq ?? 0) + 1, Date.now()));
     node.services.pubsub.topicValidators.set(topic, this.#validate);
     node.services.pubsub.addEventListener('message', this.#onMessage);
     node.services.pubsub.subscribe(topic);

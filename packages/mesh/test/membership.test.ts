@@ -183,6 +183,25 @@ test('a joining device gets the whole table from one peer by sync, before any he
   }
 });
 
+test('a closed connection makes a member suspect at once; only the timeouts make it down', async () => {
+  const mesh = new TestMesh();
+  try {
+    const a = await mesh.device('a', HEARTBEAT_NEVER);
+    const b = await mesh.device('b', HEARTBEAT_NEVER, [a]);
+    await waitFor('a to see b', () => statusOf(a, b) === 'alive');
+    const seen: MemberStatus[] = [];
+    for (const status of ['alive', 'suspect', 'down'] as const) {
+      a.membership!.addEventListener(`peer:${status}`, (evt) => seen.push(evt.detail.status));
+    }
+    await stopDevice(b);
+    // With hour-long timeouts nothing but the disconnect can explain this.
+    await waitFor('a to suspect b', () => statusOf(a, b) === 'suspect');
+    assert.deepEqual(seen, ['suspect']);
+  } finally {
+    await mesh.stopAll();
+  }
+});
+
 test('forged, malformed and oversized heartbeats are rejected and the device keeps working', async () => {
   const mesh = new TestMesh();
   try {
