@@ -159,7 +159,7 @@ test('a joining device gets the whole table from one peer by sync, before any he
     const c = await mesh.device('c', HEARTBEAT_NEVER, [a, b]);
     await waitFor('a, b and c to exchange tables', () => [a, b, c].every((device) => allAlive(device, [a, b, c])));
 
-    // d connects to a only. Its own pubsub listener runs before its Membership's, so it knows
+    // d bootstraps from a only. Its own pubsub listener runs before its Membership's, so it knows
     // whether a heartbeat from a peer arrived before that peer showed up alive.
     const d = await mesh.host([a]);
     const heardFrom = new Set<string>();
@@ -176,7 +176,7 @@ test('a joining device gets the whole table from one peer by sync, before any he
     const seenC = d.membership.list().find((member) => member.peerId === c.id)!;
     assert.equal(seenC.name, 'c');
     assert.equal(seenC.gateway, 'http://c.test:5000');
-    // The exchange goes both ways: a learned d from d's request.
+    // The exchange goes both ways: a learned d from it too.
     await waitFor('a to see d', () => statusOf(a, d) === 'alive');
   } finally {
     await mesh.stopAll();
