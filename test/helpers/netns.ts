@@ -1,0 +1,158 @@
+import { execFileSync } from 'node:child_process';
+import { randomBytes, randomInt } from 'node:crypto';
+import { run, type RunOptions, type RunResult } from './exec.ts';
+
+/** What mesh tests need: root for namespaces, iproute2 to build them, curl to reach APIs inside them. */
+export const NETNS_PREREQUISITES = { commands: ['ip', 'curl'], root: true };
+
+const BRIDGE = 'br0';
+// Every device's interface has the same name, inside its own namespace.
+const DEVICE_INTERFACE = 'eth0';
+
+export interface TestNetworkOptions {
+  /** How many device namespaces to create up front; more can be added with addDevice(). Default 0. */
+  devices?: number;
+}
+
+export interface TestDevice {
+  /** The namespace name, for `ip netns exec`. */
+  netns: string;
+  /** The device's IPv4 address on the test bridge. */
+  address: string;
+}
+
+/**
+ * An isolated LAN for multi-process tests: one namespace holding a Linux bridge and one
+ * namespace per device, each wired to the bridge by a veth pair, on a private /24 picked at
+ * random. Nothing is added to the default namespace, so traffic between devices never leaves
+ * these namespaces. Multicast is routed onto the bridge so mDNS works between devices.
+ *
+ * destroy() kills every process left in the namespaces and deletes them; it also runs from a
+ * process 'exit' handler, so a crashed test does not leave namespaces behind.
+ */
+export class TestNetwork {
+  /** Unique per network: `shoal-<4 hex>`; namespaces are `<prefix>-br` and `<prefix>-<i>`. */
+  readonly prefix: string;
+  /** The first three octets of the test subnet, e.g. `10.77.42`. */
+  readonly subnet: string;
+  readonly devices: TestDevice[] = [];
+  readonly #bridgeNetns: string;
+  readonly #namespaces: string[] = [];
+  #destroyed = false;
+  readonly #onExit = () => this.#destroySync();
+
+  private constructor() {
+    this.prefix = `shoal-${randomBytes(2).toString('hex')}`;
+    // Each network is isolated in its own namespaces, so two runs picking the same subnet do not clash.
+    this.subnet = `10.77.${randomInt(0, 256)}`;
+    this.#bridgeNetns = `${this.prefix}-br`;
+  }
+
+  /** Builds the bridge namespace and `devices` device namespaces; on failure removes what it made. */
+  static async create(options: TestNetworkOptions = {}): Promise<TestNetwork> {
+    const network = new TestNetwork();
+    process.once('exit', network.#onExit);
+    try {
+      await network.#addNamespace(network.#bridgeNetns);
+      await network.#ip(network.#bridgeNetns, ['link', 'add', BRIDGE, 'type', 'bridge']);
+      await network.#ip(network.#bridgeNetns, ['link', 'set', BRIDGE, 'up']);
+      for (let i = 0; i < (options.devices ?? 0); i++) await network.addDevice();
+    } catch (error) {
+      network.destroy();
+      throw error;
+    }
+    return network;
+  }
+
+  /** Adds one device namespace on the bridge, with address `<subnet>.<index + 1>`. */
+  async addDevice(): Promise<TestDevice> {
+    const index = this.devices.length;
+    if (index >= 250) throw new Error('a TestNetwork holds at most 250 devices');
+    const netns = `${this.prefix}-${index}`;
+    const address = `${this.subnet}.${index + 1}`;
+    // Created in the bridge namespace, so no interface ever appears in the default namespace.
+    const bridgePort = `port${index}`;
+    const tempName = `dev${index}`;
+    await this.#addNamespace(netns);
+    await this.#ip(this.#bridgeNetns, ['link', 'add', bridgePort, 'type', 'veth', 'peer', 'name', tempName]);
+    await this.#ip(this.#bridgeNetns, ['link', 'set', bridgePort, 'master', BRIDGE, 'up']);
+    await this.#ip(this.#bridgeNetns, ['link', 'set', tempName, 'netns', netns, 'name', DEVICE_INTERFACE]);
+    await this.#ip(netns, ['link', 'set', 'lo', 'multicast', 'on', 'up']);
+    await this.#ip(netns, ['addr', 'add', `${address}/24`, 'dev', DEVICE_INTERFACE]);
+    await this.#ip(netns, ['link', 'set', DEVICE_INTERFACE, 'multicast', 'on', 'up']);
+    // Without a default route the kernel has no interface for multicast sends.
+    await this.#ip(netns, ['route', 'add', '224.0.0.0/4', 'dev', DEVICE_INTERFACE]);
+    const device = { netns, address };
+    this.devices.push(device);
+    return device;
+  }
+
+  /** Runs `cmd args` inside namespace `netns` to completion (see run()). */
+  exec(netns: string, cmd: string, args: string[], options?: RunOptions): Promise<RunResult> {
+    return run('ip', ['netns', 'exec', netns, cmd, ...args], options);
+  }
+
+  /** Kills every process still inside the namespaces and deletes them. Idempotent, synchronous. */
+  destroy(): void {
+    this.#destroySync();
+    process.removeListener('exit', this.#onExit);
+  }
+
+  async #addNamespace(name: string): Promise<void> {
+    // Recorded before creation, so a half-made namespace is still deleted.
+    this.#namespaces.push(name);
+    await run('ip', ['netns', 'add', name]);
+  }
+
+  async #ip(netns: string, args: string[]): Promise<void> {
+    await run('ip', ['-n', netns, ...args]);
+  }
+
+  // Synchronous so it can also run in a process 'exit' handler.
+  #destroySync(): void {
+    if (this.#destroyed) return;
+    this.#destroyed = true;
+    for (const name of [...this.#namespaces].reverse()) {
+      for (const pid of namespacePids(name)) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+      try {
+        // Deleting a device namespace also deletes its veth and so the bridge port.
+        execFileSync('ip', ['netns', 'del', name], { stdio: 'ignore' });
+      } catch {
+        // never created, or already deleted
+      }
+    }
+  }
+}
+
+function namespacePids(netns: string): number[] {
+  try {
+    const out = execFileSync('ip', ['netns', 'pids', netns], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+    return out.split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    return [];
+  }
+}
+
+export interface NetnsResponse {
+  status: number;
+  body: string;
+}
+
+/**
+ * GET `url` from inside namespace `netns` with curl (the test process itself stays in the
+ * default namespace, which has no route to the devices). Rejects when curl cannot connect.
+ */
+export async function netnsGet(netns: string, url: string, timeoutMs = 5_000): Promise<NetnsResponse> {
+  const seconds = String(Math.max(1, Math.ceil(timeoutMs / 1000)));
+  const { stdout } = await run('ip', ['netns', 'exec', netns, 'curl', '-sS', '--max-time', seconds, '-w', '\n%{http_code}', url], {
+    timeoutMs: timeoutMs + 2_000,
+  });
+  const split = stdout.lastIndexOf('\n');
+  return { status: Number(stdout.slice(split + 1)), body: stdout.slice(0, split) };
+}
