@@ -3,7 +3,8 @@ import { Command, Option } from 'commander';
 import type { TaggedImage } from '@shoal/store';
 import { ConfigError, loadConfigFile, resolveConfig, type ConfigInput } from './config.ts';
 import { ShoalNode } from './daemon.ts';
-import { formatBytes, formatTable, shortDigest, shortMediaType } from './format.ts';
+import { generateSwarmKey, type Member } from '@shoal/mesh';
+import { formatAgo, formatBytes, formatTable, shortDigest, shortMediaType, shortPeerId } from './format.ts';
 import { createLogger } from './logger.ts';
 import { VERSION } from './version.ts';
 
@@ -25,7 +26,12 @@ program
   .option('--default-namespace <registry>', 'namespace for requests without ?ns= (default docker.io)')
   .option('--push-token <token>', 'require this token for pushes and deletes')
   .option('--log-level <level>', 'trace, debug, info, warn, error (default info)')
-  .action(async (opts) => {
+  .option('--listen <multiaddr>', 'libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/4001)', collect, [])
+  .option('--bootstrap <multiaddr>', 'peer to dial and keep connected, ending in /p2p/<id> (repeatable)', collect, [])
+  .option('--no-mdns', 'do not discover devices by multicast DNS')
+  .option('--swarm-key <file>', 'private network key (see shoal keygen): only devices with the same key connect')
+  .option('--label <key=value>', 'label shown to other devices (repeatable)', collect, [])
+  .action(async (opts, command: Command) => {
     const fromFile: ConfigInput = opts.config ? await loadConfigFile(opts.config) : {};
     const config = resolveConfig(fromFile, {
       name: opts.name,
@@ -36,6 +42,12 @@ program
       defaultNamespace: opts.defaultNamespace,
       pushToken: opts.pushToken,
       logLevel: opts.logLevel,
+      listen: opts.listen,
+      bootstrap: opts.bootstrap,
+      // commander defaults --no-mdns to true; only a flag actually given may override the file.
+      mdns: command.getOptionValueSource('mdns') === 'cli' ? opts.mdns : undefined,
+      swarmKey: opts.swarmKey,
+      labels: opts.label,
     });
     const log = createLogger(config.logLevel, config.name);
     const node = new ShoalNode(config, log);
@@ -70,6 +82,39 @@ program
       formatTable(
         ['REPOSITORY', 'TAG', 'DIGEST', 'SIZE', 'TYPE'],
         images.map((i) => [i.repository, i.tag, shortDigest(i.digest), formatBytes(i.size), shortMediaType(i.mediaType)]),
+      ),
+    );
+  });
+
+program
+  .command('keygen')
+  .description('print a new swarm key; give every device the same file with --swarm-key')
+  .action(() => {
+    process.stdout.write(generateSwarmKey());
+  });
+
+program
+  .command('peers')
+  .description('list the devices in the mesh, as this node sees them')
+  .addOption(new Option('--api <url>', 'control API of the node').default(DEFAULT_API))
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    const peers = (await getJson(opts.api, '/api/peers')) as Member[];
+    if (opts.json) return print(JSON.stringify(peers, null, 2));
+    if (peers.length === 0) return print('no peers (is the mesh running?)');
+    print(
+      formatTable(
+        ['NAME', 'PEER ID', 'STATUS', 'LAST SEEN', 'GATEWAY', 'LABELS'],
+        peers.map((p) => [
+          p.name,
+          shortPeerId(p.peerId),
+          p.status,
+          formatAgo(Date.now() - p.lastSeen),
+          p.gateway ?? '-',
+          Object.entries(p.labels ?? {})
+            .map(([k, v]) => `${k}=${v}`)
+            .join(','),
+        ]),
       ),
     );
   });

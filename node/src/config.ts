@@ -22,6 +22,16 @@ export interface NodeConfig {
   pushToken?: string;
   /** pino level (default info). */
   logLevel: string;
+  /** libp2p listen multiaddrs (default /ip4/0.0.0.0/tcp/4001). */
+  listen: string[];
+  /** Peers to dial at start and keep connected, for networks without multicast (default none). */
+  bootstrap: string[];
+  /** Find devices on the LAN by mDNS (default true). */
+  mdns: boolean;
+  /** Path of the swarm key: only devices holding the same key can connect (default none: open). */
+  swarmKey?: string;
+  /** User labels shown to peers (os, arch and hostname are added by the node). */
+  labels: Record<string, string>;
 }
 
 export interface HostPort {
@@ -36,6 +46,10 @@ export const DEFAULT_CONFIG: Readonly<Omit<NodeConfig, 'name'>> = {
   defaultNamespace: 'docker.io',
   upstreams: {},
   logLevel: 'info',
+  listen: ['/ip4/0.0.0.0/tcp/4001'],
+  bootstrap: [],
+  mdns: true,
+  labels: {},
 };
 
 export class ConfigError extends Error {
@@ -52,6 +66,11 @@ export interface ConfigInput {
   upstreams?: Record<string, string> | string[];
   pushToken?: string;
   logLevel?: string;
+  listen?: string[];
+  bootstrap?: string[];
+  mdns?: boolean;
+  swarmKey?: string;
+  labels?: Record<string, string> | string[];
 }
 
 /** Reads a YAML config file; unknown keys are an error so typos do not pass silently. */
@@ -64,7 +83,10 @@ export async function loadConfigFile(path: string): Promise<ConfigInput> {
   }
   if (doc === null || doc === undefined) return {};
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: top level must be a mapping`);
-  const known = ['name', 'dataDir', 'gateway', 'api', 'defaultNamespace', 'upstreams', 'pushToken', 'logLevel'];
+  const known = [
+    'name', 'dataDir', 'gateway', 'api', 'defaultNamespace', 'upstreams', 'pushToken', 'logLevel',
+    'listen', 'bootstrap', 'mdns', 'swarmKey', 'labels',
+  ];
   for (const key of Object.keys(doc)) {
     if (!known.includes(key)) throw new ConfigError(`${path}: unknown key "${key}" (known: ${known.join(', ')})`);
   }
@@ -75,10 +97,14 @@ export async function loadConfigFile(path: string): Promise<ConfigInput> {
 export function resolveConfig(...inputs: ConfigInput[]): NodeConfig {
   const merged: ConfigInput = {};
   const upstreams: Record<string, string> = {};
+  const labels: Record<string, string> = {};
   for (const input of inputs) {
     for (const [k, v] of Object.entries(input)) {
       if (v === undefined) continue;
       if (k === 'upstreams') Object.assign(upstreams, parseUpstreams(v as ConfigInput['upstreams']));
+      else if (k === 'labels') Object.assign(labels, parseLabels(v as ConfigInput['labels']));
+      // An empty list from a flag that was not given must not hide the file's list.
+      else if (Array.isArray(v) && v.length === 0) continue;
       else (merged as Record<string, unknown>)[k] = v;
     }
   }
@@ -90,8 +116,14 @@ export function resolveConfig(...inputs: ConfigInput[]): NodeConfig {
     defaultNamespace: merged.defaultNamespace ?? DEFAULT_CONFIG.defaultNamespace,
     upstreams,
     logLevel: merged.logLevel ?? DEFAULT_CONFIG.logLevel,
+    listen: stringList(merged.listen, 'listen') ?? DEFAULT_CONFIG.listen,
+    bootstrap: stringList(merged.bootstrap, 'bootstrap') ?? DEFAULT_CONFIG.bootstrap,
+    mdns: merged.mdns ?? DEFAULT_CONFIG.mdns,
+    labels,
   };
   if (merged.pushToken) config.pushToken = merged.pushToken;
+  if (merged.swarmKey) config.swarmKey = resolve(merged.swarmKey);
+  if (typeof config.mdns !== 'boolean') throw new ConfigError('mdns must be true or false');
   if (!isValidRegistry(config.defaultNamespace)) {
     throw new ConfigError(`default namespace "${config.defaultNamespace}" is not a registry host name`);
   }
@@ -129,6 +161,30 @@ function parseUpstreams(value: ConfigInput['upstreams']): Record<string, string>
     out[registry] = url;
   }
   return out;
+}
+
+function stringList(value: unknown, what: string): string[] | undefined {
+  if (value === undefined) return undefined;
+  if (!Array.isArray(value) || !value.every((v) => typeof v === 'string')) {
+    throw new ConfigError(`${what} must be a list of multiaddrs`);
+  }
+  return value;
+}
+
+const LABEL_KEY = /^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$/;
+
+function parseLabels(value: ConfigInput['labels']): Record<string, string> {
+  const entries = Array.isArray(value)
+    ? value.map((spec) => {
+        const eq = spec.indexOf('=');
+        if (eq <= 0) throw new ConfigError(`label: expected KEY=VALUE, got "${spec}"`);
+        return [spec.slice(0, eq), spec.slice(eq + 1)] as const;
+      })
+    : Object.entries(value ?? {}).map(([k, v]) => [k, String(v)] as const);
+  for (const [key] of entries) {
+    if (!LABEL_KEY.test(key)) throw new ConfigError(`label: "${key}" is not a valid label key`);
+  }
+  return Object.fromEntries(entries);
 }
 
 export function isLoopback(host: string): boolean {

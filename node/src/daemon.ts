@@ -5,12 +5,17 @@ import { serve } from '@hono/node-server';
 import type { FastifyInstance } from 'fastify';
 import { FsContentStore } from '@shoal/store';
 import { createGateway, LocalRegistry, MirroringRegistry, UpstreamClient, type Registry } from '@shoal/registry-gateway';
+import { loadavg } from 'node:os';
+import { loadOrCreatePeerKey, loadSwarmKey, MeshHost, Membership } from '@shoal/mesh';
 import { createControlApi } from './control-api.ts';
 import { isLoopback, type HostPort, type NodeConfig } from './config.ts';
 import type { Logger } from './logger.ts';
 import { VERSION } from './version.ts';
 
-/** One Shoal node: the content store, the registry gateway and the control API, wired. */
+/** Store usage is a directory walk: refresh it this often, not per heartbeat. */
+const USAGE_REFRESH_MS = 30_000;
+
+/** One Shoal node: the content store, the mesh, the registry gateway and the control API, wired. */
 export class ShoalNode {
   readonly config: NodeConfig;
   readonly log: Logger;
@@ -18,6 +23,9 @@ export class ShoalNode {
   #mirror?: MirroringRegistry;
   #gateway?: FastifyInstance;
   #api?: Server;
+  #mesh?: MeshHost;
+  #membership?: Membership;
+  #usage = { bytes: 0, at: -Infinity };
   gatewayUrl = '';
   apiUrl = '';
 
@@ -47,11 +55,53 @@ export class ShoalNode {
     this.gatewayUrl = urlOf(this.#gateway.server.address() as AddressInfo);
     log.info({ url: this.gatewayUrl, dataDir: config.dataDir }, 'gateway listening');
 
-    const app = createControlApi({ store: this.#store, node: { name: config.name, version: VERSION } });
+    this.#mesh = new MeshHost({
+      listen: config.listen,
+      bootstrap: config.bootstrap,
+      mdns: config.mdns,
+      privateKey: await loadOrCreatePeerKey(config.dataDir),
+      ...(config.swarmKey ? { swarmKey: await loadSwarmKey(config.swarmKey) } : {}),
+      log: log.child({ component: 'mesh' }),
+    });
+    await this.#mesh.start();
+    log.info(
+      { peerId: this.#mesh.peerId.toString(), addresses: this.#mesh.multiaddrs.map(String), private: Boolean(config.swarmKey) },
+      'mesh listening',
+    );
+
+    const app = createControlApi({
+      store: this.#store,
+      membership: () => this.#membership,
+      node: { name: config.name, version: VERSION },
+    });
     this.#api = serve({ fetch: app.fetch, hostname: config.api.host, port: config.api.port }) as Server;
     await listening(this.#api, config.api);
     this.apiUrl = urlOf(this.#api.address() as AddressInfo);
     log.info({ url: this.apiUrl }, 'control API listening');
+
+    // Last, so peers only hear of this device once its gateway and API answer.
+    this.#membership = new Membership(this.#mesh, {
+      name: config.name,
+      gatewayUrl: this.gatewayUrl,
+      apiUrl: this.apiUrl,
+      labels: config.labels,
+      version: VERSION,
+      stats: async () => ({ usageBytes: await this.#usageBytes(), load: loadavg()[0]! }),
+      log: log.child({ component: 'membership' }),
+    });
+    for (const event of ['peer:alive', 'peer:suspect', 'peer:down'] as const) {
+      this.#membership.addEventListener(event, ({ detail }) =>
+        log.info({ peer: detail.name, peerId: detail.peerId, status: detail.status }, `peer ${detail.status}`),
+      );
+    }
+    await this.#membership.start();
+  }
+
+  async #usageBytes(): Promise<number> {
+    if (performance.now() - this.#usage.at > USAGE_REFRESH_MS) {
+      this.#usage = { bytes: await this.#store!.usageBytes(), at: performance.now() };
+    }
+    return this.#usage.bytes;
   }
 
   #registry(store: FsContentStore): Registry {
@@ -66,6 +116,8 @@ export class ShoalNode {
   }
 
   async stop(): Promise<void> {
+    await this.#membership?.stop();
+    await this.#mesh?.stop();
     await this.#gateway?.close();
     if (this.#api) {
       this.#api.closeAllConnections();

@@ -35,3 +35,17 @@ export function shortMediaType(mediaType: string): string {
 export function shortDigest(digest: string): string {
   return digest.slice(0, digest.indexOf(':') + 13);
 }
+
+/** `12D3KooW…abcdef`: enough to tell peers apart in a table. */
+export function shortPeerId(peerId: string): string {
+  return peerId.length > 16 ? `${peerId.slice(0, 8)}…${peerId.slice(-6)}` : peerId;
+}
+
+/** `now`, `3s ago`, `4m ago`, `2h ago`. */
+export function formatAgo(ms: number): string {
+  if (ms < 1000) return 'now';
+  const s = Math.round(ms / 1000);
+  if (s < 120) return `${s}s ago`;
+  if (s < 7200) return `${Math.round(s / 60)}m ago`;
+  return `${Math.round(s / 3600)}h ago`;
+}

@@ -46,3 +46,17 @@ test('only loopback gateways go without the push-token warning', () => {
   for (const host of ['127.0.0.1', '127.3.2.1', '::1', 'localhost']) assert.ok(isLoopback(host), host);
   for (const host of ['0.0.0.0', '::', '10.0.0.5', 'edge.lan']) assert.ok(!isLoopback(host), host);
 });
+
+test('mesh settings: lists from flags replace the file, labels merge, mdns only when given', () => {
+  const file = { listen: ['/ip4/0.0.0.0/tcp/4002'], bootstrap: ['/ip4/10.0.0.1/tcp/4001/p2p/x'], mdns: false, labels: { zone: 'a' } };
+  const c = resolveConfig(file, { listen: [], bootstrap: [], labels: ['rack=7'], mdns: undefined });
+  assert.deepEqual(c.listen, ['/ip4/0.0.0.0/tcp/4002']);
+  assert.deepEqual(c.bootstrap, file.bootstrap);
+  assert.equal(c.mdns, false);
+  assert.deepEqual(c.labels, { zone: 'a', rack: '7' });
+  assert.deepEqual(resolveConfig({}).listen, ['/ip4/0.0.0.0/tcp/4001']);
+  assert.equal(resolveConfig({}).mdns, true);
+  assert.throws(() => resolveConfig({ labels: ['nokey'] }), /KEY=VALUE/);
+  assert.throws(() => resolveConfig({ labels: ['bad key=1'] }), /not a valid label key/);
+  assert.throws(() => resolveConfig({ mdns: 'yes' as never }), /mdns must be true or false/);
+});

@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { netnsGet, type NetnsResponse } from './netns.ts';
 
 /** The repository root, from this file's place in test/helpers/. */
 export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -12,6 +13,16 @@ const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
 const MAX_LOG_LINES = 5000;
 
 export interface ShoalNodeOptions {
+  /** libp2p listen multiaddrs; default one random port on 127.0.0.1. */
+  listen?: string[];
+  /** --bootstrap multiaddrs. */
+  bootstrap?: string[];
+  /** --swarm-key file. */
+  swarmKey?: string;
+  /** --label KEY=VALUE entries. */
+  labels?: string[];
+  /** mDNS discovery; default off (the default namespace's lo has no multicast). */
+  mdns?: boolean;
   /** A YAML config file passed with --config (the flags below still override it). */
   configFile?: string;
   /** Data directory; default a fresh temporary directory (the caller removes it). */
@@ -24,6 +35,14 @@ export interface ShoalNodeOptions {
   logLevel?: string;
   /** Milliseconds to wait for both "listening" lines; default 30 s. */
   startTimeoutMs?: number;
+  /**
+   * Run the node inside this network namespace (`ip netns exec`); the helper then reaches its
+   * API with curl inside the namespace. Default the test's own namespace.
+   */
+  netns?: string;
+  /** Gateway and control API host:port; default 127.0.0.1:0 each. */
+  gateway?: string;
+  api?: string;
 }
 
 /** One pino line from the daemon (or a non-JSON line, kept as msg). */
@@ -48,6 +67,8 @@ export interface RunningShoalNode {
   logText(lines?: number): string;
   /** GET <api>/api/images. */
   images(): Promise<ImageRecord[]>;
+  /** GET <api>/api/peers: the membership table, this node included. */
+  peers(): Promise<PeerRecord[]>;
   /** SIGTERM and wait; SIGKILL if it does not exit in time. Resolves with the exit code. */
   stop(): Promise<number | null>;
   /** SIGKILL and wait, as a crash would. */
@@ -84,6 +105,17 @@ export interface ImageRecord {
   mediaType: string;
 }
 
+export interface PeerRecord {
+  name: string;
+  peerId: string;
+  status: 'alive' | 'suspect' | 'down';
+  lastSeen: number;
+  addresses: string[];
+  gateway?: string;
+  labels: Record<string, string>;
+  [field: string]: unknown;
+}
+
 function parseLine(line: string): LogEntry {
   try {
     const parsed = JSON.parse(line) as unknown;
@@ -107,7 +139,14 @@ async function waitForExit(child: ChildProcess, timeoutMs: number): Promise<bool
 export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<RunningShoalNode> {
   const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'shoal-node-')));
   // The same V8 flag as node/bin/shoal.js, so tests and benchmarks see the daemon users run.
-  const args = ['--max-semi-space-size=2', CLI, 'node', '--data-dir', dataDir, '--gateway', '127.0.0.1:0', '--api', '127.0.0.1:0'];
+  const args = ['--max-semi-space-size=2', CLI, 'node', '--data-dir', dataDir];
+  args.push('--gateway', options.gateway ?? '127.0.0.1:0', '--api', options.api ?? '127.0.0.1:0');
+  // Tests on one host: no fixed port 4001, no multicast on the default namespace's loopback.
+  for (const addr of options.listen ?? ['/ip4/127.0.0.1/tcp/0']) args.push('--listen', addr);
+  if (!(options.mdns ?? false)) args.push('--no-mdns');
+  for (const addr of options.bootstrap ?? []) args.push('--bootstrap', addr);
+  if (options.swarmKey) args.push('--swarm-key', options.swarmKey);
+  for (const label of options.labels ?? []) args.push('--label', label);
   if (options.configFile) args.push('--config', options.configFile);
   if (options.name) args.push('--name', options.name);
   for (const [namespace, url] of Object.entries(options.upstreams ?? {})) args.push('--upstream', `${namespace}=${url}`);
@@ -115,8 +154,11 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
   if (options.pushToken) args.push('--push-token', options.pushToken);
   if (options.logLevel) args.push('--log-level', options.logLevel);
 
-  // process.execPath is Node 24 when the test runs under `npx node --test`.
-  const child = spawn(process.execPath, args, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  // process.execPath is Node 24 when the test runs under `npx node --test`. `ip netns exec`
+  // execs the command in place, so the child's pid is the node's and signals reach it.
+  const { netns } = options;
+  const [command, commandArgs] = netns ? ['ip', ['netns', 'exec', netns, process.execPath, ...args]] : [process.execPath, args];
+  const child = spawn(command, commandArgs, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
   const entries: LogEntry[] = [];
   const rawLines: string[] = [];
   const keep = (line: string) => {
@@ -159,14 +201,25 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
     exited.catch(() => {}); // the race is over; a later exit is expected
   }
 
+  const apiGet = async (path: string): Promise<NetnsResponse> => {
+    const url = new URL(path, apiUrl).toString();
+    if (netns) return netnsGet(netns, url);
+    const response = await fetch(url);
+    return { status: response.status, body: await response.text() };
+  };
+  const apiJson = async <T>(path: string): Promise<T> => {
+    const response = await apiGet(path);
+    if (response.status !== 200) throw new Error(`GET ${path}: HTTP ${response.status} ${response.body}`);
+    return JSON.parse(response.body) as T;
+  };
+
   // The contract: once listening, the control API reports healthy.
-  const health = await fetch(new URL('/healthz', apiUrl)).catch((error: Error) => error);
+  const health = await apiGet('/healthz').catch((error: Error) => error);
   if (health instanceof Error || health.status !== 200) {
     child.kill('SIGKILL');
     const got = health instanceof Error ? health.message : `HTTP ${health.status}`;
     throw new Error(`GET ${apiUrl}/healthz after start: ${got}\n${logText()}`);
   }
-  await health.body?.cancel();
 
   const gateway = new URL(gatewayUrl!);
   return {
@@ -178,11 +231,8 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
     logs: () => [...entries],
     requests: () => gatewayRequests(entries),
     logText,
-    async images() {
-      const response = await fetch(new URL('/api/images', apiUrl));
-      if (!response.ok) throw new Error(`GET /api/images: HTTP ${response.status} ${await response.text()}`);
-      return (await response.json()) as ImageRecord[];
-    },
+    images: () => apiJson<ImageRecord[]>('/api/images'),
+    peers: () => apiJson<PeerRecord[]>('/api/peers'),
     async stop() {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
       if (!(await waitForExit(child, 10_000))) {

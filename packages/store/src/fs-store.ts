@@ -287,6 +287,18 @@ export class FsContentStore implements ContentStore {
     for (const writer of [...this.#writers.values()]) await writer.abort().catch(() => {});
   }
 
+  /** Bytes held in committed blobs (walks the layout: call it now and then, not per request). */
+  async usageBytes(): Promise<number> {
+    let total = 0;
+    const blobs = join(this.layoutDir, 'blobs');
+    for (const algorithm of await readdir(blobs)) {
+      for (const entry of await readdir(join(blobs, algorithm), { withFileTypes: true })) {
+        if (entry.isFile()) total += (await stat(join(blobs, algorithm, entry.name)).catch(() => ({ size: 0 }))).size;
+      }
+    }
+    return total;
+  }
+
   /** Files in the uploads directory, for tests that check nothing half-written is left. */
   async pendingUploadFiles(): Promise<string[]> {
     return readdir(this.#uploadsDir);

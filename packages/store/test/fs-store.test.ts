@@ -109,3 +109,14 @@ test('manifests and tags live per repository and survive a reopen as index.json'
     await rm(dir, { recursive: true, force: true });
   }
 });
+
+test('usageBytes counts committed blobs only', () =>
+  withStore(async (store) => {
+    assert.equal(await store.usageBytes(), 0);
+    const w = await store.createWriter();
+    await w.append([Buffer.alloc(100)]);
+    assert.equal(await store.usageBytes(), 0);
+    await w.commit(sha256Of(Buffer.alloc(100)));
+    await store.putBlob(sha256Of('abc'), [Buffer.from('abc')]);
+    assert.equal(await store.usageBytes(), 103);
+  }));

@@ -1,0 +1,82 @@
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { join } from 'node:path';
+import { run } from './helpers/exec.ts';
+import { REPO_ROOT, startShoalNode, type RunningShoalNode } from './helpers/node.ts';
+import { Scratch } from './helpers/scratch.ts';
+
+interface Peer {
+  name: string;
+  peerId: string;
+  status: string;
+  gateway?: string;
+  labels: Record<string, string>;
+}
+
+const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
+
+async function peersOf(node: RunningShoalNode): Promise<Peer[]> {
+  return (await (await fetch(`${node.apiUrl}/api/peers`)).json()) as Peer[];
+}
+
+async function until(what: string, check: () => Promise<boolean>, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function meshAddress(node: RunningShoalNode): string {
+  const line = node.logs().find((e) => e.msg === 'mesh listening');
+  const addresses = line?.addresses as string[] | undefined;
+  assert.ok(addresses?.length, `no "mesh listening" line with addresses:\n${node.logText(20)}`);
+  return addresses[0]!;
+}
+
+describe('two shoal nodes on loopback, joined by a bootstrap address', () => {
+  let scratch: Scratch;
+  let a: RunningShoalNode;
+  let b: RunningShoalNode;
+
+  before(async () => {
+    scratch = await Scratch.create();
+    const swarmKey = join(scratch.root, 'swarm.key');
+    await run('sh', ['-c', `"${process.execPath}" "${CLI}" keygen > "${swarmKey}"`]);
+    a = await startShoalNode({ dataDir: await scratch.dir('a'), name: 'device-a', swarmKey, labels: ['zone=north'] });
+    b = await startShoalNode({ dataDir: await scratch.dir('b'), name: 'device-b', swarmKey, bootstrap: [meshAddress(a)] });
+  });
+
+  after(async () => {
+    await b?.stop();
+    await a?.stop();
+    await scratch?.remove();
+  });
+
+  it('each lists both devices alive, with gateway and labels', async () => {
+    for (const node of [a, b]) {
+      await until('both alive', async () => (await peersOf(node)).filter((p) => p.status === 'alive').length === 2);
+    }
+    const seenByB = (await peersOf(b)).find((p) => p.name === 'device-a')!;
+    assert.equal(seenByB.gateway, a.gatewayUrl);
+    assert.equal(seenByB.labels.zone, 'north');
+    assert.equal(seenByB.labels.os, 'linux');
+  });
+
+  it('shoal peers prints the table', async () => {
+    const { stdout } = await run(process.execPath, [CLI, 'peers', '--api', b.apiUrl]);
+    const lines = stdout.trim().split('\n');
+    assert.match(lines[0]!, /^NAME\s+PEER ID\s+STATUS\s+LAST SEEN\s+GATEWAY\s+LABELS$/);
+    assert.ok(lines.some((l) => /^device-a\s+12D3KooW\S+\s+alive\s/.test(l)), stdout);
+    assert.ok(lines.some((l) => /^device-b\s+12D3KooW\S+\s+alive\s/.test(l)), stdout);
+  });
+
+  it('a stopped device goes down on the other, and comes back with the same peer id', async () => {
+    const before = (await peersOf(b)).find((p) => p.name === 'device-a')!.peerId;
+    await a.stop();
+    await until('device-a is down', async () => (await peersOf(b)).find((p) => p.name === 'device-a')?.status === 'down');
+    a = await startShoalNode({ dataDir: join(scratch.root, 'a'), name: 'device-a', swarmKey: join(scratch.root, 'swarm.key'), bootstrap: [meshAddress(b)] });
+    await until('device-a is alive again', async () => (await peersOf(b)).find((p) => p.name === 'device-a')?.status === 'alive');
+    assert.equal((await peersOf(b)).find((p) => p.name === 'device-a')!.peerId, before);
+  });
+});
