@@ -1,3 +1,4 @@
+import { isIP } from 'node:net';
 import { peerIdFromString } from '@libp2p/peer-id';
 import { multiaddr } from '@multiformats/multiaddr';
 
@@ -10,6 +11,30 @@ export const MAX_LABELS = 32;
 const MAX_TEXT = 256;
 const MAX_LABEL_KEY = 64;
 const MAX_URL = 1024;
+export const MAX_SERVICES = 64;
+export const MAX_SERVICE_META = 16;
+const MAX_META_KEY = 64;
+const MAX_META_VALUE = 256;
+const SERVICE_NAME = /^[a-z0-9][a-z0-9._-]{0,62}$/;
+const SERVICE_PROTOCOL = /^[a-z][a-z0-9+.-]{0,31}$/;
+const SERVICE_URL_SCHEMES = new Set(['http:', 'https:', 'tcp:']);
+// A DNS name or an IPv4 address; IPv6 is checked with isIP.
+const HOST_NAME = /^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$/;
+
+/** A service as announced in its device's heartbeat. */
+export interface ServiceRecord {
+  /** Unique per device. */
+  name: string;
+  /** Either a port on the device's service host... */
+  port?: number;
+  /** ...or an explicit http(s)/tcp URL. */
+  url?: string;
+  /** e.g. http, grpc, tcp, udp. */
+  protocol: string;
+  meta?: Record<string, string>;
+  /** Time left to live when the record was sent (sender's `ts`); none means as long as the device lives. */
+  ttlMs?: number;
+}
 
 /** What a node announces about itself in every heartbeat. */
 export interface MemberRecord {
@@ -33,6 +58,10 @@ export interface MemberRecord {
   seq: number;
   /** Sender's clock (ms since the epoch) when sent; informational, liveness uses the receiver's clock. */
   ts: number;
+  /** Host for the endpoints of port-based services; absent means taken from `addresses`. */
+  serviceHost?: string;
+  /** Registered services; absent means none. */
+  services?: ServiceRecord[];
 }
 
 /** A member as relayed in a sync answer: the record plus how long ago the relaying node last heard it. */
@@ -102,19 +131,80 @@ export function checkUrl(value: unknown, where: string): string {
   return text;
 }
 
+/** Throws MembershipFormatError unless `value` is a DNS name, IPv4 or IPv6 address. */
+export function checkHost(value: unknown, where: string): string {
+  const host = checkText(value, where, 253);
+  if (!HOST_NAME.test(host) && isIP(host) !== 6) throw new MembershipFormatError(`${where} is not a host name or IP address`);
+  return host;
+}
+
+/** Throws MembershipFormatError unless `value` is a well-formed service record; returns only the known fields. */
+export function checkService(value: unknown, where = 'service'): ServiceRecord {
+  if (!isPlainObject(value)) throw new MembershipFormatError(`${where} is not an object`);
+  const name = checkText(value.name, `${where}.name`, 63);
+  if (!SERVICE_NAME.test(name)) throw new MembershipFormatError(`${where}.name ${JSON.stringify(name)} does not match ${SERVICE_NAME.source}`);
+  const protocol = checkText(value.protocol, `${where}.protocol`, 32);
+  if (!SERVICE_PROTOCOL.test(protocol)) {
+    throw new MembershipFormatError(`${where}.protocol ${JSON.stringify(protocol)} does not match ${SERVICE_PROTOCOL.source}`);
+  }
+  const service: ServiceRecord = { name, protocol };
+  if ((value.port === undefined) === (value.url === undefined)) throw new MembershipFormatError(`${where} needs either port or url`);
+  if (value.port !== undefined) {
+    const port = value.port;
+    if (!Number.isInteger(port) || (port as number) < 1 || (port as number) > 65_535) {
+      throw new MembershipFormatError(`${where}.port is not a port number (1-65535)`);
+    }
+    service.port = port as number;
+  } else {
+    const url = checkText(value.url, `${where}.url`, MAX_URL);
+    if (!SERVICE_URL_SCHEMES.has(URL.parse(url)?.protocol ?? '')) {
+      throw new MembershipFormatError(`${where}.url is not an http(s) or tcp URL: ${JSON.stringify(url.slice(0, 80))}`);
+    }
+    service.url = url;
+  }
+  if (value.meta !== undefined) {
+    service.meta = checkStringMap(value.meta, `${where}.meta`, { maxEntries: MAX_SERVICE_META, maxKey: MAX_META_KEY, maxValue: MAX_META_VALUE });
+  }
+  if (value.ttlMs !== undefined) {
+    const ttlMs = checkNumber(value.ttlMs, `${where}.ttlMs`, { integer: true });
+    if (ttlMs === 0) throw new MembershipFormatError(`${where}.ttlMs is not positive`);
+    service.ttlMs = ttlMs;
+  }
+  return service;
+}
+
+/** Throws MembershipFormatError unless `value` is a list of at most MAX_SERVICES services with distinct names. */
+export function checkServices(value: unknown, where = 'services'): ServiceRecord[] {
+  if (!Array.isArray(value) || value.length > MAX_SERVICES) {
+    throw new MembershipFormatError(`${where} is not an array of at most ${MAX_SERVICES}`);
+  }
+  const services = value.map((service, index) => checkService(service, `${where}[${index}]`));
+  const names = new Set(services.map((service) => service.name));
+  if (names.size !== services.length) throw new MembershipFormatError(`${where} names a service twice`);
+  return services;
+}
+
 /** Throws MembershipFormatError unless `value` is a flat string-to-string map within the label limits. */
 export function checkLabels(value: unknown, where = 'labels'): Record<string, string> {
+  return checkStringMap(value, where, { maxEntries: MAX_LABELS, maxKey: MAX_LABEL_KEY, maxValue: MAX_TEXT });
+}
+
+function checkStringMap(
+  value: unknown,
+  where: string,
+  { maxEntries, maxKey, maxValue }: { maxEntries: number; maxKey: number; maxValue: number },
+): Record<string, string> {
   if (!isPlainObject(value)) throw new MembershipFormatError(`${where} is not an object`);
   const entries = Object.entries(value);
-  if (entries.length > MAX_LABELS) throw new MembershipFormatError(`${where} has more than ${MAX_LABELS} labels`);
-  const labels: Record<string, string> = {};
+  if (entries.length > maxEntries) throw new MembershipFormatError(`${where} has more than ${maxEntries} entries`);
+  const map: Record<string, string> = {};
   for (const [key, text] of entries) {
-    if (key.length === 0 || key.length > MAX_LABEL_KEY) {
-      throw new MembershipFormatError(`${where} has a key of ${key.length} characters (1-${MAX_LABEL_KEY} allowed)`);
+    if (key.length === 0 || key.length > maxKey) {
+      throw new MembershipFormatError(`${where} has a key of ${key.length} characters (1-${maxKey} allowed)`);
     }
-    labels[key] = checkText(text, `${where}.${key}`, MAX_TEXT);
+    map[key] = checkText(text, `${where}.${key}`, maxValue);
   }
-  return labels;
+  return map;
 }
 
 function parseVersionedJson(bytes: Uint8Array, maxBytes: number, what: string): Record<string, unknown> {
@@ -158,6 +248,8 @@ function parseMemberRecord(value: unknown, where: string): MemberRecord {
   };
   if (value.gateway !== undefined) record.gateway = checkUrl(value.gateway, `${where}.gateway`);
   if (value.api !== undefined) record.api = checkUrl(value.api, `${where}.api`);
+  if (value.serviceHost !== undefined) record.serviceHost = checkHost(value.serviceHost, `${where}.serviceHost`);
+  if (value.services !== undefined) record.services = checkServices(value.services, `${where}.services`);
   return record;
 }
 

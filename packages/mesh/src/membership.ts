@@ -1,16 +1,21 @@
 import { arch, hostname, platform } from 'node:os';
 import { TopicValidatorResult, type Message } from '@libp2p/gossipsub';
 import { TypedEventEmitter, type Connection, type PeerId, type Stream } from '@libp2p/interface';
+import { multiaddr } from '@multiformats/multiaddr';
 import {
+  checkHost,
   checkLabels,
   checkName,
+  checkService,
   checkUrl,
   decodeHeartbeat,
   decodeSync,
   encodeHeartbeat,
   encodeSync,
   MAX_ADDRESSES,
+  MAX_SERVICES,
   type MemberRecord,
+  type ServiceRecord,
   type SyncedMember,
 } from './membership-codec.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
@@ -20,13 +25,42 @@ export const MEMBERSHIP_SYNC_PROTOCOL = '/shoal/membership/sync/1.0.0';
 
 export type MemberStatus = 'alive' | 'suspect' | 'down';
 
-/** One row of the membership table, as list() and the events give it. */
-export interface Member extends Omit<MemberRecord, 'ts'> {
+/** One row of the membership table, as list() and the events give it; services() lists the services. */
+export interface Member extends Omit<MemberRecord, 'ts' | 'services'> {
   status: MemberStatus;
   /** When this node last heard of the member (ms since the epoch, this node's clock), directly or via sync. */
   lastSeen: number;
   /** True for this node's own row. */
   self: boolean;
+}
+
+/** A service this device offers, as given to registerService(). */
+export interface ServiceRegistration {
+  /** Unique on this device: `[a-z0-9][a-z0-9._-]{0,62}`. */
+  name: string;
+  /** Either a port (endpoint: this device's service host and the port)... */
+  port?: number;
+  /** ...or an explicit http(s) or tcp URL. */
+  url?: string;
+  /** e.g. http, grpc, tcp, udp. Default `tcp`. */
+  protocol?: string;
+  /** At most 16 keys of 1-64 characters, values up to 256 characters. */
+  meta?: Record<string, string>;
+  /** The entry expires everywhere unless registered again within this time. Default never. */
+  ttlMs?: number;
+}
+
+/** One service on one device of the mesh, as services() gives it. */
+export interface ServiceInstance extends Omit<ServiceRegistration, 'ttlMs'> {
+  /** Device name. */
+  device: string;
+  peerId: string;
+  /** Status of the device that runs it. */
+  status: 'alive' | 'suspect';
+  /** Where to reach it, e.g. `tcp://10.0.0.5:8080`, or the registered URL. */
+  endpoint: string;
+  /** When it expires (ms since the epoch, this node's clock), if it has a TTL. */
+  expiresAt?: number;
 }
 
 /** Figures the daemon supplies for each heartbeat. */
@@ -55,6 +89,11 @@ export interface MembershipOptions {
   gatewayUrl?: string;
   /** This device's API URL, announced to the others. Default none. */
   apiUrl?: string;
+  /**
+   * Host (name or IP) in the endpoints of this device's port-based services. Default the first
+   * non-loopback IPv4 address the device listens on, else 127.0.0.1.
+   */
+  serviceHost?: string;
   /** Labels added to (and overriding) the built-in `os`, `arch` and `hostname`. Default none. */
   labels?: Record<string, string>;
   /** Software version. Default `0.0.0`. */
@@ -86,7 +125,8 @@ export interface MembershipOptions {
   log?: MeshLog;
 }
 
-type ResolvedOptions = Required<Omit<MembershipOptions, 'gatewayUrl' | 'apiUrl'>> & Pick<MembershipOptions, 'gatewayUrl' | 'apiUrl'>;
+type OptionalOptions = 'gatewayUrl' | 'apiUrl' | 'serviceHost';
+type ResolvedOptions = Required<Omit<MembershipOptions, OptionalOptions>> & Pick<MembershipOptions, OptionalOptions>;
 
 interface Row {
   record: MemberRecord;
@@ -95,6 +135,14 @@ interface Row {
   heardAt: number;
   /** Highest seq the member itself authenticated (signed heartbeat or its own sync answer); -1 if none. */
   authenticatedSeq: number;
+  /** performance.now() when `record` was current at its source; service TTLs count from here. */
+  recordAt: number;
+}
+
+/** A service of this device; the TTL deadline is on performance.now() so clock jumps do not move it. */
+interface OwnService {
+  record: Omit<ServiceRecord, 'ttlMs'>;
+  expiresAt?: number;
 }
 
 const STATUS_RANK: Record<MemberStatus, number> = { alive: 0, suspect: 1, down: 2 };
@@ -103,6 +151,7 @@ const MAX_CONCURRENT_SYNCS = 4;
 // Slack per member in a sync message for the ageMs field and separators.
 const SYNC_ENTRY_OVERHEAD_BYTES = 64;
 const silentLog: MeshLog = { debug() {}, warn() {} };
+const FALLBACK_SERVICE_HOST = '127.0.0.1';
 
 /**
  * Membership and liveness over a started MeshHost: every node heartbeats its description on a
@@ -120,6 +169,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   readonly #labels: Record<string, string>;
   readonly #rows = new Map<string, Row>();
   readonly #syncing = new Set<string>();
+  readonly #services = new Map<string, OwnService>();
   #node: MeshNode | undefined;
   #self: MemberRecord | undefined;
   #stats: MemberStats = { usageBytes: 0, load: 0 };
@@ -127,6 +177,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   #checkTimer: NodeJS.Timeout | undefined;
   #stopping = new AbortController();
   #sending = false;
+  /** A heartbeat was asked for while one was being sent; send another right after. */
+  #announceAgain = false;
   #rejected = 0;
 
   constructor(host: MeshHost, options: MembershipOptions = {}) {
@@ -149,8 +201,9 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       log: silentLog,
       ...(Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as MembershipOptions),
     };
-    const { name, gatewayUrl, apiUrl, suspectAfterMs, downAfterMs, dropAfterMs } = this.#options;
+    const { name, gatewayUrl, apiUrl, serviceHost, suspectAfterMs, downAfterMs, dropAfterMs } = this.#options;
     checkName(name);
+    if (serviceHost !== undefined) checkHost(serviceHost, 'serviceHost');
     if (gatewayUrl !== undefined) checkUrl(gatewayUrl, 'gatewayUrl');
     if (apiUrl !== undefined) checkUrl(apiUrl, 'apiUrl');
     this.#labels = checkLabels({ os: platform(), arch: arch(), hostname: hostname(), ...this.#options.labels });
@@ -216,11 +269,103 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     members.sort((a, b) => a.name.localeCompare(b.name) || a.peerId.localeCompare(b.peerId));
     const self = this.#self;
     if (!self) return members;
-    return [this.#member({ record: self, status: 'alive', heardAt: performance.now(), authenticatedSeq: self.seq }, true), ...members];
+    const now = performance.now();
+    return [this.#member({ record: self, status: 'alive', heardAt: now, authenticatedSeq: self.seq, recordAt: now }, true), ...members];
+  }
+
+  /**
+   * Registers (or replaces, by name) a service of this device and announces it at once.
+   * Throws MembershipFormatError for a malformed registration and RangeError when this device
+   * would have more than 64 services or its heartbeat would exceed maxHeartbeatBytes (checked
+   * once started, as the addresses count too).
+   */
+  registerService(registration: ServiceRegistration): void {
+    const { ttlMs, ...fields } = registration;
+    const record = checkService({ ...fields, protocol: fields.protocol ?? 'tcp' }, `service ${JSON.stringify(registration.name)}`);
+    if (ttlMs !== undefined && !(Number.isSafeInteger(ttlMs) && ttlMs > 0)) {
+      throw new RangeError(`service ${JSON.stringify(record.name)}: ttlMs must be a positive integer`);
+    }
+    const previous = this.#services.get(record.name);
+    if (!previous && this.#services.size >= MAX_SERVICES) {
+      throw new RangeError(`service ${JSON.stringify(record.name)}: this device already has ${MAX_SERVICES} services`);
+    }
+    this.#services.set(record.name, { record, expiresAt: ttlMs === undefined ? undefined : performance.now() + ttlMs });
+    if (this.#self) {
+      const bytes = encodeHeartbeat(this.#selfRecord(this.#self.seq)).byteLength;
+      if (bytes > this.#options.maxHeartbeatBytes) {
+        if (previous) this.#services.set(record.name, previous);
+        else this.#services.delete(record.name);
+        throw new RangeError(
+          `service ${JSON.stringify(record.name)}: the heartbeat would take ${bytes} bytes, more than maxHeartbeatBytes (${this.#options.maxHeartbeatBytes})`,
+        );
+      }
+    }
+    this.#announce();
+  }
+
+  /** Removes a service of this device and announces it at once; false if there was none by that name. */
+  deregisterService(name: string): boolean {
+    if (!this.#services.delete(name)) return false;
+    this.#announce();
+    return true;
+  }
+
+  /**
+   * Every unexpired service instance on this device and on alive or suspect members, by name,
+   * then device. A down member's services are left out (a suspect one's stay, marked suspect).
+   */
+  services(name?: string): ServiceInstance[] {
+    const now = performance.now();
+    const instances: ServiceInstance[] = [];
+    const add = (record: MemberRecord, status: ServiceInstance['status'], service: Omit<ServiceRecord, 'ttlMs'>, expiresAt: number | undefined) => {
+      if (name !== undefined && service.name !== name) return;
+      if (expiresAt !== undefined && expiresAt <= now) return;
+      const instance: ServiceInstance = {
+        ...service,
+        ...(service.meta && { meta: { ...service.meta } }),
+        device: record.name,
+        peerId: record.peerId,
+        status,
+        endpoint: service.url ?? `${service.protocol}://${endpointHost(record)}:${service.port}`,
+      };
+      if (expiresAt !== undefined) instance.expiresAt = Math.round(Date.now() + (expiresAt - now));
+      instances.push(instance);
+    };
+    if (this.#self) {
+      for (const own of this.#services.values()) add(this.#self, 'alive', own.record, own.expiresAt);
+    }
+    for (const row of this.#rows.values()) {
+      if (row.status === 'down') continue;
+      for (const { ttlMs, ...service } of row.record.services ?? []) {
+        add(row.record, row.status, service, ttlMs === undefined ? undefined : row.recordAt + ttlMs);
+      }
+    }
+    instances.sort((a, b) => a.name.localeCompare(b.name) || a.device.localeCompare(b.device) || a.peerId.localeCompare(b.peerId));
+    return instances;
+  }
+
+  /** Makes this device's record current and sends it now rather than at the next interval. */
+  #announce(): void {
+    if (!this.#self) return;
+    this.#self = this.#selfRecord(Math.max(this.#self.seq + 1, Date.now()));
+    if (this.#sending) this.#announceAgain = true;
+    else void this.#heartbeat();
+  }
+
+  /** This device's unexpired services with the time they have left; expired ones are forgotten. */
+  #ownServiceRecords(): ServiceRecord[] {
+    const now = performance.now();
+    const records: ServiceRecord[] = [];
+    for (const [name, { record, expiresAt }] of this.#services) {
+      if (expiresAt === undefined) records.push(record);
+      else if (expiresAt > now) records.push({ ...record, ttlMs: Math.ceil(expiresAt - now) });
+      else this.#services.delete(name);
+    }
+    return records;
   }
 
   #selfRecord(seq: number): MemberRecord {
-    const { name, gatewayUrl, apiUrl, version } = this.#options;
+    const { name, gatewayUrl, apiUrl, serviceHost, version } = this.#options;
     const record: MemberRecord = {
       peerId: this.#host.peerId.toString(),
       name,
@@ -233,7 +378,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     };
     if (gatewayUrl !== undefined) record.gateway = gatewayUrl;
     if (apiUrl !== undefined) record.api = apiUrl;
-    return record;
+    if (serviceHost !== undefined) record.serviceHost = serviceHost;
+    return { ...record, ...servicesField(this.#ownServiceRecords()) };
   }
 
   async #heartbeat(): Promise<void> {
@@ -256,6 +402,10 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       this.#options.log.warn({ err }, 'heartbeat not sent');
     } finally {
       this.#sending = false;
+      if (this.#announceAgain) {
+        this.#announceAgain = false;
+        void this.#heartbeat();
+      }
     }
   }
 
@@ -325,7 +475,13 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
         this.#options.log.warn({ peer: record.peerId, max: this.#options.maxMembers }, 'membership table full, member ignored');
         return;
       }
-      const added: Row = { record, status: this.#statusForAge(ageMs), heardAt, authenticatedSeq: authenticated ? record.seq : -1 };
+      const added: Row = {
+        record,
+        status: this.#statusForAge(ageMs),
+        heardAt,
+        authenticatedSeq: authenticated ? record.seq : -1,
+        recordAt: heardAt,
+      };
       this.#rows.set(record.peerId, added);
       this.#emit(added);
       return;
@@ -333,6 +489,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     if (record.seq <= (authenticated ? row.authenticatedSeq : row.record.seq)) return;
     const changed = describes(row.record) !== describes(record);
     row.record = record;
+    row.recordAt = heardAt;
     if (authenticated) row.authenticatedSeq = record.seq;
     row.heardAt = Math.max(row.heardAt, heardAt);
     const status = this.#statusForAge(performance.now() - row.heardAt);
@@ -370,7 +527,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   }
 
   #member(row: Row, self: boolean): Member {
-    const { ts: _sentAt, ...record } = row.record;
+    const { ts: _sentAt, services: _services, ...record } = row.record;
     return {
       ...record,
       addresses: [...record.addresses],
@@ -396,8 +553,18 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   /** The table as a sync message: this node and every member with the age of its news. */
   #syncMessage(): Uint8Array {
     const now = performance.now();
-    const members: SyncedMember[] = [{ ...this.#self!, ageMs: 0 }];
-    for (const row of this.#rows.values()) members.push({ ...row.record, ageMs: Math.round(now - row.heardAt) });
+    const self = this.#self!;
+    const members: SyncedMember[] = [{ ...self, ...servicesField(this.#ownServiceRecords()), ageMs: 0 }];
+    for (const row of this.#rows.values()) {
+      // Service TTLs are re-based on the moment ageMs refers to, so the receiver's deadlines match ours.
+      const services = (row.record.services ?? []).flatMap((service) => {
+        if (service.ttlMs === undefined) return [service];
+        const ttlMs = Math.ceil(row.recordAt + service.ttlMs - row.heardAt);
+        return ttlMs > 0 ? [{ ...service, ttlMs }] : [];
+      });
+      const { services: _services, ...record } = row.record;
+      members.push({ ...record, ...servicesField(services), ageMs: Math.round(now - row.heardAt) });
+    }
     return encodeSync(members);
   }
 
@@ -450,9 +617,24 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   }
 }
 
-/** The announced information, for change detection (seq and ts change every heartbeat). */
-function describes({ seq: _seq, ts: _ts, ...info }: MemberRecord): string {
-  return JSON.stringify(info);
+/** The announced information, for change detection (seq, ts and service TTLs change every heartbeat). */
+function describes({ seq: _seq, ts: _ts, services, ...info }: MemberRecord): string {
+  return JSON.stringify({ ...info, services: services?.map(({ ttlMs: _ttlMs, ...service }) => service) });
+}
+
+/** The `services` field of a record: absent when there are none, which keeps heartbeats small. */
+function servicesField(services: ServiceRecord[]): Pick<MemberRecord, 'services'> {
+  return services.length > 0 ? { services } : {};
+}
+
+/** The host in a member's port-based service endpoints: its serviceHost, else its first non-loopback IPv4, else 127.0.0.1. */
+function endpointHost(record: MemberRecord): string {
+  if (record.serviceHost !== undefined) return record.serviceHost.includes(':') ? `[${record.serviceHost}]` : record.serviceHost;
+  for (const address of record.addresses) {
+    const ip4 = multiaddr(address).getComponents().find((component) => component.name === 'ip4')?.value;
+    if (ip4 !== undefined && !ip4.startsWith('127.') && ip4 !== '0.0.0.0') return ip4;
+  }
+  return FALLBACK_SERVICE_HOST;
 }
 
 async function sendAndClose(stream: Stream, bytes: Uint8Array, signal: AbortSignal): Promise<void> {

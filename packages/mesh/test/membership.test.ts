@@ -10,91 +10,9 @@ import {
   Membership,
   MeshHost,
   type MemberRecord,
-  type MembershipOptions,
   type MemberStatus,
 } from '../src/index.ts';
-
-// mDNS stays off: the default network namespace's lo has no multicast. Hosts meet by bootstrap.
-const LOOPBACK = ['/ip4/127.0.0.1/tcp/0'];
-// Short but not twitchy on a busy 2-core machine.
-const FAST: MembershipOptions = {
-  heartbeatIntervalMs: 200,
-  suspectAfterMs: 1_000,
-  downAfterMs: 2_000,
-  dropAfterMs: 4_000,
-  checkIntervalMs: 50,
-};
-// Nobody heartbeats again within a test, so only table exchanges can spread news.
-const HEARTBEAT_NEVER: MembershipOptions = {
-  heartbeatIntervalMs: 3_600_000,
-  suspectAfterMs: 7_200_000,
-  downAfterMs: 7_300_000,
-  dropAfterMs: 7_400_000,
-};
-
-async function waitFor(what: string, condition: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
-
-interface Device {
-  host: MeshHost;
-  membership?: Membership;
-  id: string;
-}
-
-/** Starts hosts on 127.0.0.1 and stops every one of them in stopAll(). */
-class TestMesh {
-  readonly devices: Device[] = [];
-
-  async host(bootstrap: Device[] = []): Promise<Device> {
-    const host = new MeshHost({
-      listen: LOOPBACK,
-      mdns: false,
-      bootstrap: bootstrap.map((device) => device.host.multiaddrs[0].toString()),
-    });
-    const device: Device = { host, id: '' };
-    this.devices.push(device);
-    await host.start();
-    device.id = host.peerId.toString();
-    return device;
-  }
-
-  async device(name: string, options: MembershipOptions, bootstrap: Device[] = []): Promise<Device> {
-    const device = await this.host(bootstrap);
-    device.membership = new Membership(device.host, {
-      name,
-      gatewayUrl: `http://${name}.test:5000`,
-      apiUrl: `http://${name}.test:5001`,
-      labels: { role: 'test' },
-      version: '1.2.3',
-      ...options,
-    });
-    await device.membership.start();
-    return device;
-  }
-
-  async stopAll(): Promise<void> {
-    await Promise.all(this.devices.map(stopDevice));
-  }
-}
-
-async function stopDevice(device: Device): Promise<void> {
-  await device.membership?.stop();
-  await device.host.stop();
-}
-
-function statusOf(observer: Device, peer: Device): MemberStatus | undefined {
-  return observer.membership!.list().find((member) => member.peerId === peer.id)?.status;
-}
-
-function allAlive(observer: Device, peers: Device[]): boolean {
-  const members = observer.membership!.list();
-  return members.length === peers.length && peers.every((peer) => statusOf(observer, peer) === 'alive');
-}
+import { allAlive, FAST, HEARTBEAT_NEVER, LOOPBACK, statusOf, stopDevice, TestMesh, waitFor, type Device } from './fixtures/membership-mesh.ts';
 
 test('three devices see each other alive; a stopped one goes suspect, then down, then is dropped', async () => {
   const mesh = new TestMesh();
