@@ -8,6 +8,7 @@ export const NETNS_PREREQUISITES = { commands: ['ip', 'curl'], root: true };
 const BRIDGE = 'br0';
 // Every device's interface has the same name, inside its own namespace.
 const DEVICE_INTERFACE = 'eth0';
+const CLEANUP_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP'] as const;
 
 export interface TestNetworkOptions {
   /** How many device namespaces to create up front; more can be added with addDevice(). Default 0. */
@@ -27,8 +28,8 @@ export interface TestDevice {
  * random. Nothing is added to the default namespace, so traffic between devices never leaves
  * these namespaces. Multicast is routed onto the bridge so mDNS works between devices.
  *
- * destroy() kills every process left in the namespaces and deletes them; it also runs from a
- * process 'exit' handler, so a crashed test does not leave namespaces behind.
+ * destroy() kills every process left in the namespaces and deletes them; it also runs on process
+ * 'exit' and on SIGINT/SIGTERM/SIGHUP, so a crashed or interrupted test leaves nothing behind.
  */
 export class TestNetwork {
   /** Unique per network: `shoal-<4 hex>`; namespaces are `<prefix>-br` and `<prefix>-<i>`. */
@@ -40,6 +41,11 @@ export class TestNetwork {
   readonly #namespaces: string[] = [];
   #destroyed = false;
   readonly #onExit = () => this.#destroySync();
+  // A signal skips 'exit' handlers: clean up, then die of the signal as if no handler were set.
+  readonly #onSignal = (signal: NodeJS.Signals) => {
+    this.destroy();
+    if (process.listenerCount(signal) === 0) process.kill(process.pid, signal);
+  };
 
   private constructor() {
     this.prefix = `shoal-${randomBytes(2).toString('hex')}`;
@@ -52,6 +58,7 @@ export class TestNetwork {
   static async create(options: TestNetworkOptions = {}): Promise<TestNetwork> {
     const network = new TestNetwork();
     process.once('exit', network.#onExit);
+    for (const signal of CLEANUP_SIGNALS) process.once(signal, network.#onSignal);
     try {
       await network.#addNamespace(network.#bridgeNetns);
       await network.#ip(network.#bridgeNetns, ['link', 'add', BRIDGE, 'type', 'bridge']);
@@ -96,12 +103,13 @@ export class TestNetwork {
   destroy(): void {
     this.#destroySync();
     process.removeListener('exit', this.#onExit);
+    for (const signal of CLEANUP_SIGNALS) process.removeListener(signal, this.#onSignal);
   }
 
   async #addNamespace(name: string): Promise<void> {
-    // Recorded before creation, so a half-made namespace is still deleted.
-    this.#namespaces.push(name);
+    // Recorded only once made: a name that already exists belongs to someone else.
     await run('ip', ['netns', 'add', name]);
+    this.#namespaces.push(name);
   }
 
   async #ip(netns: string, args: string[]): Promise<void> {

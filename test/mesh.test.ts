@@ -1,0 +1,219 @@
+import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, afterEach, before, describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { explainFailure } from './helpers/diagnostics.ts';
+import { run } from './helpers/exec.ts';
+import { NETNS_PREREQUISITES, TestNetwork, type TestDevice } from './helpers/netns.ts';
+import { REPO_ROOT, startShoalNode, type PeerRecord, type RunningShoalNode } from './helpers/node.ts';
+import { prerequisiteGate } from './helpers/prerequisites.ts';
+import { Scratch } from './helpers/scratch.ts';
+
+const gate = prerequisiteGate(NETNS_PREREQUISITES);
+
+// The daemon's default mesh port; every device has its own namespace, so all can use it.
+const MESH_PORT = 4001;
+// The contract: a killed device is marked down within 10 s. Polling through curl adds
+// latency on a busy machine, so the test allows more before it fails, never less.
+const DOWN_WITHIN_MS = 15_000;
+const CONVERGE_WITHIN_MS = 20_000;
+const POLL_MS = 500;
+
+/** `shoal keygen` into a file. */
+async function keygen(path: string): Promise<string> {
+  const { stdout } = await run(process.execPath, [join(REPO_ROOT, 'node', 'src', 'cli.ts'), 'keygen']);
+  await writeFile(path, stdout, { mode: 0o600 });
+  return path;
+}
+
+/** The peer id the node logged in its "mesh listening" line. */
+function meshPeerId(node: RunningShoalNode): string {
+  const line = node.logs().find((entry) => entry.msg === 'mesh listening');
+  assert.ok(typeof line?.peerId === 'string', `no "mesh listening" line with a peerId:\n${node.logText(30)}`);
+  return line.peerId;
+}
+
+/**
+ * Polls until `problem()` returns undefined; fails with the last problem after `timeoutMs`.
+ * `problem` describes what is still wrong, so a failure says what was seen.
+ */
+async function eventually(what: string, timeoutMs: number, problem: () => Promise<string | undefined>): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let last: string | undefined = 'never checked';
+  while (Date.now() < deadline) {
+    last = await problem().catch((error: Error) => `error: ${error.message}`);
+    if (last === undefined) return;
+    await sleep(POLL_MS);
+  }
+  assert.fail(`${what} within ${timeoutMs} ms; last seen: ${last}`);
+}
+
+function describeTable(peers: PeerRecord[]): string {
+  return JSON.stringify(peers.map((peer) => `${peer.name}=${peer.status}`));
+}
+
+/** Undefined when every node's table holds exactly `expected` (peer id -> status), else what differs. */
+async function tablesDiffer(nodes: RunningShoalNode[], expected: Map<string, PeerRecord['status']>): Promise<string | undefined> {
+  const tables = await Promise.all(nodes.map((node) => node.peers()));
+  for (const [i, peers] of tables.entries()) {
+    const seen = new Map(peers.map((peer) => [peer.peerId, peer.status]));
+    const same = seen.size === expected.size && [...expected].every(([peerId, status]) => seen.get(peerId) === status);
+    if (!same) return `node ${i} sees ${describeTable(peers)}`;
+  }
+  return undefined;
+}
+
+class Devices {
+  readonly nodes: (RunningShoalNode | undefined)[] = [];
+  readonly #network: TestNetwork;
+  readonly #scratch: Scratch;
+
+  constructor(network: TestNetwork, scratch: Scratch) {
+    this.#network = network;
+    this.#scratch = scratch;
+  }
+
+  /** Starts `shoal node` inside device `index`'s namespace; its data dir is stable per index. */
+  async start(index: number, mesh: { swarmKey: string; mdns: boolean; bootstrap?: string[] }): Promise<RunningShoalNode> {
+    const device: TestDevice = this.#network.devices[index]!;
+    const node = await startShoalNode({
+      netns: device.netns,
+      name: `device-${index}`,
+      dataDir: await this.#scratch.dir(`${this.#network.prefix}-${index}`),
+      gateway: `${device.address}:0`,
+      api: `${device.address}:0`,
+      listen: [`/ip4/0.0.0.0/tcp/${MESH_PORT}`],
+      labels: [`device=${index}`],
+      ...mesh,
+    });
+    this.nodes[index] = node;
+    return node;
+  }
+
+  running(): RunningShoalNode[] {
+    return this.nodes.filter((node) => node !== undefined);
+  }
+
+  logs(): Record<string, string | undefined> {
+    return Object.fromEntries(this.nodes.map((node, i) => [`device-${i} log`, node?.logText(40)]));
+  }
+
+  async killAll(): Promise<void> {
+    await Promise.all(this.running().map((node) => node.kill9()));
+  }
+}
+
+describe('devices on one LAN find each other by mDNS (network namespaces)', gate.options, () => {
+  let scratch: Scratch;
+  let network: TestNetwork;
+  let devices: Devices;
+  let outsider: RunningShoalNode;
+  const peerIds: string[] = [];
+
+  before(async () => {
+    gate.check();
+    scratch = await Scratch.create('shoal-mesh-');
+    network = await TestNetwork.create({ devices: 5 });
+    devices = new Devices(network, scratch);
+    const swarmKey = await keygen(scratch.path('swarm.key'));
+    const otherKey = await keygen(scratch.path('other.key'));
+    const started = await Promise.all([0, 1, 2, 3].map((i) => devices.start(i, { swarmKey, mdns: true })));
+    peerIds.push(...started.map(meshPeerId));
+    // Device 4 is on the same bridge but holds another swarm key; it runs through every test.
+    outsider = await devices.start(4, { swarmKey: otherKey, mdns: true });
+  });
+
+  after(async () => {
+    await devices?.killAll();
+    network?.destroy();
+    await scratch?.remove();
+  });
+
+  afterEach((t) => explainFailure(t, () => devices.logs()));
+
+  /** Fails if the outsider appears in any running node's table, or anyone appears in the outsider's. */
+  async function assertOutsiderIsolated(): Promise<void> {
+    const outsiderId = meshPeerId(outsider);
+    const insiders = devices.running().filter((node) => node !== outsider);
+    for (const [i, peers] of (await Promise.all(insiders.map((node) => node.peers()))).entries()) {
+      assert.ok(!peers.some((peer) => peer.peerId === outsiderId), `the outsider appears in a table: ${describeTable(peers)} (node ${i})`);
+    }
+    const own = await outsider.peers();
+    assert.deepEqual(own.map((peer) => peer.peerId), [outsiderId], `the outsider sees others: ${describeTable(own)}`);
+  }
+
+  it('four devices with the same swarm key see each other alive, with names and labels', async () => {
+    const nodes = devices.nodes.slice(0, 4) as RunningShoalNode[];
+    const allAlive = new Map(peerIds.map((peerId) => [peerId, 'alive' as const]));
+    await eventually('all four devices alive in every table', CONVERGE_WITHIN_MS, () => tablesDiffer(nodes, allAlive));
+
+    const table = await nodes[0]!.peers();
+    for (const [i, peerId] of peerIds.entries()) {
+      const peer = table.find((row) => row.peerId === peerId);
+      assert.equal(peer?.name, `device-${i}`);
+      assert.equal(peer?.labels.device, String(i));
+      assert.ok(peer?.addresses.some((address) => address.includes(`/ip4/${network.devices[i]!.address}/tcp/${MESH_PORT}`)), `addresses of device-${i}: ${peer?.addresses}`);
+    }
+    await assertOutsiderIsolated();
+  });
+
+  it('a device killed with -9 is marked down by the others', async () => {
+    await devices.nodes[3]!.kill9();
+    const survivors = devices.nodes.slice(0, 3) as RunningShoalNode[];
+    const expected = new Map(peerIds.map((peerId, i) => [peerId, i === 3 ? ('down' as const) : ('alive' as const)]));
+    await eventually('device-3 down and the others alive in every surviving table', DOWN_WITHIN_MS, () => tablesDiffer(survivors, expected));
+  });
+
+  it('restarted with the same data dir, the device is alive again under the same peer id', async () => {
+    const restarted = await devices.start(3, { swarmKey: scratch.path('swarm.key'), mdns: true });
+    assert.equal(meshPeerId(restarted), peerIds[3]);
+    const nodes = devices.nodes.slice(0, 4) as RunningShoalNode[];
+    const allAlive = new Map(peerIds.map((peerId) => [peerId, 'alive' as const]));
+    await eventually('all four devices alive again in every table', CONVERGE_WITHIN_MS, () => tablesDiffer(nodes, allAlive));
+  });
+
+  it('a device with another swarm key never appears in any table', async () => {
+    // It has been on the bridge, answering mDNS, since before the first test.
+    await assertOutsiderIsolated();
+  });
+});
+
+describe('devices without mDNS find each other through one bootstrap device (network namespaces)', gate.options, () => {
+  let scratch: Scratch;
+  let network: TestNetwork;
+  let devices: Devices;
+
+  before(async () => {
+    gate.check();
+    scratch = await Scratch.create('shoal-mesh-');
+    network = await TestNetwork.create({ devices: 5 });
+    devices = new Devices(network, scratch);
+  });
+
+  after(async () => {
+    await devices?.killAll();
+    network?.destroy();
+    await scratch?.remove();
+  });
+
+  afterEach((t) => explainFailure(t, () => devices.logs()));
+
+  it('with --no-mdns and --bootstrap to device 0, all four see all four alive', async () => {
+    const swarmKey = await keygen(scratch.path('swarm.key'));
+    const first = await devices.start(0, { swarmKey, mdns: false });
+    const bootstrap = `/ip4/${network.devices[0]!.address}/tcp/${MESH_PORT}/p2p/${meshPeerId(first)}`;
+    // Device 4 has the key but no bootstrap: with mDNS really off, nobody can find it.
+    const [loner, ...others] = await Promise.all([
+      devices.start(4, { swarmKey, mdns: false }),
+      ...[1, 2, 3].map((i) => devices.start(i, { swarmKey, mdns: false, bootstrap: [bootstrap] })),
+    ]);
+    const nodes = [first, ...others];
+    const allAlive = new Map(nodes.map((node) => [meshPeerId(node), 'alive' as const]));
+    await eventually('all four devices alive in every table', CONVERGE_WITHIN_MS, () => tablesDiffer(nodes, allAlive));
+
+    const lonerId = meshPeerId(loner!);
+    assert.deepEqual((await loner!.peers()).map((peer) => peer.peerId), [lonerId]);
+    for (const node of nodes) assert.ok(!(await node.peers()).some((peer) => peer.peerId === lonerId));
+  });
+});
