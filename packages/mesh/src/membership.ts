@@ -553,7 +553,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   /** The table as a sync message: this node and every member with the age of its news. */
   #syncMessage(): Uint8Array {
     const now = performance.now();
-    const self = this.#self!;
+    // This node's services with the time they have left now, not at the last heartbeat.
+    const { services: _announced, ...self } = this.#self!;
     const members: SyncedMember[] = [{ ...self, ...servicesField(this.#ownServiceRecords()), ageMs: 0 }];
     for (const row of this.#rows.values()) {
       // Service TTLs are re-based on the moment ageMs refers to, so the receiver's deadlines match ours.

@@ -119,7 +119,7 @@ test("a stopped device's services stay listed as suspect and vanish once it is d
   }
 });
 
-test('a joining device learns existing services by table sync, TTL deadlines included', async () => {
+test('a joining device learns existing services by table sync, TTL deadlines included and expired entries not', async () => {
   const mesh = new TestMesh();
   try {
     const a = await mesh.device('a', HEARTBEAT_NEVER);
@@ -127,11 +127,18 @@ test('a joining device learns existing services by table sync, TTL deadlines inc
     await waitForSubscriptions([a, b]);
     a.membership!.registerService({ name: 'api', port: 3000, protocol: 'grpc', meta: { tier: 'gold' } });
     a.membership!.registerService({ name: 'lease', url: 'https://a.test/lease', ttlMs: 60_000 });
-    await waitFor('b to list a’s services', () => instancesOf(b).length === 2);
+    b.membership!.registerService({ name: 'brief', port: 3001, ttlMs: 300 });
+    await waitFor('a and b to list all services', () => instancesOf(a).length === 3 && instancesOf(b).length === 3);
+    // The last heartbeat of b still carries 'brief'; the tables handed to joiners must not.
+    await waitFor('brief to expire', () => instancesOf(a, 'brief').length === 0 && instancesOf(b, 'brief').length === 0);
 
-    // d talks to b only and nobody heartbeats again: only b's relayed table can tell d.
+    // Nobody heartbeats again: d hears of a only from b's relayed table, e from a's own (and of b the other way round).
     const d = await mesh.device('d', HEARTBEAT_NEVER, [b]);
-    await waitFor('d to list a’s services', () => instancesOf(d).length === 2);
+    const e = await mesh.device('e', HEARTBEAT_NEVER, [a]);
+    for (const joiner of [d, e]) {
+      await waitFor('the joiners to list a’s services', () => statusOf(joiner, a) === 'alive' && instancesOf(joiner).length > 0);
+      assert.deepEqual(summary(instancesOf(joiner)), ['api@a=grpc://127.0.0.1:3000', 'lease@a=https://a.test/lease']);
+    }
     const [api, lease] = instancesOf(d);
     assert.equal(api.endpoint, 'grpc://127.0.0.1:3000');
     assert.equal(api.device, 'a');
