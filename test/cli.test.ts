@@ -43,7 +43,10 @@ describe('shoal node --config and shoal images', () => {
   before(async () => {
     scratch = await Scratch.create();
     const configFile = join(scratch.root, 'shoal.yaml');
-    await writeFile(configFile, 'name: edge-07\ndefaultNamespace: registry.lan:5000\n');
+    await writeFile(
+      configFile,
+      'name: edge-07\ndefaultNamespace: registry.lan:5000\nservices:\n  - { name: web, port: 8080, protocol: http, meta: { tier: front } }\n',
+    );
     node = await startShoalNode({ dataDir: await scratch.dir('node'), configFile });
     digest = await pushImage(node.gatewayUrl, 'lib/app', '1.2');
   });
@@ -61,6 +64,13 @@ describe('shoal node --config and shoal images', () => {
       images.map((i) => [i.repository, i.tag, i.digest]),
       [['registry.lan:5000/lib/app', '1.2', digest]],
     );
+  });
+
+  it('announces the services listed in the config file', async () => {
+    const services = (await (await fetch(`${node.apiUrl}/api/services`)).json()) as { name: string; device: string; endpoint: string; meta: object }[];
+    assert.equal(services.length, 1);
+    assert.deepEqual([services[0]!.name, services[0]!.device, services[0]!.meta], ['web', 'edge-07', { tier: 'front' }]);
+    assert.match(services[0]!.endpoint, /^http:\/\/[\d.]+:8080$/);
   });
 
   it('shoal images prints a table, and JSON with --json', async () => {

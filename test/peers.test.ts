@@ -71,6 +71,22 @@ describe('two shoal nodes on loopback, joined by a bootstrap address', () => {
     assert.ok(lines.some((l) => /^device-b\s+12D3KooW\S+\s+alive\s/.test(l)), stdout);
   });
 
+  it('a service registered on one device is listed on the other, and gone once deregistered', async () => {
+    const shoal = (args: string[]) => run(process.execPath, [CLI, ...args]);
+    const registered = await shoal(['services', 'register', 'telemetry', '--port', '9100', '--protocol', 'http', '--meta', 'path=/metrics', '--api', a.apiUrl]);
+    assert.match(registered.stdout, /^registered telemetry at http:\/\/\S+:9100$/m);
+    await until('b lists the service', async () => (await shoal(['services', 'telemetry', '--api', b.apiUrl])).stdout.includes('device-a'));
+    const table = (await shoal(['services', '--api', b.apiUrl])).stdout.split('\n');
+    assert.match(table[0]!, /^NAME\s+DEVICE\s+ENDPOINT\s+PROTOCOL\s+STATUS\s+META$/);
+    assert.ok(table.some((l) => /^telemetry\s+device-a\s+http:\/\/\S+:9100\s+http\s+alive\s+path=\/metrics$/.test(l)), table.join('\n'));
+    const bad = await fetch(`${a.apiUrl}/api/services`, { method: 'POST', body: '{"name":"Bad Name","port":1}' });
+    assert.equal(bad.status, 400);
+    assert.match(((await bad.json()) as { error: string }).error, /name/);
+    await shoal(['services', 'deregister', 'telemetry', '--api', a.apiUrl]);
+    await until('the service is gone on b', async () => JSON.parse((await shoal(['services', '--json', '--api', b.apiUrl])).stdout).length === 0);
+    assert.equal((await fetch(`${a.apiUrl}/api/services/telemetry`, { method: 'DELETE' })).status, 404);
+  });
+
   it('a stopped device goes down on the other, and comes back with the same peer id', async () => {
     const before = (await peersOf(b)).find((p) => p.name === 'device-a')!.peerId;
     await a.stop();

@@ -3,7 +3,7 @@ import { Command, Option } from 'commander';
 import type { TaggedImage } from '@shoal/store';
 import { ConfigError, loadConfigFile, resolveConfig, type ConfigInput } from './config.ts';
 import { ShoalNode } from './daemon.ts';
-import { generateSwarmKey, type Member } from '@shoal/mesh';
+import { generateSwarmKey, type Member, type ServiceInstance, type ServiceRegistration } from '@shoal/mesh';
 import { formatAgo, formatBytes, formatTable, shortDigest, shortMediaType, shortPeerId } from './format.ts';
 import { createLogger } from './logger.ts';
 import { VERSION } from './version.ts';
@@ -119,6 +119,70 @@ program
     );
   });
 
+const services = program
+  .command('services')
+  .description('list the services running on devices across the mesh (optionally one by name)')
+  .argument('[name]', 'only instances of this service')
+  .addOption(new Option('--api <url>', 'control API of the node').default(DEFAULT_API))
+  .option('--json', 'print JSON')
+  .action(async (name: string | undefined, opts) => {
+    const query = name ? `?name=${encodeURIComponent(name)}` : '';
+    const instances = (await getJson(opts.api, `/api/services${query}`)) as ServiceInstance[];
+    if (opts.json) return print(JSON.stringify(instances, null, 2));
+    if (instances.length === 0) return print(name ? `no instances of ${name}` : 'no services');
+    print(
+      formatTable(
+        ['NAME', 'DEVICE', 'ENDPOINT', 'PROTOCOL', 'STATUS', 'META'],
+        instances.map((i) => [
+          i.name,
+          i.device,
+          i.endpoint,
+          i.protocol ?? 'tcp',
+          i.status,
+          Object.entries(i.meta ?? {})
+            .map(([k, v]) => `${k}=${v}`)
+            .join(','),
+        ]),
+      ),
+    );
+  });
+
+services
+  .command('register')
+  .description('announce a service this device runs')
+  .argument('<name>', 'service name')
+  .option('--port <port>', 'port on this device', Number)
+  .option('--url <url>', 'full URL instead of a port')
+  .option('--protocol <protocol>', 'protocol, e.g. http, grpc, tcp (default tcp)')
+  .option('--meta <key=value>', 'metadata (repeatable)', collect, [])
+  .option('--ttl <seconds>', 'expire unless registered again within this time', Number)
+  // --api belongs to `services`, which commander lets parse it anywhere on the line.
+  .action(async (name: string, opts, command: Command) => {
+    const { api } = command.parent!.opts<{ api: string }>();
+    const registration: ServiceRegistration = { name, meta: Object.fromEntries((opts.meta as string[]).map(splitPair)) };
+    if (opts.port !== undefined) registration.port = opts.port;
+    if (opts.url !== undefined) registration.url = opts.url;
+    if (opts.protocol !== undefined) registration.protocol = opts.protocol;
+    if (opts.ttl !== undefined) registration.ttlMs = Math.round(opts.ttl * 1000);
+    const [instance] = (await sendJson(api, 'POST', '/api/services', registration)) as ServiceInstance[];
+    print(`registered ${name} at ${instance?.endpoint ?? '?'}`);
+  });
+
+services
+  .command('deregister')
+  .description('withdraw a service this device announced')
+  .argument('<name>', 'service name')
+  .action(async (name: string, _opts, command: Command) => {
+    await sendJson(command.parent!.opts<{ api: string }>().api, 'DELETE', `/api/services/${encodeURIComponent(name)}`);
+    print(`deregistered ${name}`);
+  });
+
+function splitPair(spec: string): [string, string] {
+  const eq = spec.indexOf('=');
+  if (eq <= 0) throw new CliError(`expected KEY=VALUE, got "${spec}"`);
+  return [spec.slice(0, eq), spec.slice(eq + 1)];
+}
+
 function collect(value: string, previous: string[]): string[] {
   return [...previous, value];
 }
@@ -127,16 +191,33 @@ function print(text: string): void {
   process.stdout.write(`${text}\n`);
 }
 
-async function getJson(api: string, path: string): Promise<unknown> {
+function getJson(api: string, path: string): Promise<unknown> {
+  return sendJson(api, 'GET', path);
+}
+
+/** Calls the control API; any failure becomes a CliError a person can act on. */
+async function sendJson(api: string, method: string, path: string, body?: unknown): Promise<unknown> {
   const url = new URL(path, api);
   let res: Response;
   try {
-    res = await fetch(url);
+    res = await fetch(url, {
+      method,
+      ...(body === undefined ? {} : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
+    });
   } catch (err) {
     throw new CliError(`cannot reach the Shoal node at ${api} (${(err as Error & { cause?: Error }).cause?.message ?? (err as Error).message}); is \`shoal node\` running? (--api URL)`);
   }
-  if (!res.ok) throw new CliError(`${url}: HTTP ${res.status} ${await res.text()}`);
-  return res.json();
+  const text = await res.text();
+  if (!res.ok) {
+    let message = text;
+    try {
+      message = (JSON.parse(text) as { error?: string }).error ?? text;
+    } catch {
+      // not JSON: show it as it is
+    }
+    throw new CliError(`${method} ${url.pathname}: ${message} (HTTP ${res.status})`);
+  }
+  return text ? JSON.parse(text) : undefined;
 }
 
 class CliError extends Error {}

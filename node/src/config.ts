@@ -3,6 +3,7 @@ import { hostname } from 'node:os';
 import { resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { isValidRegistry } from '@shoal/oci';
+import type { ServiceRegistration } from '@shoal/mesh';
 
 /** Everything a node needs to run. Each field has a default, so an empty config runs. */
 export interface NodeConfig {
@@ -32,6 +33,8 @@ export interface NodeConfig {
   swarmKey?: string;
   /** User labels shown to peers (os, arch and hostname are added by the node). */
   labels: Record<string, string>;
+  /** Services this device offers, announced to the mesh at start (checked by the mesh). */
+  services: ServiceRegistration[];
 }
 
 export interface HostPort {
@@ -50,6 +53,7 @@ export const DEFAULT_CONFIG: Readonly<Omit<NodeConfig, 'name'>> = {
   bootstrap: [],
   mdns: true,
   labels: {},
+  services: [],
 };
 
 export class ConfigError extends Error {
@@ -71,6 +75,7 @@ export interface ConfigInput {
   mdns?: boolean;
   swarmKey?: string;
   labels?: Record<string, string> | string[];
+  services?: ServiceRegistration[];
 }
 
 /** Reads a YAML config file; unknown keys are an error so typos do not pass silently. */
@@ -85,7 +90,7 @@ export async function loadConfigFile(path: string): Promise<ConfigInput> {
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: top level must be a mapping`);
   const known = [
     'name', 'dataDir', 'gateway', 'api', 'defaultNamespace', 'upstreams', 'pushToken', 'logLevel',
-    'listen', 'bootstrap', 'mdns', 'swarmKey', 'labels',
+    'listen', 'bootstrap', 'mdns', 'swarmKey', 'labels', 'services',
   ];
   for (const key of Object.keys(doc)) {
     if (!known.includes(key)) throw new ConfigError(`${path}: unknown key "${key}" (known: ${known.join(', ')})`);
@@ -120,7 +125,9 @@ export function resolveConfig(...inputs: ConfigInput[]): NodeConfig {
     bootstrap: stringList(merged.bootstrap, 'bootstrap') ?? DEFAULT_CONFIG.bootstrap,
     mdns: merged.mdns ?? DEFAULT_CONFIG.mdns,
     labels,
+    services: merged.services ?? [],
   };
+  if (!Array.isArray(config.services)) throw new ConfigError('services must be a list of {name, port | url, protocol?, meta?}');
   if (merged.pushToken) config.pushToken = merged.pushToken;
   if (merged.swarmKey) config.swarmKey = resolve(merged.swarmKey);
   if (typeof config.mdns !== 'boolean') throw new ConfigError('mdns must be true or false');

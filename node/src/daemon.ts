@@ -95,6 +95,7 @@ export class ShoalNode {
       );
     }
     await this.#membership.start();
+    for (const service of config.services) this.#membership.registerService(service);
   }
 
   async #usageBytes(): Promise<number> {
