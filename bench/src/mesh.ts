@@ -1,0 +1,242 @@
+// npm run bench:mesh [-- --devices 4,8,16 --quiet-s 10]
+//
+// For each N, starts N real `shoal node` processes at once, each in its own network namespace on
+// one bridge (mDNS only, one shared swarm key), and measures: time to full view, time until a
+// device killed with -9 is marked down by all others, membership traffic per device over a quiet
+// window (veth counters), idle RSS per node, and machine CPU busy % during startup.
+// Writes bench/results/mesh.{json,md}. A benchmark: it reports, it does not assert on time.
+import { readFileSync } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { parseArgs } from 'node:util';
+import { run } from '../../test/helpers/exec.ts';
+import { netnsGet, TestNetwork } from '../../test/helpers/netns.ts';
+import { REPO_ROOT, startShoalNode, type PeerRecord, type RunningShoalNode } from '../../test/helpers/node.ts';
+import { Scratch } from '../../test/helpers/scratch.ts';
+import { describeMachine, markdownMachine, rssOf } from './machine.ts';
+
+const { values } = parseArgs({
+  options: {
+    devices: { type: 'string', default: '4,8,16' },
+    'quiet-s': { type: 'string', default: '10' },
+    out: { type: 'string', default: new URL('../results/', import.meta.url).pathname },
+  },
+});
+const DEVICE_COUNTS = values.devices!.split(',').map(Number);
+const QUIET_MS = Number(values['quiet-s']) * 1000;
+const POLL_MS = 100;
+// Give up waiting for a state after this long; the figure is then reported as not reached.
+const GIVE_UP_MS = 60_000;
+const MESH_PORT = 4001;
+
+// The targets at N = 16 (from the task).
+const TARGETS = { fullViewMs: 2_000, downMs: 10_000, txBytesPerSecond: 2_000, rssBytes: 120 * 2 ** 20 };
+
+interface MeshResult {
+  devices: number;
+  /** ms from the last device listening until every table shows all N alive; null if never. */
+  fullViewMs: number | null;
+  /** ms from kill -9 until every other table shows the device down; null if never. */
+  downMs: number | null;
+  meanTxBytesPerSecond: number;
+  meanRxBytesPerSecond: number;
+  meanRssMiB: number;
+  maxRssMiB: number;
+  /** ms from launching all N until the last one listened. */
+  startupMs: number;
+  /** Whole-machine CPU busy % from launch until the last device listened. */
+  startupCpuBusyPercent: number;
+}
+
+/** [busy, total] jiffies over all CPUs, from the first line of /proc/stat. */
+function cpuJiffies(): [number, number] {
+  const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const total = fields.reduce((a, b) => a + b, 0);
+  const idle = fields[3]! + (fields[4] ?? 0); // idle + iowait
+  return [total - idle, total];
+}
+
+async function peersOf(netns: string, node: RunningShoalNode): Promise<PeerRecord[]> {
+  const response = await netnsGet(netns, new URL('/api/peers', node.apiUrl).toString());
+  if (response.status !== 200) throw new Error(`GET /api/peers: HTTP ${response.status}`);
+  return JSON.parse(response.body) as PeerRecord[];
+}
+
+/**
+ * Polls every device concurrently, each every POLL_MS until `done(table)` holds for it, and
+ * returns the ms from `since` until the last device got there (null after GIVE_UP_MS).
+ */
+async function untilEveryTable(
+  devices: { netns: string; node: RunningShoalNode }[],
+  since: number,
+  done: (peers: PeerRecord[]) => boolean,
+): Promise<number | null> {
+  const times = await Promise.all(
+    devices.map(async ({ netns, node }) => {
+      while (performance.now() - since < GIVE_UP_MS) {
+        const peers = await peersOf(netns, node).catch(() => []);
+        if (done(peers)) return performance.now() - since;
+        await sleep(POLL_MS);
+      }
+      return null;
+    }),
+  );
+  return times.some((t) => t === null) ? null : Math.max(...(times as number[]));
+}
+
+async function interfaceBytes(netns: string): Promise<{ tx: number; rx: number }> {
+  const dir = '/sys/class/net/eth0/statistics';
+  const { stdout } = await run('ip', ['netns', 'exec', netns, 'cat', `${dir}/tx_bytes`, `${dir}/rx_bytes`]);
+  const [tx, rx] = stdout.trim().split(/\s+/).map(Number);
+  return { tx: tx!, rx: rx! };
+}
+
+function meshPeerId(node: RunningShoalNode): string {
+  const line = node.logs().find((entry) => entry.msg === 'mesh listening');
+  if (typeof line?.peerId !== 'string') throw new Error(`no "mesh listening" line with a peerId:\n${node.logText(30)}`);
+  return line.peerId;
+}
+
+async function measureMesh(count: number, scratch: Scratch, swarmKey: string): Promise<MeshResult> {
+  const network = await TestNetwork.create({ devices: count });
+  const nodes: RunningShoalNode[] = [];
+  try {
+    const cpuBefore = cpuJiffies();
+    const launched = performance.now();
+    const started = await Promise.all(
+      network.devices.map(async (device, i) => {
+        const node = await startShoalNode({
+          netns: device.netns,
+          name: `device-${i}`,
+          dataDir: await scratch.dir(`${network.prefix}-${i}`),
+          gateway: `${device.address}:0`,
+          api: `${device.address}:0`,
+          listen: [`/ip4/0.0.0.0/tcp/${MESH_PORT}`],
+          mdns: true,
+          swarmKey,
+          startTimeoutMs: 120_000,
+        });
+        nodes.push(node);
+        return node;
+      }),
+    );
+    // startShoalNode resolves once the node logged both "listening" lines and answered /healthz.
+    const allListening = performance.now();
+    const cpuAfter = cpuJiffies();
+    const startupCpuBusyPercent = (100 * (cpuAfter[0] - cpuBefore[0])) / (cpuAfter[1] - cpuBefore[1]);
+    const devices = started.map((node, i) => ({ netns: network.devices[i]!.netns, node }));
+    const peerIds = started.map(meshPeerId);
+
+    const fullViewMs = await untilEveryTable(devices, allListening, (peers) =>
+      peerIds.every((peerId) => peers.some((peer) => peer.peerId === peerId && peer.status === 'alive')),
+    );
+    console.log(`N=${count}: full view ${fullViewMs === null ? 'not reached' : `${fullViewMs.toFixed(0)} ms`}`);
+
+    // Quiet window: nothing polls the nodes, so the veth counters hold membership traffic only.
+    const before = await Promise.all(devices.map(({ netns }) => interfaceBytes(netns)));
+    const windowStart = performance.now();
+    await sleep(QUIET_MS);
+    const after = await Promise.all(devices.map(({ netns }) => interfaceBytes(netns)));
+    const seconds = (performance.now() - windowStart) / 1000;
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    const meanTxBytesPerSecond = mean(after.map((a, i) => a.tx - before[i]!.tx)) / seconds;
+    const meanRxBytesPerSecond = mean(after.map((a, i) => a.rx - before[i]!.rx)) / seconds;
+    const rss = started.map((node) => rssOf(node.pid));
+
+    const victim = devices.at(-1)!;
+    const victimId = peerIds.at(-1)!;
+    const killed = performance.now();
+    await victim.node.kill9();
+    const downMs = await untilEveryTable(devices.slice(0, -1), killed, (peers) =>
+      peers.some((peer) => peer.peerId === victimId && peer.status === 'down'),
+    );
+    console.log(`N=${count}: killed device marked down ${downMs === null ? 'never' : `after ${downMs.toFixed(0)} ms`}`);
+
+    return {
+      devices: count,
+      fullViewMs: fullViewMs === null ? null : Math.round(fullViewMs),
+      downMs: downMs === null ? null : Math.round(downMs),
+      meanTxBytesPerSecond: Math.round(meanTxBytesPerSecond),
+      meanRxBytesPerSecond: Math.round(meanRxBytesPerSecond),
+      meanRssMiB: Number((mean(rss) / 2 ** 20).toFixed(1)),
+      maxRssMiB: Number((Math.max(...rss) / 2 ** 20).toFixed(1)),
+      startupMs: Math.round(allListening - launched),
+      startupCpuBusyPercent: Math.round(startupCpuBusyPercent),
+    };
+  } finally {
+    await Promise.all(nodes.map((node) => node.kill9()));
+    network.destroy();
+  }
+}
+
+function verdict(value: number | null, limit: number): string {
+  return value !== null && value <= limit ? 'met' : 'MISSED';
+}
+
+async function main(): Promise<void> {
+  const scratch = await Scratch.create('shoal-bench-mesh-');
+  const results: MeshResult[] = [];
+  try {
+    const swarmKey = scratch.path('swarm.key');
+    const { stdout } = await run(process.execPath, [join(REPO_ROOT, 'node', 'src', 'cli.ts'), 'keygen']);
+    await writeFile(swarmKey, stdout, { mode: 0o600 });
+    for (const count of DEVICE_COUNTS) results.push(await measureMesh(count, scratch, swarmKey));
+  } finally {
+    await scratch.remove();
+  }
+  await report(results);
+}
+
+async function report(results: MeshResult[]): Promise<void> {
+  const machine = describeMachine();
+  const largest = results.find((r) => r.devices === 16);
+  const targets = largest && {
+    fullView: verdict(largest.fullViewMs, TARGETS.fullViewMs),
+    down: verdict(largest.downMs, TARGETS.downMs),
+    traffic: verdict(largest.meanTxBytesPerSecond, TARGETS.txBytesPerSecond),
+    rss: verdict(largest.maxRssMiB * 2 ** 20, TARGETS.rssBytes),
+  };
+  const cpuBound = results.filter((r) => r.startupCpuBusyPercent >= 90).map((r) => r.devices);
+  const limit =
+    cpuBound.length > 0
+      ? `Startup was CPU bound at N = ${cpuBound.join(', ')} (machine CPU >= 90 % busy from launch until the last device listened): ${machine.cores} cores start all Node processes at once, so startup time and the first seconds of membership are limited by CPU, not by the protocol.`
+      : `Startup was not CPU bound (machine CPU below 90 % busy during startup at every N).`;
+  const parameters = {
+    deviceCounts: DEVICE_COUNTS,
+    quietWindowSeconds: QUIET_MS / 1000,
+    pollIntervalMs: POLL_MS,
+    discovery: 'mDNS only, one shared swarm key',
+    membership: 'daemon defaults: suspect after 3 s, down after 8 s without contact',
+  };
+  const ms = (v: number | null) => (v === null ? 'not reached' : `${v} ms`);
+  const md = [
+    '# Mesh membership: N devices in network namespaces on one bridge',
+    '',
+    markdownMachine(machine),
+    `Each device is a real \`shoal node\` in its own network namespace (veth to one bridge), mDNS only, one shared swarm key; all N launched at once. ` +
+      `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled with curl every ${POLL_MS} ms. ` +
+      `Down: from kill -9 of one device until every other device shows it down (membership defaults: suspect after 3 s, down after 8 s). ` +
+      `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window.`,
+    '',
+    '| devices | full view | down after kill -9 | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ...results.map(
+      (r) =>
+        `| ${r.devices} | ${ms(r.fullViewMs)} | ${ms(r.downMs)} | ${r.meanTxBytesPerSecond} | ${r.meanRxBytesPerSecond} | ${r.meanRssMiB} MiB | ${r.maxRssMiB} MiB | ${r.startupMs} ms | ${r.startupCpuBusyPercent} % |`,
+    ),
+    '',
+    targets
+      ? `Targets at N = 16: full view <= 2 s (${targets.fullView}), down <= 10 s (${targets.down}), membership traffic <= 2 KB/s per device (${targets.traffic}), idle RSS <= 120 MB per node (${targets.rss}).`
+      : 'Targets apply at N = 16, which this run did not include.',
+    '',
+    limit,
+    '',
+  ].join('\n');
+  const result = { benchmark: 'mesh', machine, parameters, targets: TARGETS, verdicts: targets ?? null, results };
+  await writeFile(join(values.out!, 'mesh.json'), `${JSON.stringify(result, null, 2)}\n`);
+  await writeFile(join(values.out!, 'mesh.md'), md);
+  console.log(`\n${md}`);
+}
+
+await main();
