@@ -41,6 +41,8 @@ interface MeshResult {
   downMs: number | null;
   meanTxBytesPerSecond: number;
   meanRxBytesPerSecond: number;
+  /** Whole-machine CPU busy % during the quiet window: what N idle nodes cost. */
+  quietCpuBusyPercent: number;
   meanRssMiB: number;
   maxRssMiB: number;
   /** ms from launching all N until the last one listened. */
@@ -85,11 +87,15 @@ async function untilEveryTable(
   return times.some((t) => t === null) ? null : Math.max(...(times as number[]));
 }
 
-async function interfaceBytes(netns: string): Promise<{ tx: number; rx: number }> {
+async function interfaceCounters(netns: string): Promise<{ tx: number; rx: number }> {
   const dir = '/sys/class/net/eth0/statistics';
   const { stdout } = await run('ip', ['netns', 'exec', netns, 'cat', `${dir}/tx_bytes`, `${dir}/rx_bytes`]);
   const [tx, rx] = stdout.trim().split(/\s+/).map(Number);
   return { tx: tx!, rx: rx! };
+}
+
+function busyPercent(before: [number, number], after: [number, number]): number {
+  return (100 * (after[0] - before[0])) / (after[1] - before[1]);
 }
 
 function meshPeerId(node: RunningShoalNode): string {
@@ -124,7 +130,7 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     // startShoalNode resolves once the node logged both "listening" lines and answered /healthz.
     const allListening = performance.now();
     const cpuAfter = cpuJiffies();
-    const startupCpuBusyPercent = (100 * (cpuAfter[0] - cpuBefore[0])) / (cpuAfter[1] - cpuBefore[1]);
+    const startupCpuBusyPercent = busyPercent(cpuBefore, cpuAfter);
     const devices = started.map((node, i) => ({ netns: network.devices[i]!.netns, node }));
     const peerIds = started.map(meshPeerId);
 
@@ -134,10 +140,12 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     console.log(`N=${count}: full view ${fullViewMs === null ? 'not reached' : `${fullViewMs.toFixed(0)} ms`}`);
 
     // Quiet window: nothing polls the nodes, so the veth counters hold membership traffic only.
-    const before = await Promise.all(devices.map(({ netns }) => interfaceBytes(netns)));
+    const before = await Promise.all(devices.map(({ netns }) => interfaceCounters(netns)));
     const windowStart = performance.now();
+    const quietCpuBefore = cpuJiffies();
     await sleep(QUIET_MS);
-    const after = await Promise.all(devices.map(({ netns }) => interfaceBytes(netns)));
+    const quietCpuBusyPercent = busyPercent(quietCpuBefore, cpuJiffies());
+    const after = await Promise.all(devices.map(({ netns }) => interfaceCounters(netns)));
     const seconds = (performance.now() - windowStart) / 1000;
     const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
     const meanTxBytesPerSecond = mean(after.map((a, i) => a.tx - before[i]!.tx)) / seconds;
@@ -159,6 +167,7 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
       downMs: downMs === null ? null : Math.round(downMs),
       meanTxBytesPerSecond: Math.round(meanTxBytesPerSecond),
       meanRxBytesPerSecond: Math.round(meanRxBytesPerSecond),
+      quietCpuBusyPercent: Math.round(quietCpuBusyPercent),
       meanRssMiB: Number((mean(rss) / 2 ** 20).toFixed(1)),
       maxRssMiB: Number((Math.max(...rss) / 2 ** 20).toFixed(1)),
       startupMs: Math.round(allListening - launched),
@@ -198,10 +207,15 @@ async function report(results: MeshResult[]): Promise<void> {
     rss: verdict(largest.maxRssMiB * 2 ** 20, TARGETS.rssBytes),
   };
   const cpuBound = results.filter((r) => r.startupCpuBusyPercent >= 90).map((r) => r.devices);
-  const limit =
+  const idleCpuBound = results.filter((r) => r.quietCpuBusyPercent >= 90).map((r) => r.devices);
+  const limit = [
     cpuBound.length > 0
-      ? `Startup was CPU bound at N = ${cpuBound.join(', ')} (machine CPU >= 90 % busy from launch until the last device listened): ${machine.cores} cores start all Node processes at once, so startup time and the first seconds of membership are limited by CPU, not by the protocol.`
-      : `Startup was not CPU bound (machine CPU below 90 % busy during startup at every N).`;
+      ? `Startup was CPU bound at N = ${cpuBound.join(', ')} (machine CPU >= 90 % busy from launch until the last device listened): ${machine.cores} cores start all Node processes at once, so startup time and time to full view are limited by CPU, not by the protocol alone.`
+      : `Startup was not CPU bound (machine CPU below 90 % busy during startup at every N).`,
+    idleCpuBound.length > 0
+      ? `Even the idle mesh kept the machine >= 90 % busy at N = ${idleCpuBound.join(', ')}, so the traffic and down figures there were measured on a saturated CPU.`
+      : '',
+  ].join(' ');
   const parameters = {
     deviceCounts: DEVICE_COUNTS,
     quietWindowSeconds: QUIET_MS / 1000,
@@ -217,13 +231,13 @@ async function report(results: MeshResult[]): Promise<void> {
     `Each device is a real \`shoal node\` in its own network namespace (veth to one bridge), mDNS only, one shared swarm key; all N launched at once. ` +
       `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled with curl every ${POLL_MS} ms. ` +
       `Down: from kill -9 of one device until every other device shows it down (membership defaults: suspect after 3 s, down after 8 s). ` +
-      `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window.`,
+      `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window. CPU busy: whole machine, from /proc/stat.`,
     '',
-    '| devices | full view | down after kill -9 | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup |',
-    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| devices | full view | down after kill -9 | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup | CPU busy while idle |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ...results.map(
       (r) =>
-        `| ${r.devices} | ${ms(r.fullViewMs)} | ${ms(r.downMs)} | ${r.meanTxBytesPerSecond} | ${r.meanRxBytesPerSecond} | ${r.meanRssMiB} MiB | ${r.maxRssMiB} MiB | ${r.startupMs} ms | ${r.startupCpuBusyPercent} % |`,
+        `| ${r.devices} | ${ms(r.fullViewMs)} | ${ms(r.downMs)} | ${r.meanTxBytesPerSecond} | ${r.meanRxBytesPerSecond} | ${r.meanRssMiB} MiB | ${r.maxRssMiB} MiB | ${r.startupMs} ms | ${r.startupCpuBusyPercent} % | ${r.quietCpuBusyPercent} % |`,
     ),
     '',
     targets
