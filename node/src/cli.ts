@@ -1,10 +1,10 @@
 #!/usr/bin/env node
 import { Command, Option } from 'commander';
 import type { TaggedImage } from '@shoal/store';
-import { ConfigError, loadConfigFile, resolveConfig, type ConfigInput } from './config.ts';
+import { ConfigError, loadConfigFile, resolveConfig, splitKeyValue, type ConfigInput } from './config.ts';
 import { ShoalNode } from './daemon.ts';
 import { generateSwarmKey, type Member, type ServiceInstance, type ServiceRegistration } from '@shoal/mesh';
-import { formatAgo, formatBytes, formatTable, shortDigest, shortMediaType, shortPeerId } from './format.ts';
+import { formatAgo, formatBytes, formatPairs, formatTable, shortDigest, shortMediaType, shortPeerId } from './format.ts';
 import { createLogger } from './logger.ts';
 import { VERSION } from './version.ts';
 
@@ -72,18 +72,17 @@ program
 program
   .command('images')
   .description('list the images this node holds')
-  .addOption(new Option('--api <url>', 'control API of the node').default(DEFAULT_API))
+  .addOption(apiOption())
   .option('--json', 'print JSON')
   .action(async (opts) => {
     const images = (await getJson(opts.api, '/api/images')) as TaggedImage[];
-    if (opts.json) return print(JSON.stringify(images, null, 2));
-    if (images.length === 0) return print('no images');
-    print(
-      formatTable(
-        ['REPOSITORY', 'TAG', 'DIGEST', 'SIZE', 'TYPE'],
-        images.map((i) => [i.repository, i.tag, shortDigest(i.digest), formatBytes(i.size), shortMediaType(i.mediaType)]),
-      ),
-    );
+    printList(images, opts.json, 'no images', ['REPOSITORY', 'TAG', 'DIGEST', 'SIZE', 'TYPE'], (i) => [
+      i.repository,
+      i.tag,
+      shortDigest(i.digest),
+      formatBytes(i.size),
+      shortMediaType(i.mediaType),
+    ]);
   });
 
 program
@@ -96,55 +95,38 @@ program
 program
   .command('peers')
   .description('list the devices in the mesh, as this node sees them')
-  .addOption(new Option('--api <url>', 'control API of the node').default(DEFAULT_API))
+  .addOption(apiOption())
   .option('--json', 'print JSON')
   .action(async (opts) => {
     const peers = (await getJson(opts.api, '/api/peers')) as Member[];
-    if (opts.json) return print(JSON.stringify(peers, null, 2));
-    if (peers.length === 0) return print('no peers (is the mesh running?)');
-    print(
-      formatTable(
-        ['NAME', 'PEER ID', 'STATUS', 'LAST SEEN', 'GATEWAY', 'LABELS'],
-        peers.map((p) => [
-          p.name,
-          shortPeerId(p.peerId),
-          p.status,
-          formatAgo(Date.now() - p.lastSeen),
-          p.gateway ?? '-',
-          Object.entries(p.labels ?? {})
-            .map(([k, v]) => `${k}=${v}`)
-            .join(','),
-        ]),
-      ),
-    );
+    printList(peers, opts.json, 'no peers (is the mesh running?)', ['NAME', 'PEER ID', 'STATUS', 'LAST SEEN', 'GATEWAY', 'LABELS'], (p) => [
+      p.name,
+      shortPeerId(p.peerId),
+      p.status,
+      formatAgo(Date.now() - p.lastSeen),
+      p.gateway ?? '-',
+      formatPairs(p.labels),
+    ]);
   });
 
 const services = program
   .command('services')
   .description('list the services running on devices across the mesh (optionally one by name)')
   .argument('[name]', 'only instances of this service')
-  .addOption(new Option('--api <url>', 'control API of the node').default(DEFAULT_API))
+  .addOption(apiOption())
   .option('--json', 'print JSON')
   .action(async (name: string | undefined, opts) => {
     const query = name ? `?name=${encodeURIComponent(name)}` : '';
     const instances = (await getJson(opts.api, `/api/services${query}`)) as ServiceInstance[];
-    if (opts.json) return print(JSON.stringify(instances, null, 2));
-    if (instances.length === 0) return print(name ? `no instances of ${name}` : 'no services');
-    print(
-      formatTable(
-        ['NAME', 'DEVICE', 'ENDPOINT', 'PROTOCOL', 'STATUS', 'META'],
-        instances.map((i) => [
-          i.name,
-          i.device,
-          i.endpoint,
-          i.protocol ?? 'tcp',
-          i.status,
-          Object.entries(i.meta ?? {})
-            .map(([k, v]) => `${k}=${v}`)
-            .join(','),
-        ]),
-      ),
-    );
+    const empty = name ? `no instances of ${name}` : 'no services';
+    printList(instances, opts.json, empty, ['NAME', 'DEVICE', 'ENDPOINT', 'PROTOCOL', 'STATUS', 'META'], (i) => [
+      i.name,
+      i.device,
+      i.endpoint,
+      i.protocol ?? 'tcp',
+      i.status,
+      formatPairs(i.meta),
+    ]);
   });
 
 services
@@ -159,7 +141,7 @@ services
   // --api belongs to `services`, which commander lets parse it anywhere on the line.
   .action(async (name: string, opts, command: Command) => {
     const { api } = command.parent!.opts<{ api: string }>();
-    const registration: ServiceRegistration = { name, meta: Object.fromEntries((opts.meta as string[]).map(splitPair)) };
+    const registration: ServiceRegistration = { name, meta: Object.fromEntries((opts.meta as string[]).map((m) => splitKeyValue(m, 'meta'))) };
     if (opts.port !== undefined) registration.port = opts.port;
     if (opts.url !== undefined) registration.url = opts.url;
     if (opts.protocol !== undefined) registration.protocol = opts.protocol;
@@ -177,10 +159,14 @@ services
     print(`deregistered ${name}`);
   });
 
-function splitPair(spec: string): [string, string] {
-  const eq = spec.indexOf('=');
-  if (eq <= 0) throw new CliError(`expected KEY=VALUE, got "${spec}"`);
-  return [spec.slice(0, eq), spec.slice(eq + 1)];
+function apiOption(): Option {
+  return new Option('--api <url>', 'control API of the node').default(DEFAULT_API);
+}
+
+/** A list command's output: JSON with --json, a sentence when empty, else a table. */
+function printList<T>(items: T[], json: boolean | undefined, empty: string, header: string[], row: (item: T) => string[]): void {
+  if (json) return print(JSON.stringify(items, null, 2));
+  print(items.length === 0 ? empty : formatTable(header, items.map(row)));
 }
 
 function collect(value: string, previous: string[]): string[] {

@@ -145,13 +145,16 @@ export function parseHostPort(value: string, what: string): HostPort {
   return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
 }
 
+/** `key=value` as flags spell pairs; the value may itself contain `=`. */
+export function splitKeyValue(spec: string, what: string, form = 'KEY=VALUE'): [string, string] {
+  const eq = spec.indexOf('=');
+  if (eq <= 0) throw new ConfigError(`${what}: expected ${form}, got "${spec}"`);
+  return [spec.slice(0, eq), spec.slice(eq + 1)];
+}
+
 function parseUpstreams(value: ConfigInput['upstreams']): Record<string, string> {
   const entries = Array.isArray(value)
-    ? value.map((spec) => {
-        const eq = spec.indexOf('=');
-        if (eq <= 0) throw new ConfigError(`upstream: expected REGISTRY=URL, got "${spec}"`);
-        return [spec.slice(0, eq), spec.slice(eq + 1)] as const;
-      })
+    ? value.map((spec) => splitKeyValue(spec, 'upstream', 'REGISTRY=URL'))
     : Object.entries(value ?? {});
   const out: Record<string, string> = {};
   for (const [registry, url] of entries) {
@@ -182,11 +185,7 @@ const LABEL_KEY = /^[a-zA-Z0-9][a-zA-Z0-9._/-]{0,62}$/;
 
 function parseLabels(value: ConfigInput['labels']): Record<string, string> {
   const entries = Array.isArray(value)
-    ? value.map((spec) => {
-        const eq = spec.indexOf('=');
-        if (eq <= 0) throw new ConfigError(`label: expected KEY=VALUE, got "${spec}"`);
-        return [spec.slice(0, eq), spec.slice(eq + 1)] as const;
-      })
+    ? value.map((spec) => splitKeyValue(spec, 'label'))
     : Object.entries(value ?? {}).map(([k, v]) => [k, String(v)] as const);
   for (const [key] of entries) {
     if (!LABEL_KEY.test(key)) throw new ConfigError(`label: "${key}" is not a valid label key`);

@@ -49,3 +49,10 @@ export function formatAgo(ms: number): string {
   if (s < 7200) return `${Math.round(s / 60)}m ago`;
   return `${Math.round(s / 3600)}h ago`;
 }
+
+/** `k=v,k=v` for labels and metadata in a table cell. */
+export function formatPairs(pairs: Record<string, string> | undefined): string {
+  return Object.entries(pairs ?? {})
+    .map(([k, v]) => `${k}=${v}`)
+    .join(',');
+}

@@ -193,11 +193,9 @@ export class FsContentStore implements ContentStore {
       if (!isNotFound(err)) throw err;
     }
     // A blob placed in the layout by another tool: index it now.
-    if (!(await this.statBlob(digest))) return undefined;
-    const index = (await chunkFile(this.#blobPath(digest), this.#chunkSize)).finish(
-      digest,
-      (await stat(this.#blobPath(digest))).size,
-    );
+    const info = await this.statBlob(digest);
+    if (!info) return undefined;
+    const index = (await chunkFile(this.#blobPath(digest), this.#chunkSize)).finish(digest, info.size);
     await writeFileAtomic(this.#chunkIndexPath(digest), encodeChunkIndex(index));
     return index;
   }
