@@ -3,3 +3,4 @@ export * from './errors.ts';
 export * from './chunk-index.ts';
 export * from './catalog.ts';
 export { FsContentStore, type FsContentStoreOptions } from './fs-store.ts';
+export * from './chunk-bitmap.ts';

@@ -1,0 +1,55 @@
+import type { ChunkBitmap, ChunkIndex } from '@shoal/store';
+
+/** What one device holds of a blob: all of it, or the chunks set in a bitmap. */
+export type Availability = 'all' | ChunkBitmap;
+
+/** What a device answers about a blob it holds whole or in part. */
+export interface Holding {
+  /** The blob's chunk index as the holder computed (or was given) it. */
+  index: ChunkIndex;
+  have: Availability;
+}
+
+/**
+ * What the chunk server serves from: committed blobs and the verified chunks of partial ones.
+ * Only verified bytes are ever handed out.
+ */
+export interface ChunkSource {
+  /** The chunk index and availability of `blob`, or undefined when this device holds none of it. */
+  holding(blob: string): Promise<Holding | undefined>;
+  /** The bytes of chunk `index` of `blob`, or undefined when this device does not hold that chunk. */
+  readChunk(blob: string, index: number): Promise<Uint8Array | undefined>;
+}
+
+/**
+ * Fetches from one peer (the chunk transport). Peers are peer id strings. A peer that does not
+ * hold what is asked answers undefined; a peer that fails, stalls past `signal` or breaks the
+ * protocol rejects.
+ */
+export interface ChunkTransport {
+  fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined>;
+  fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal): Promise<Uint8Array | undefined>;
+}
+
+/** A peer's availability of a blob changed (gossiped); `have` undefined means it no longer holds it. */
+export interface AvailabilityUpdate {
+  peer: string;
+  blob: string;
+  have: Availability | undefined;
+}
+
+export interface ProviderDirectoryEvents {
+  availability: CustomEvent<AvailabilityUpdate>;
+}
+
+/** Who holds what: DHT provider records for whole blobs, gossip for partial ones. */
+export interface ProviderDirectory extends EventTarget {
+  /** Peers believed to hold `blob` whole or in part; may be stale, the transport has the last word. */
+  findHolders(blob: string, signal: AbortSignal): Promise<string[]>;
+  /** This device now holds `blob` whole. */
+  announce(blob: string): Promise<void>;
+  /** This device no longer holds `blob`. */
+  withdraw(blob: string): Promise<void>;
+  /** This device holds part of `blob` (called as chunks land; implementations rate-limit). */
+  announcePartial(blob: string, have: ChunkBitmap): void;
+}
