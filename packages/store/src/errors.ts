@@ -24,3 +24,15 @@ export class RangeNotSatisfiableError extends Error {
     this.size = size;
   }
 }
+
+/** A chunk's bytes do not hash to what the chunk index says. */
+export class ChunkMismatchError extends Error {
+  override name = 'ChunkMismatchError';
+  readonly blob: string;
+  readonly index: number;
+  constructor(blob: string, index: number) {
+    super(`chunk ${index} of ${blob} does not match its chunk index`);
+    this.blob = blob;
+    this.index = index;
+  }
+}

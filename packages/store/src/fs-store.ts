@@ -9,6 +9,7 @@ import { ManifestCatalog, manifestMeta, type ManifestMeta } from './catalog.ts';
 import { ChunkHasher, DEFAULT_CHUNK_SIZE, decodeChunkIndex, encodeChunkIndex } from './chunk-index.ts';
 import { DigestMismatchError, RangeNotSatisfiableError, UploadBusyError } from './errors.ts';
 import { sendFileRange } from './file-sender.ts';
+import { FsPartialBlob, type PartialBlob } from './partial-blob.ts';
 import { syncDir, syncFile, writeFileAtomic } from './fs-util.ts';
 import type {
   BlobInfo,
@@ -44,6 +45,9 @@ export class FsContentStore implements ContentStore {
   readonly layoutDir: string;
   readonly #uploadsDir: string;
   readonly #chunksDir: string;
+  readonly #partialDir: string;
+  /** Open partial blobs by digest: one object per blob, shared by every caller. */
+  readonly #partials = new Map<string, Promise<FsPartialBlob>>();
   readonly #chunkSize: number;
   readonly #uploadTtlMs: number;
   readonly #writers = new Map<string, FsBlobWriter>();
@@ -55,6 +59,7 @@ export class FsContentStore implements ContentStore {
     this.layoutDir = join(opts.dir, 'oci');
     this.#uploadsDir = join(opts.dir, 'uploads');
     this.#chunksDir = join(opts.dir, 'chunks');
+    this.#partialDir = join(opts.dir, 'partial');
     this.#chunkSize = opts.chunkSize ?? DEFAULT_CHUNK_SIZE;
     this.#uploadTtlMs = opts.uploadTtlMs ?? 60 * 60 * 1000;
   }
@@ -68,6 +73,8 @@ export class FsContentStore implements ContentStore {
   async #init(): Promise<void> {
     await mkdir(join(this.layoutDir, 'blobs', 'sha256'), { recursive: true });
     await mkdir(this.#chunksDir, { recursive: true });
+    // Partial blobs do survive a restart: their chunks are verified one by one.
+    await mkdir(this.#partialDir, { recursive: true });
     // Uploads do not survive a restart: their hash state was in memory.
     await rm(this.#uploadsDir, { recursive: true, force: true });
     await mkdir(this.#uploadsDir, { recursive: true });
@@ -166,13 +173,52 @@ export class FsContentStore implements ContentStore {
     const actual = writer.runningDigest(algorithm) ?? (await hashFile(writer.path, algorithm));
     if (actual !== digest) throw new DigestMismatchError(digest, actual);
     await syncFile(writer.path);
-    const target = this.#blobPath(digest);
-    await mkdir(join(this.layoutDir, 'blobs', algorithm), { recursive: true });
-    await rename(writer.path, target);
-    await syncDir(join(this.layoutDir, 'blobs', algorithm));
     this.#writers.delete(writer.id);
-    await writeFileAtomic(this.#chunkIndexPath(digest), encodeChunkIndex(hasher.finish(digest, writer.size)));
-    return { digest, size: writer.size };
+    return this.#adopt(writer.path, digest, hasher.finish(digest, writer.size));
+  }
+
+  openPartial(index: ChunkIndex): Promise<PartialBlob> {
+    let pending = this.#partials.get(index.blob);
+    if (!pending) {
+      const { algorithm, hex } = parseDigest(index.blob);
+      const base = join(this.#partialDir, `${algorithm}-${hex}`);
+      const forget = () => {
+        if (this.#partials.get(index.blob) === pending) this.#partials.delete(index.blob);
+      };
+      pending = FsPartialBlob.open(
+        index,
+        { data: base, bitmap: `${base}.bitmap`, index: `${base}.index` },
+        (path, digest, chunks) => this.#adopt(path, digest, chunks),
+        forget,
+      );
+      this.#partials.set(index.blob, pending);
+      pending.catch(forget);
+    }
+    return pending;
+  }
+
+  /** The partial blob of `digest` if one is open now (for serving its chunks), else undefined. */
+  async openedPartial(digest: string): Promise<PartialBlob | undefined> {
+    return this.#partials.get(digest)?.catch(() => undefined);
+  }
+
+  async partialBlobs(): Promise<string[]> {
+    const out: string[] = [];
+    for (const name of await readdir(this.#partialDir)) {
+      const m = /^(sha256)-([0-9a-f]{64})$/.exec(name);
+      if (m) out.push(`${m[1]}:${m[2]}`);
+    }
+    return out;
+  }
+
+  /** Moves a verified, fsync'd file into the layout and records its chunk index. */
+  async #adopt(path: string, digest: string, index: ChunkIndex): Promise<BlobInfo> {
+    const { algorithm } = parseDigest(digest);
+    await mkdir(join(this.layoutDir, 'blobs', algorithm), { recursive: true });
+    await rename(path, this.#blobPath(digest));
+    await syncDir(join(this.layoutDir, 'blobs', algorithm));
+    await writeFileAtomic(this.#chunkIndexPath(digest), encodeChunkIndex(index));
+    return { digest, size: index.size };
   }
 
   async deleteBlob(digest: string): Promise<boolean> {
@@ -281,6 +327,8 @@ export class FsContentStore implements ContentStore {
 
   async close(): Promise<void> {
     clearInterval(this.#sweeper);
+    // Partial blobs stay on disk to resume; only their handles close.
+    for (const pending of [...this.#partials.values()]) await (await pending.catch(() => undefined))?.close();
     await this.#persisting;
     for (const writer of [...this.#writers.values()]) await writer.abort().catch(() => {});
   }

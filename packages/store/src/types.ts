@@ -1,5 +1,6 @@
 import type { Readable, Writable } from 'node:stream';
 import type { ParsedManifest } from '@shoal/oci';
+import type { PartialBlob } from './partial-blob.ts';
 
 /** Bytes to write: a Readable, an async generator, or an array of buffers. */
 export type ByteSource = AsyncIterable<Uint8Array> | Iterable<Uint8Array>;
@@ -93,6 +94,15 @@ export interface ContentStore {
   deleteBlob(digest: string): Promise<boolean>;
   /** The chunk index of a committed blob. */
   chunkIndex(digest: string): Promise<ChunkIndex | undefined>;
+  /**
+   * Opens the partial blob that assembles `index.blob` chunk by chunk, resuming the one on disk
+   * when it was started with the same index. One object per blob while it is open.
+   */
+  openPartial(index: ChunkIndex): Promise<PartialBlob>;
+  /** The partial blob of `digest` if one is open now, else undefined. */
+  openedPartial(digest: string): Promise<PartialBlob | undefined>;
+  /** Digests of the partial blobs on disk, open or not (downloads to resume). */
+  partialBlobs(): Promise<string[]>;
 
   /** Stores manifest bytes (as a blob) and records it in `repository`, tagging it if asked. */
   putManifest(repository: string, manifest: ParsedManifest, tag?: string): Promise<void>;

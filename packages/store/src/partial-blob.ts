@@ -1,0 +1,220 @@
+import { createHash } from 'node:crypto';
+import { type FileHandle, open, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { Digester, parseDigest } from '@shoal/oci';
+import { ChunkBitmap } from './chunk-bitmap.ts';
+import { chunkIndexDigest } from './chunk-index.ts';
+import { ChunkMismatchError, DigestMismatchError } from './errors.ts';
+import type { BlobInfo, ChunkIndex } from './types.ts';
+
+/**
+ * A blob being assembled from chunks in any order, each verified against the chunk index
+ * before it is written. Its bytes and bitmap live on disk, so a download resumes after a
+ * restart; it becomes a visible blob only through `commit`, after the whole-blob digest check.
+ */
+export interface PartialBlob {
+  readonly digest: string;
+  readonly index: ChunkIndex;
+  /** The chunks held so far (a live view: do not modify). */
+  readonly have: ChunkBitmap;
+  /** Verifies `bytes` as chunk `i` (ChunkMismatchError if not), writes and records it. */
+  writeChunk(i: number, bytes: Uint8Array): Promise<void>;
+  /** The bytes of chunk `i`, or undefined when it is not held. */
+  readChunk(i: number): Promise<Buffer | undefined>;
+  /** Reads held bytes at `position` into `buffer` (the caller checks `have` first). */
+  read(buffer: Uint8Array, position: number): Promise<number>;
+  /** Once every chunk is held: verifies the whole blob and makes it visible atomically. */
+  commit(): Promise<BlobInfo>;
+  /** Deletes the partial blob and its state. */
+  abort(): Promise<void>;
+  /** Closes it, keeping its bytes and bitmap on disk so a later open resumes. */
+  close(): Promise<void>;
+}
+
+/** Byte offset and length of chunk `i`. */
+export function chunkSpan(index: ChunkIndex, i: number): { offset: number; length: number } {
+  const offset = i * index.chunkSize;
+  return { offset, length: Math.min(index.chunkSize, index.size - offset) };
+}
+
+export interface PartialBlobPaths {
+  data: string;
+  bitmap: string;
+  index: string;
+}
+
+/** How the store takes a finished partial blob into the layout. */
+export type AdoptFile = (path: string, digest: string, index: ChunkIndex) => Promise<BlobInfo>;
+
+export class FsPartialBlob implements PartialBlob {
+  readonly digest: string;
+  readonly index: ChunkIndex;
+  readonly have: ChunkBitmap;
+  readonly #paths: PartialBlobPaths;
+  readonly #fh: FileHandle;
+  readonly #adopt: AdoptFile;
+  readonly #onClose: () => void;
+  /** Whole-blob hash of the contiguous prefix of held chunks, advanced as chunks land. */
+  #digester = new Digester('sha256');
+  #hashedChunks = 0;
+  #hashing: Promise<void> = Promise.resolve();
+  #bitmapWrite: Promise<void> | undefined;
+  #bitmapDirty = false;
+  #closed = false;
+
+  private constructor(digest: string, index: ChunkIndex, have: ChunkBitmap, paths: PartialBlobPaths, fh: FileHandle, adopt: AdoptFile, onClose: () => void) {
+    this.digest = digest;
+    this.index = index;
+    this.have = have;
+    this.#paths = paths;
+    this.#fh = fh;
+    this.#adopt = adopt;
+    this.#onClose = onClose;
+  }
+
+  /**
+   * Opens the partial blob at `paths`, resuming it when its saved index is the same one: every
+   * chunk the saved bitmap claims is hashed again, so a torn write is fetched anew, not trusted.
+   */
+  static async open(index: ChunkIndex, paths: PartialBlobPaths, adopt: AdoptFile, onClose: () => void): Promise<FsPartialBlob> {
+    if (parseDigest(index.blob).algorithm !== 'sha256') throw new Error(`partial blobs need sha256 digests, not ${index.blob}`);
+    const expected = chunkIndexDigest(index);
+    let saved: Uint8Array | undefined;
+    try {
+      const savedIndex = (await readFile(paths.index, 'utf8')).trim();
+      if (savedIndex === expected) saved = await readFile(paths.bitmap);
+    } catch {
+      // Nothing to resume.
+    }
+    const fh = await open(paths.data, saved ? 'r+' : 'w+');
+    let have = new ChunkBitmap(index.chunks.length);
+    if (saved) {
+      try {
+        have = new ChunkBitmap(index.chunks.length, saved);
+      } catch {
+        // A bitmap of another shape: start over.
+      }
+    } else {
+      await writeFile(paths.index, `${expected}\n`);
+    }
+    const blob = new FsPartialBlob(index.blob, index, have, paths, fh, adopt, onClose);
+    if (saved) await blob.#reverify();
+    await blob.#advanceHash();
+    return blob;
+  }
+
+  async #reverify(): Promise<void> {
+    for (let i = 0; i < this.index.chunks.length; i++) {
+      if (!this.have.has(i)) continue;
+      const bytes = await this.#readSpan(i);
+      if (sha256Hex(bytes) !== this.index.chunks[i]) this.have.clear(i);
+    }
+  }
+
+  async writeChunk(i: number, bytes: Uint8Array): Promise<void> {
+    if (this.#closed) throw new Error(`partial blob ${this.digest} is closed`);
+    const { offset, length } = chunkSpan(this.index, i);
+    if (i < 0 || i >= this.index.chunks.length || bytes.byteLength !== length || sha256Hex(bytes) !== this.index.chunks[i]) {
+      throw new ChunkMismatchError(this.digest, i);
+    }
+    if (this.have.has(i)) return;
+    let written = 0;
+    while (written < length) {
+      const { bytesWritten } = await this.#fh.write(bytes, written, length - written, offset + written);
+      written += bytesWritten;
+    }
+    this.have.set(i);
+    this.#saveBitmap();
+    await this.#advanceHash({ i, bytes });
+  }
+
+  /** Feeds newly contiguous chunks to the whole-blob hash, so commit need not read the blob again. */
+  #advanceHash(inHand?: { i: number; bytes: Uint8Array }): Promise<void> {
+    const next = this.#hashing.then(async () => {
+      while (this.#hashedChunks < this.index.chunks.length && this.have.has(this.#hashedChunks)) {
+        const i = this.#hashedChunks;
+        this.#digester.update(inHand?.i === i ? inHand.bytes : await this.#readSpan(i));
+        this.#hashedChunks++;
+      }
+    });
+    this.#hashing = next.catch(() => {});
+    return next;
+  }
+
+  /** Writes the bitmap (rename, no fsync: resume re-verifies what it claims); writes coalesce. */
+  #saveBitmap(): void {
+    this.#bitmapDirty = true;
+    if (this.#bitmapWrite) return;
+    this.#bitmapWrite = (async () => {
+      while (this.#bitmapDirty && !this.#closed) {
+        this.#bitmapDirty = false;
+        const tmp = `${this.#paths.bitmap}.tmp`;
+        await writeFile(tmp, this.have.toBytes());
+        await rename(tmp, this.#paths.bitmap);
+      }
+    })()
+      .catch(() => {})
+      .finally(() => (this.#bitmapWrite = undefined));
+  }
+
+  async readChunk(i: number): Promise<Buffer | undefined> {
+    if (this.#closed || !this.have.has(i)) return undefined;
+    return this.#readSpan(i);
+  }
+
+  async #readSpan(i: number): Promise<Buffer> {
+    const { offset, length } = chunkSpan(this.index, i);
+    const buffer = Buffer.allocUnsafe(length);
+    let read = 0;
+    while (read < length) {
+      const { bytesRead } = await this.#fh.read(buffer, read, length - read, offset + read);
+      if (bytesRead === 0) throw new Error(`partial blob ${this.digest} is shorter than chunk ${i}`);
+      read += bytesRead;
+    }
+    return buffer;
+  }
+
+  async read(buffer: Uint8Array, position: number): Promise<number> {
+    return (await this.#fh.read(buffer, 0, buffer.byteLength, position)).bytesRead;
+  }
+
+  async commit(): Promise<BlobInfo> {
+    if (!this.have.complete) throw new Error(`partial blob ${this.digest} lacks ${this.have.length - this.have.count} chunks`);
+    await this.#advanceHash();
+    const actual = this.#digester.peek();
+    if (actual !== this.digest) {
+      // Every chunk matched the index, so the index itself was false: nothing here is usable.
+      await this.abort();
+      throw new DigestMismatchError(this.digest, actual);
+    }
+    await this.#fh.datasync();
+    await this.#close();
+    const info = await this.#adopt(this.#paths.data, this.digest, this.index);
+    await rm(this.#paths.bitmap, { force: true });
+    await rm(this.#paths.index, { force: true });
+    return info;
+  }
+
+  async abort(): Promise<void> {
+    await this.#close();
+    await Promise.all(Object.values(this.#paths).map((path) => rm(path, { force: true })));
+  }
+
+  close(): Promise<void> {
+    return this.#close();
+  }
+
+  async #close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#onClose();
+    await this.#hashing;
+    // A last bitmap write may have been skipped while closing: write the final state.
+    await this.#bitmapWrite;
+    await writeFile(this.#paths.bitmap, this.have.toBytes()).catch(() => {});
+    await this.#fh.close();
+  }
+}
+
+function sha256Hex(bytes: Uint8Array): string {
+  return createHash('sha256').update(bytes).digest('hex');
+}

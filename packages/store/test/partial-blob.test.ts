@@ -1,0 +1,103 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, open, readdir, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { sha256Of } from '@shoal/oci';
+import { ChunkBitmap, ChunkHasher, ChunkMismatchError, chunkSpan, DigestMismatchError, FsContentStore, type ChunkIndex } from '@shoal/store';
+
+const CHUNK = 64 * 1024;
+
+function blobOf(size: number): { bytes: Buffer; index: ChunkIndex } {
+  const bytes = randomBytes(size);
+  const hasher = new ChunkHasher(CHUNK);
+  hasher.update(bytes);
+  return { bytes, index: hasher.finish(sha256Of(bytes), size) };
+}
+
+function chunk(bytes: Buffer, index: ChunkIndex, i: number): Buffer {
+  const { offset, length } = chunkSpan(index, i);
+  return bytes.subarray(offset, offset + length);
+}
+
+async function withStore(fn: (store: FsContentStore, dir: string) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-partial-'));
+  const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+  try {
+    await fn(store, dir);
+  } finally {
+    await store.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+test('ChunkBitmap counts, round-trips and rejects bits past its end', () => {
+  const bitmap = new ChunkBitmap(10);
+  bitmap.set(0);
+  bitmap.set(9);
+  bitmap.set(9);
+  assert.equal(bitmap.count, 2);
+  const copy = new ChunkBitmap(10, bitmap.toBytes());
+  assert.ok(copy.has(0) && copy.has(9) && !copy.has(5));
+  assert.throws(() => new ChunkBitmap(10, Uint8Array.from([0, 0x3f])), RangeError);
+  assert.ok(ChunkBitmap.full(10).complete);
+});
+
+test('chunks land in any order, are verified one by one, and commit makes the blob visible', () =>
+  withStore(async (store) => {
+    const { bytes, index } = blobOf(5 * CHUNK + 123);
+    const partial = await store.openPartial(index);
+    assert.equal(await store.openPartial(index), partial, 'one object per blob');
+    await assert.rejects(partial.writeChunk(2, chunk(bytes, index, 3)), ChunkMismatchError);
+    for (const i of [5, 1, 3, 0, 4]) await partial.writeChunk(i, chunk(bytes, index, i));
+    assert.deepEqual(await partial.readChunk(3), chunk(bytes, index, 3));
+    assert.equal(await partial.readChunk(2), undefined);
+    assert.equal(await store.statBlob(index.blob), undefined, 'nothing visible before commit');
+    await assert.rejects(partial.commit(), /lacks 1 chunks/);
+    await partial.writeChunk(2, chunk(bytes, index, 2));
+    assert.deepEqual(await partial.commit(), { digest: index.blob, size: bytes.length });
+    const stored = await readFile(join(store.layoutDir, 'blobs', 'sha256', index.blob.slice(7)));
+    assert.ok(stored.equals(bytes));
+    assert.deepEqual(await store.chunkIndex(index.blob), index);
+    assert.deepEqual(await store.partialBlobs(), []);
+  }));
+
+test('a partial blob resumes after a restart and drops a claimed chunk whose bytes are bad', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-partial-'));
+  try {
+    const { bytes, index } = blobOf(4 * CHUNK);
+    let store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    const first = await store.openPartial(index);
+    for (const i of [0, 1, 3]) await first.writeChunk(i, chunk(bytes, index, i));
+    await store.close();
+    // A torn write: chunk 1's bytes on disk are not what was verified.
+    const fh = await open(join(dir, 'partial', `sha256-${index.blob.slice(7)}`), 'r+');
+    await fh.write(Buffer.from('torn'), 0, 4, CHUNK + 10);
+    await fh.close();
+
+    store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    assert.deepEqual(await store.partialBlobs(), [index.blob]);
+    const resumed = await store.openPartial(index);
+    assert.deepEqual([0, 1, 2, 3].map((i) => resumed.have.has(i)), [true, false, false, true]);
+    for (const i of [1, 2]) await resumed.writeChunk(i, chunk(bytes, index, i));
+    await resumed.commit();
+    assert.ok((await store.statBlob(index.blob))?.size === bytes.length);
+    await store.close();
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a false chunk index fails the whole-blob check and leaves nothing behind', () =>
+  withStore(async (store, dir) => {
+    const { index } = blobOf(2 * CHUNK);
+    const other = blobOf(2 * CHUNK);
+    // Chunks that match their index but not the blob's digest.
+    const lying = { ...other.index, blob: index.blob };
+    const partial = await store.openPartial(lying);
+    for (const i of [0, 1]) await partial.writeChunk(i, chunk(other.bytes, lying, i));
+    await assert.rejects(partial.commit(), DigestMismatchError);
+    assert.equal(await store.statBlob(index.blob), undefined);
+    assert.deepEqual(await readdir(join(dir, 'partial')), []);
+  }));
