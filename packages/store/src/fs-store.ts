@@ -9,7 +9,7 @@ import { ManifestCatalog, manifestMeta, type ManifestMeta } from './catalog.ts';
 import { ChunkHasher, DEFAULT_CHUNK_SIZE, decodeChunkIndex, encodeChunkIndex } from './chunk-index.ts';
 import { DigestMismatchError, RangeNotSatisfiableError, UploadBusyError } from './errors.ts';
 import { sendFileRange } from './file-sender.ts';
-import { FsPartialBlob, type PartialBlob } from './partial-blob.ts';
+import { FsPartialBlob, readPartialIndex, type PartialBlob } from './partial-blob.ts';
 import { syncDir, syncFile, writeFileAtomic } from './fs-util.ts';
 import type {
   BlobInfo,
@@ -202,11 +202,12 @@ export class FsContentStore implements ContentStore {
     return this.#partials.get(digest)?.catch(() => undefined);
   }
 
-  async partialBlobs(): Promise<string[]> {
-    const out: string[] = [];
+  async partialBlobs(): Promise<ChunkIndex[]> {
+    const out: ChunkIndex[] = [];
     for (const name of await readdir(this.#partialDir)) {
-      const m = /^(sha256)-([0-9a-f]{64})$/.exec(name);
-      if (m) out.push(`${m[1]}:${m[2]}`);
+      if (!/^sha256-[0-9a-f]{64}\.index$/.test(name)) continue;
+      const index = await readPartialIndex(join(this.#partialDir, name));
+      if (index && `sha256-${index.blob.slice(7)}.index` === name) out.push(index);
     }
     return out;
   }

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { type FileHandle, open, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { Digester, parseDigest } from '@shoal/oci';
 import { ChunkBitmap } from './chunk-bitmap.ts';
-import { chunkIndexDigest } from './chunk-index.ts';
+import { decodeChunkIndex, encodeChunkIndex } from './chunk-index.ts';
 import { ChunkMismatchError, DigestMismatchError } from './errors.ts';
 import type { BlobInfo, ChunkIndex } from './types.ts';
 
@@ -77,11 +77,10 @@ export class FsPartialBlob implements PartialBlob {
    */
   static async open(index: ChunkIndex, paths: PartialBlobPaths, adopt: AdoptFile, onClose: () => void): Promise<FsPartialBlob> {
     if (parseDigest(index.blob).algorithm !== 'sha256') throw new Error(`partial blobs need sha256 digests, not ${index.blob}`);
-    const expected = chunkIndexDigest(index);
+    const encoded = encodeChunkIndex(index);
     let saved: Uint8Array | undefined;
     try {
-      const savedIndex = (await readFile(paths.index, 'utf8')).trim();
-      if (savedIndex === expected) saved = await readFile(paths.bitmap);
+      if ((await readFile(paths.index)).equals(encoded)) saved = await readFile(paths.bitmap);
     } catch {
       // Nothing to resume.
     }
@@ -94,7 +93,7 @@ export class FsPartialBlob implements PartialBlob {
         // A bitmap of another shape: start over.
       }
     } else {
-      await writeFile(paths.index, `${expected}\n`);
+      await writeFile(paths.index, encoded);
     }
     const blob = new FsPartialBlob(index.blob, index, have, paths, fh, adopt, onClose);
     if (saved) await blob.#reverify();
@@ -212,6 +211,15 @@ export class FsPartialBlob implements PartialBlob {
     await this.#bitmapWrite;
     await writeFile(this.#paths.bitmap, this.have.toBytes()).catch(() => {});
     await this.#fh.close();
+  }
+}
+
+/** The chunk index a partial blob on disk was started with, or undefined if it is unreadable. */
+export async function readPartialIndex(path: string): Promise<ChunkIndex | undefined> {
+  try {
+    return decodeChunkIndex(await readFile(path));
+  } catch {
+    return undefined;
   }
 }
 

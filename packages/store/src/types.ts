@@ -101,8 +101,8 @@ export interface ContentStore {
   openPartial(index: ChunkIndex): Promise<PartialBlob>;
   /** The partial blob of `digest` if one is open now, else undefined. */
   openedPartial(digest: string): Promise<PartialBlob | undefined>;
-  /** Digests of the partial blobs on disk, open or not (downloads to resume). */
-  partialBlobs(): Promise<string[]>;
+  /** The chunk indexes of the partial blobs on disk, open or not (downloads to resume). */
+  partialBlobs(): Promise<ChunkIndex[]>;
 
   /** Stores manifest bytes (as a blob) and records it in `repository`, tagging it if asked. */
   putManifest(repository: string, manifest: ParsedManifest, tag?: string): Promise<void>;

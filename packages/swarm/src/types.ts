@@ -1,3 +1,4 @@
+import type { TypedEventTarget } from '@libp2p/interface';
 import type { ChunkBitmap, ChunkIndex } from '@shoal/store';
 
 /** What one device holds of a blob: all of it, or the chunks set in a bitmap. */
@@ -43,7 +44,7 @@ export interface ProviderDirectoryEvents {
 }
 
 /** Who holds what: DHT provider records for whole blobs, gossip for partial ones. */
-export interface ProviderDirectory extends EventTarget {
+export interface ProviderDirectory extends TypedEventTarget<ProviderDirectoryEvents> {
   /** Peers believed to hold `blob` whole or in part; may be stale, the transport has the last word. */
   findHolders(blob: string, signal: AbortSignal): Promise<string[]>;
   /** This device now holds `blob` whole. */

@@ -1,0 +1,231 @@
+import { TypedEventEmitter } from '@libp2p/interface';
+import {
+  ChunkMismatchError,
+  chunkIndexDigest,
+  type BlobInfo,
+  type ChunkIndex,
+  type ContentStore,
+  type PartialBlob,
+} from '@shoal/store';
+import { Transfer, type TransferInfo } from './transfer.ts';
+import type { Availability, ChunkTransport, Holding, ProviderDirectory } from './types.ts';
+
+export interface DownloaderOptions {
+  store: ContentStore;
+  transport: ChunkTransport;
+  directory: ProviderDirectory;
+  /**
+   * The chunk-index digest a signed tag record vouches for, if any. With it, only holders with
+   * that exact index are used; without it, the index most holders agree on is used and the
+   * whole-blob digest check is the guard.
+   */
+  trustedIndexDigest?: (blob: string) => string | undefined;
+  /** Chunk requests in flight to one peer. Default 4. */
+  maxInFlightPerPeer?: number;
+  /** A chunk not received within this time is asked of another holder. Default 10 000 ms. */
+  chunkTimeoutMs?: number;
+  /** Limit for asking one peer what it holds. Default 3 000 ms. */
+  holdingTimeoutMs?: number;
+  /** A transfer with no usable holder for this long fails (its chunks stay on disk). Default 30 000 ms. */
+  stallTimeoutMs?: number;
+  /** How often a running transfer looks for new holders. Default 2 000 ms. */
+  rediscoverMs?: number;
+  /** A peer that sent a chunk that failed verification is not asked again for this long. Default 600 000 ms. */
+  banMs?: number;
+  /** Consecutive failures (errors, timeouts) after which a peer leaves a transfer. Default 3. */
+  maxPeerFailures?: number;
+  /** In endgame, how many peers may be asked for the same chunk. Default 2. */
+  endgameDuplicates?: number;
+  log?: { debug(obj: object, msg: string): void; warn(obj: object, msg: string): void };
+}
+
+export interface PeerBanned {
+  peer: string;
+  blob: string;
+  chunk: number;
+  until: number;
+}
+
+export interface DownloaderEvents {
+  'transfer:start': CustomEvent<TransferInfo>;
+  'transfer:complete': CustomEvent<TransferInfo>;
+  'transfer:failed': CustomEvent<TransferInfo & { error: string }>;
+  /** A verified chunk landed. */
+  chunk: CustomEvent<{ blob: string; peer: string; index: number; bytes: number }>;
+  'peer:banned': CustomEvent<PeerBanned>;
+}
+
+/** Nobody in the mesh holds the blob (or nobody answered). */
+export class NoHolderError extends Error {
+  override name = 'NoHolderError';
+  constructor(blob: string, detail = 'no device in the mesh holds it') {
+    super(`cannot fetch ${blob}: ${detail}`);
+  }
+}
+
+type Resolved = Required<Omit<DownloaderOptions, 'trustedIndexDigest' | 'log'>> & Pick<DownloaderOptions, 'trustedIndexDigest'> & {
+  log: NonNullable<DownloaderOptions['log']>;
+};
+
+const silentLog = { debug() {}, warn() {} };
+
+/**
+ * Fetches blobs chunk by chunk from every holder at once: rarest chunk first (random among
+ * equals, so devices pulling together spread out), a bounded number of requests per peer,
+ * endgame duplicates for the last chunks, re-requests when a peer fails or stalls, and a ban
+ * for a peer whose chunk fails verification. One transfer per blob, shared by all callers.
+ */
+export class Downloader extends TypedEventEmitter<DownloaderEvents> {
+  readonly options: Resolved;
+  readonly #transfers = new Map<string, Transfer>();
+  readonly #banned = new Map<string, number>();
+  #stopped = false;
+
+  constructor(options: DownloaderOptions) {
+    super();
+    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as DownloaderOptions;
+    this.options = {
+      maxInFlightPerPeer: 4,
+      chunkTimeoutMs: 10_000,
+      holdingTimeoutMs: 3_000,
+      stallTimeoutMs: 30_000,
+      rediscoverMs: 2_000,
+      banMs: 600_000,
+      maxPeerFailures: 3,
+      endgameDuplicates: 2,
+      ...given,
+      log: given.log ?? silentLog,
+    };
+  }
+
+  /**
+   * The transfer of `blob`, joined if under way, else started. It rejects with NoHolderError
+   * when no device holds the blob. `index`, when given (a resumed partial blob), skips asking
+   * holders for theirs.
+   */
+  async fetch(blob: string, index?: ChunkIndex): Promise<Transfer> {
+    if (this.#stopped) throw new Error('downloader is stopped');
+    const running = this.#transfers.get(blob);
+    if (running) return running;
+    const transfer = new Transfer(blob, this);
+    this.#transfers.set(blob, transfer);
+    transfer.done.then(
+      (info) => this.#ended(transfer, info),
+      (err: Error) => this.#ended(transfer, undefined, err),
+    );
+    await transfer.begin(index);
+    return transfer;
+  }
+
+  /** The transfer of `blob` if one is running. */
+  get(blob: string): Transfer | undefined {
+    return this.#transfers.get(blob);
+  }
+
+  list(): TransferInfo[] {
+    return [...this.#transfers.values()].map((t) => t.info());
+  }
+
+  /** Stops every transfer; their verified chunks stay on disk to resume. */
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    const running = [...this.#transfers.values()];
+    for (const t of running) t.cancel(new Error('downloader is stopping'));
+    await Promise.allSettled(running.map((t) => t.done));
+  }
+
+  isBanned(peer: string): boolean {
+    const until = this.#banned.get(peer);
+    if (until === undefined) return false;
+    if (until > Date.now()) return true;
+    this.#banned.delete(peer);
+    return false;
+  }
+
+  /** Called by a transfer when `peer` sent a chunk that failed verification. */
+  ban(peer: string, blob: string, chunk: number): void {
+    if (this.isBanned(peer)) return;
+    const until = Date.now() + this.options.banMs;
+    this.#banned.set(peer, until);
+    this.options.log.warn({ peer, blob, chunk }, 'peer sent a chunk that failed verification: banned');
+    this.dispatchEvent(new CustomEvent('peer:banned', { detail: { peer, blob, chunk, until } }));
+  }
+
+  /**
+   * Asks every candidate what it holds and picks the index to trust: the vouched-for one, or
+   * else the one most holders report.
+   */
+  async chooseIndex(blob: string, holdings: Map<string, Holding>): Promise<ChunkIndex | undefined> {
+    const trusted = this.options.trustedIndexDigest?.(blob);
+    const votes = new Map<string, { index: ChunkIndex; count: number }>();
+    for (const { index } of holdings.values()) {
+      const digest = chunkIndexDigest(index);
+      if (trusted !== undefined && digest !== trusted) continue;
+      const vote = votes.get(digest) ?? { index, count: 0 };
+      vote.count++;
+      votes.set(digest, vote);
+    }
+    return [...votes.values()].sort((a, b) => b.count - a.count)[0]?.index;
+  }
+
+  /** Asks `peers` concurrently what they hold of `blob`; failures and non-holders are left out. */
+  async holdings(blob: string, peers: Iterable<string>, signal: AbortSignal): Promise<Map<string, Holding>> {
+    const out = new Map<string, Holding>();
+    await Promise.all(
+      [...peers].map(async (peer) => {
+        if (this.isBanned(peer)) return;
+        try {
+          const holding = await this.options.transport.fetchHolding(
+            peer,
+            blob,
+            AbortSignal.any([signal, AbortSignal.timeout(this.options.holdingTimeoutMs)]),
+          );
+          if (holding && holding.index.blob === blob) out.set(peer, holding);
+        } catch (err) {
+          this.options.log.debug({ peer, blob, err }, 'holding query failed');
+        }
+      }),
+    );
+    return out;
+  }
+
+  /** Fetches one chunk from `peer` and writes it; what happened, for the transfer to act on. */
+  async fetchChunk(
+    partial: PartialBlob,
+    peer: string,
+    index: number,
+    signal: AbortSignal,
+  ): Promise<'ok' | 'missing' | 'bad' | 'failed' | 'aborted'> {
+    let bytes: Uint8Array | undefined;
+    try {
+      bytes = await this.options.transport.fetchChunk(
+        peer,
+        partial.digest,
+        index,
+        AbortSignal.any([signal, AbortSignal.timeout(this.options.chunkTimeoutMs)]),
+      );
+    } catch (err) {
+      if (signal.aborted) return 'aborted';
+      this.options.log.debug({ peer, blob: partial.digest, chunk: index, err }, 'chunk request failed');
+      return 'failed';
+    }
+    if (!bytes) return 'missing';
+    if (partial.have.has(index)) return 'ok';
+    try {
+      await partial.writeChunk(index, bytes);
+    } catch (err) {
+      if (err instanceof ChunkMismatchError) return 'bad';
+      throw err;
+    }
+    this.dispatchEvent(new CustomEvent('chunk', { detail: { blob: partial.digest, peer, index, bytes: bytes.byteLength } }));
+    return 'ok';
+  }
+
+  #ended(transfer: Transfer, _info: BlobInfo | undefined, err?: Error): void {
+    if (this.#transfers.get(transfer.blob) === transfer) this.#transfers.delete(transfer.blob);
+    if (err) this.dispatchEvent(new CustomEvent('transfer:failed', { detail: { ...transfer.info(), error: err.message } }));
+    else this.dispatchEvent(new CustomEvent('transfer:complete', { detail: transfer.info() }));
+  }
+}
+
+export type { Availability };

@@ -1,0 +1,120 @@
+import { TypedEventEmitter } from '@libp2p/interface';
+import type { ChunkBitmap } from '@shoal/store';
+import type { AvailabilityUpdate, ChunkSource, ChunkTransport, Holding, ProviderDirectory, ProviderDirectoryEvents } from './types.ts';
+
+/** What a memory peer does when asked for a chunk: serve it, or misbehave. */
+export type Fault = 'none' | 'corrupt' | 'fail' | 'stall';
+
+interface MemoryPeer {
+  source: ChunkSource;
+  fault: Fault;
+  /** Delay before each answer, to let requests overlap. */
+  delayMs: number;
+  online: boolean;
+}
+
+/**
+ * An in-memory mesh for tests of the downloader: devices are ChunkSources addressed by name,
+ * the transport calls them directly, and the directory is one shared table with availability
+ * events delivered to every device.
+ */
+export class MemoryNetwork {
+  readonly #peers = new Map<string, MemoryPeer>();
+  readonly #providers = new Map<string, Set<string>>();
+  readonly #directories = new Map<string, MemoryDirectory>();
+  /** Chunk requests served, by peer (for assertions on where bytes came from). */
+  readonly served = new Map<string, number>();
+
+  add(peer: string, source: ChunkSource, opts: { fault?: Fault; delayMs?: number } = {}): void {
+    this.#peers.set(peer, { source, fault: opts.fault ?? 'none', delayMs: opts.delayMs ?? 0, online: true });
+  }
+
+  setFault(peer: string, fault: Fault): void {
+    this.#peers.get(peer)!.fault = fault;
+  }
+
+  /** Takes a peer off the network: its requests fail and its records stay (stale, as in a real DHT). */
+  kill(peer: string): void {
+    this.#peers.get(peer)!.online = false;
+  }
+
+  directory(self: string): ProviderDirectory {
+    let directory = this.#directories.get(self);
+    if (!directory) {
+      directory = new MemoryDirectory(self, this.#providers, (update) => {
+        for (const [name, d] of this.#directories) if (name !== self) d.dispatchEvent(new CustomEvent('availability', { detail: update }));
+      });
+      this.#directories.set(self, directory);
+    }
+    return directory;
+  }
+
+  transport(): ChunkTransport {
+    const call = async <T>(name: string, signal: AbortSignal, fn: (p: MemoryPeer) => Promise<T>): Promise<T> => {
+      const peer = this.#peers.get(name);
+      if (!peer || !peer.online) throw new Error(`${name} is unreachable`);
+      if (peer.fault === 'fail') throw new Error(`${name} failed`);
+      if (peer.fault === 'stall') await aborted(signal);
+      if (peer.delayMs > 0) await delay(peer.delayMs, signal);
+      signal.throwIfAborted();
+      return fn(peer);
+    };
+    return {
+      fetchHolding: (name, blob, signal) => call<Holding | undefined>(name, signal, (p) => p.source.holding(blob)),
+      fetchChunk: (name, blob, index, signal) =>
+        call(name, signal, async (p) => {
+          const bytes = await p.source.readChunk(blob, index);
+          if (!bytes) return undefined;
+          this.served.set(name, (this.served.get(name) ?? 0) + 1);
+          if (p.fault !== 'corrupt') return bytes;
+          const bad = Uint8Array.from(bytes);
+          bad[0] = bad[0]! ^ 0xff;
+          return bad;
+        }),
+    };
+  }
+}
+
+class MemoryDirectory extends TypedEventEmitter<ProviderDirectoryEvents> implements ProviderDirectory {
+  readonly #self: string;
+  readonly #providers: Map<string, Set<string>>;
+  readonly #gossip: (update: AvailabilityUpdate) => void;
+
+  constructor(self: string, providers: Map<string, Set<string>>, gossip: (update: AvailabilityUpdate) => void) {
+    super();
+    this.#self = self;
+    this.#providers = providers;
+    this.#gossip = gossip;
+  }
+
+  async findHolders(blob: string): Promise<string[]> {
+    return [...(this.#providers.get(blob) ?? [])].filter((p) => p !== this.#self);
+  }
+
+  async announce(blob: string): Promise<void> {
+    const set = this.#providers.get(blob) ?? new Set();
+    set.add(this.#self);
+    this.#providers.set(blob, set);
+    this.#gossip({ peer: this.#self, blob, have: 'all' });
+  }
+
+  async withdraw(blob: string): Promise<void> {
+    this.#providers.get(blob)?.delete(this.#self);
+    this.#gossip({ peer: this.#self, blob, have: undefined });
+  }
+
+  announcePartial(blob: string, have: ChunkBitmap): void {
+    this.#gossip({ peer: this.#self, blob, have: have.clone() });
+  }
+}
+
+function delay(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener('abort', () => (clearTimeout(timer), reject(signal.reason)), { once: true });
+  });
+}
+
+function aborted(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => signal.addEventListener('abort', () => reject(signal.reason), { once: true }));
+}

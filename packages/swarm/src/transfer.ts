@@ -1,0 +1,401 @@
+import { Readable } from 'node:stream';
+import { chunkIndexDigest, chunkSpan, type BlobInfo, type ChunkIndex, type PartialBlob } from '@shoal/store';
+import { NoHolderError, type Downloader } from './downloader.ts';
+import type { Availability, AvailabilityUpdate, Holding } from './types.ts';
+
+export type TransferState = 'finding' | 'downloading' | 'verifying' | 'complete' | 'failed';
+
+/** A transfer as /api/transfers and the CLI show it. */
+export interface TransferInfo {
+  blob: string;
+  state: TransferState;
+  size: number;
+  chunks: number;
+  /** Chunks held, including those held before this transfer started (a resume). */
+  chunksHeld: number;
+  /** Bytes fetched by this transfer, by peer. */
+  sources: Record<string, number>;
+  /** Peers currently usable as sources. */
+  peers: number;
+  inFlight: number;
+  startedAt: number;
+  /** Bytes per second fetched since the start. */
+  rate: number;
+}
+
+interface PeerState {
+  have: Availability;
+  inFlight: Map<number, AbortController>;
+  failures: number;
+}
+
+/** Bytes a reader copies from the partial file per step. */
+const READ_STEP = 256 * 1024;
+/** How many chunks past a waiting reader's position go before rarest-first. */
+const URGENT_WINDOW = 4;
+
+/** One blob being fetched from the mesh; created by Downloader.fetch. */
+export class Transfer {
+  readonly blob: string;
+  readonly done: Promise<BlobInfo>;
+  readonly #downloader: Downloader;
+  readonly #settle: PromiseWithResolvers<BlobInfo>;
+  readonly #abort = new AbortController();
+  readonly #peers = new Map<string, PeerState>();
+  /** Peers asked for each chunk right now. */
+  readonly #asked = new Map<number, Set<string>>();
+  readonly #sources: Record<string, number> = {};
+  /** Chunk positions readers are waiting at. */
+  readonly #readers = new Map<symbol, number>();
+  readonly #checking = new Set<string>();
+  readonly #startedAt = Date.now();
+  #partial: PartialBlob | undefined;
+  #index: ChunkIndex | undefined;
+  #state: TransferState = 'finding';
+  #fetched = 0;
+  #lastUsable = performance.now();
+  #timer: NodeJS.Timeout | undefined;
+  #progress = Promise.withResolvers<void>();
+  #finishing = false;
+
+  constructor(blob: string, downloader: Downloader) {
+    this.blob = blob;
+    this.#downloader = downloader;
+    this.#settle = Promise.withResolvers<BlobInfo>();
+    this.done = this.#settle.promise;
+    // Callers that only stream may never await `done`.
+    this.done.catch(() => {});
+  }
+
+  get index(): ChunkIndex | undefined {
+    return this.#index;
+  }
+
+  get size(): number | undefined {
+    return this.#index?.size;
+  }
+
+  /** Finds holders and starts fetching; rejects (and fails the transfer) when nobody holds the blob. */
+  async begin(index?: ChunkIndex): Promise<void> {
+    const { directory } = this.#downloader.options;
+    try {
+      const holdings = await this.#downloader.holdings(
+        this.blob,
+        await directory.findHolders(this.blob, this.#abort.signal),
+        this.#abort.signal,
+      );
+      this.#index = index ?? (await this.#downloader.chooseIndex(this.blob, holdings));
+      if (!this.#index) throw new NoHolderError(this.blob);
+      this.#partial = await this.#downloader.options.store.openPartial(this.#index);
+      for (const [peer, holding] of holdings) this.#addHolder(peer, holding);
+    } catch (err) {
+      this.#fail(err as Error);
+      throw err;
+    }
+    this.#state = 'downloading';
+    directory.addEventListener('availability', this.#onAvailability);
+    this.#timer = setInterval(() => this.#tick(), this.#downloader.options.rediscoverMs);
+    this.#timer.unref();
+    this.#pump();
+  }
+
+  info(): TransferInfo {
+    const elapsed = Math.max(1, Date.now() - this.#startedAt);
+    let inFlight = 0;
+    for (const p of this.#peers.values()) inFlight += p.inFlight.size;
+    return {
+      blob: this.blob,
+      state: this.#state,
+      size: this.#index?.size ?? 0,
+      chunks: this.#index?.chunks.length ?? 0,
+      chunksHeld: this.#partial?.have.count ?? 0,
+      sources: { ...this.#sources },
+      peers: this.#peers.size,
+      inFlight,
+      startedAt: this.#startedAt,
+      rate: Math.round((this.#fetched * 1000) / elapsed),
+    };
+  }
+
+  /** Ends the transfer with `reason`; verified chunks stay on disk to resume. */
+  cancel(reason: Error): void {
+    this.#fail(reason);
+  }
+
+  /**
+   * Bytes [start, end] of the blob as they land, in order. Chunks a reader waits for are fetched
+   * first. The blob's last byte waits for the whole-blob check, so a client never sees a clean
+   * end of bad content.
+   */
+  read(start: number, end: number): Readable {
+    const self = this;
+    const reader = Symbol('reader');
+    const stream = Readable.from(
+      (async function* () {
+        try {
+          yield* self.#bytes(start, end, reader);
+        } finally {
+          self.#readers.delete(reader);
+        }
+      })(),
+      { objectMode: false, highWaterMark: READ_STEP },
+    );
+    return stream;
+  }
+
+  async *#bytes(start: number, end: number, reader: symbol): AsyncGenerator<Buffer> {
+    let position = start;
+    while (position <= end) {
+      if (this.#state === 'complete') {
+        const rest = await this.#downloader.options.store.readBlob(this.blob, { start: position, end });
+        if (!rest) throw new Error(`blob ${this.blob} vanished after its download`);
+        yield* rest.stream as AsyncIterable<Buffer>;
+        return;
+      }
+      if (this.#state === 'failed') await this.done;
+      const index = this.#index!;
+      const partial = this.#partial!;
+      const chunk = Math.floor(position / index.chunkSize);
+      const { offset, length } = chunkSpan(index, chunk);
+      const last = Math.min(end, offset + length - 1, index.size - 2);
+      const progressed = this.#progress.promise;
+      if (partial.have.has(chunk) && last >= position) {
+        const buffer = Buffer.allocUnsafe(Math.min(READ_STEP, last - position + 1));
+        let n: number;
+        try {
+          n = await partial.read(buffer, position);
+        } catch (err) {
+          // Committed (and so closed) between the check and the read: the store has it now.
+          if ((this.#state as TransferState) === 'complete') continue;
+          throw err;
+        }
+        if (n <= 0) throw new Error(`partial blob ${this.blob} is shorter than its chunks`);
+        position += n;
+        yield buffer.subarray(0, n);
+        continue;
+      }
+      this.#readers.set(reader, chunk);
+      this.#pump();
+      await Promise.race([progressed, this.done.then(() => undefined)]);
+    }
+  }
+
+  readonly #onAvailability = (evt: CustomEvent<AvailabilityUpdate>): void => {
+    const { peer, blob, have } = evt.detail;
+    if (blob !== this.blob) return;
+    const state = this.#peers.get(peer);
+    if (!have) {
+      this.#peers.delete(peer);
+      return;
+    }
+    if (state) {
+      state.have = have;
+      this.#pump();
+    } else {
+      void this.#check([peer]);
+    }
+  };
+
+  /** Asks peers not yet in the transfer what they hold, and adds those with our index. */
+  async #check(peers: string[]): Promise<void> {
+    const fresh = peers.filter((p) => !this.#peers.has(p) && !this.#checking.has(p) && !this.#downloader.isBanned(p));
+    if (fresh.length === 0) return;
+    for (const p of fresh) this.#checking.add(p);
+    try {
+      const holdings = await this.#downloader.holdings(this.blob, fresh, this.#abort.signal);
+      for (const [peer, holding] of holdings) this.#addHolder(peer, holding);
+    } finally {
+      for (const p of fresh) this.#checking.delete(p);
+    }
+    this.#pump();
+  }
+
+  #addHolder(peer: string, holding: Holding): void {
+    if (this.#finished || this.#downloader.isBanned(peer)) return;
+    if (chunkIndexDigest(holding.index) !== chunkIndexDigest(this.#index!)) return;
+    const state = this.#peers.get(peer);
+    if (state) state.have = holding.have;
+    else this.#peers.set(peer, { have: holding.have, inFlight: new Map(), failures: 0 });
+  }
+
+  #tick(): void {
+    if (this.#finished) return;
+    if (this.#peers.size > 0) this.#lastUsable = performance.now();
+    else if (performance.now() - this.#lastUsable > this.#downloader.options.stallTimeoutMs) {
+      this.#fail(new NoHolderError(this.blob, 'every holder left or failed'));
+      return;
+    }
+    const { directory } = this.#downloader.options;
+    void directory.findHolders(this.blob, this.#abort.signal).then(
+      (peers) => this.#check(peers),
+      () => {},
+    );
+    // Partial holders' bitmaps grow; gossip is rate-limited, so ask them again now and then.
+    const partialHolders = [...this.#peers].filter(([, s]) => s.have !== 'all').map(([p]) => p);
+    if (partialHolders.length > 0) {
+      void this.#downloader.holdings(this.blob, partialHolders, this.#abort.signal).then((holdings) => {
+        for (const [peer, holding] of holdings) this.#addHolder(peer, holding);
+        this.#pump();
+      });
+    }
+  }
+
+  get #finished(): boolean {
+    return this.#finishing || this.#state === 'complete' || this.#state === 'failed';
+  }
+
+  /** Fills every peer's free request slots. */
+  #pump(): void {
+    const partial = this.#partial;
+    if (!partial || this.#finished) return;
+    if (partial.have.complete) {
+      void this.#finish();
+      return;
+    }
+    const { maxInFlightPerPeer } = this.#downloader.options;
+    // Shuffled, so no peer is always asked first.
+    const peers = shuffle([...this.#peers.entries()]);
+    let asked = true;
+    while (asked) {
+      asked = false;
+      for (const [peer, state] of peers) {
+        if (state.inFlight.size >= maxInFlightPerPeer || !this.#peers.has(peer)) continue;
+        const chunk = this.#pick(peer, state);
+        if (chunk === undefined) continue;
+        this.#request(peer, state, chunk);
+        asked = true;
+      }
+    }
+  }
+
+  /** The chunk to ask `peer` for: one a reader waits for, else the rarest, else an endgame duplicate. */
+  #pick(peer: string, state: PeerState): number | undefined {
+    const partial = this.#partial!;
+    const holds = (i: number) => state.have === 'all' || state.have.has(i);
+    const open = (i: number) => !partial.have.has(i) && !this.#asked.get(i)?.size && holds(i);
+    for (const position of this.#readers.values()) {
+      for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i)) return i;
+    }
+    let best: number | undefined;
+    let bestCount = Infinity;
+    let ties = 0;
+    for (let i = 0; i < partial.have.length; i++) {
+      if (!open(i)) continue;
+      let count = 0;
+      for (const other of this.#peers.values()) if (other.have === 'all' || other.have.has(i)) count++;
+      if (count < bestCount) {
+        best = i;
+        bestCount = count;
+        ties = 1;
+      } else if (count === bestCount && Math.random() * ++ties < 1) {
+        best = i;
+      }
+    }
+    if (best !== undefined) return best;
+    // Endgame: every missing chunk is asked of someone; ask a second peer for the oldest.
+    const { endgameDuplicates } = this.#downloader.options;
+    for (const [i, askedPeers] of this.#asked) {
+      if (!partial.have.has(i) && holds(i) && !askedPeers.has(peer) && askedPeers.size < endgameDuplicates) return i;
+    }
+    return undefined;
+  }
+
+  #request(peer: string, state: PeerState, chunk: number): void {
+    const controller = new AbortController();
+    const signal = AbortSignal.any([this.#abort.signal, controller.signal]);
+    state.inFlight.set(chunk, controller);
+    const asked = this.#asked.get(chunk) ?? new Set<string>();
+    asked.add(peer);
+    this.#asked.set(chunk, asked);
+    const partial = this.#partial!;
+    this.#downloader.fetchChunk(partial, peer, chunk, signal).then(
+      (result) => {
+        state.inFlight.delete(chunk);
+        asked.delete(peer);
+        if (asked.size === 0) this.#asked.delete(chunk);
+        this.#settled(peer, state, chunk, result);
+      },
+      (err: Error) => this.#fail(err),
+    );
+  }
+
+  #settled(peer: string, state: PeerState, chunk: number, result: Awaited<ReturnType<Downloader['fetchChunk']>>): void {
+    const options = this.#downloader.options;
+    switch (result) {
+      case 'ok': {
+        state.failures = 0;
+        const { length } = chunkSpan(this.#index!, chunk);
+        this.#sources[peer] = (this.#sources[peer] ?? 0) + length;
+        this.#fetched += length;
+        // Endgame duplicates of this chunk are no longer needed.
+        for (const [other, s] of this.#peers) if (other !== peer) s.inFlight.get(chunk)?.abort();
+        options.directory.announcePartial(this.blob, this.#partial!.have);
+        this.#notify();
+        break;
+      }
+      case 'missing':
+        // It no longer holds what it claimed: leave it out until it says otherwise.
+        this.#peers.delete(peer);
+        break;
+      case 'bad':
+        this.#peers.delete(peer);
+        for (const controller of state.inFlight.values()) controller.abort();
+        this.#downloader.ban(peer, this.blob, chunk);
+        break;
+      case 'failed':
+        if (++state.failures >= options.maxPeerFailures) this.#peers.delete(peer);
+        break;
+      case 'aborted':
+        break;
+    }
+    this.#pump();
+  }
+
+  async #finish(): Promise<void> {
+    if (this.#finished) return;
+    this.#finishing = true;
+    this.#state = 'verifying';
+    this.#stopTimers();
+    try {
+      const info = await this.#partial!.commit();
+      this.#state = 'complete';
+      this.#notify();
+      this.#settle.resolve(info);
+      this.#downloader.options.directory.announce(this.blob).catch((err) =>
+        this.#downloader.options.log.debug({ blob: this.blob, err }, 'announcing a fetched blob failed'),
+      );
+    } catch (err) {
+      this.#finishing = false;
+      this.#fail(err as Error);
+    }
+  }
+
+  #fail(err: Error): void {
+    if (this.#state === 'complete' || this.#state === 'failed') return;
+    this.#state = 'failed';
+    this.#stopTimers();
+    this.#abort.abort(err);
+    void this.#partial?.close();
+    this.#settle.reject(err);
+    this.#notify();
+  }
+
+  #stopTimers(): void {
+    clearInterval(this.#timer);
+    this.#downloader.options.directory.removeEventListener('availability', this.#onAvailability);
+  }
+
+  #notify(): void {
+    const current = this.#progress;
+    this.#progress = Promise.withResolvers<void>();
+    current.resolve();
+  }
+}
+
+function shuffle<T>(items: T[]): T[] {
+  for (let i = items.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [items[i], items[j]] = [items[j]!, items[i]!];
+  }
+  return items;
+}

@@ -1,0 +1,210 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { buffer } from 'node:stream/consumers';
+import { sha256Of } from '@shoal/oci';
+import { ChunkHasher, chunkIndexDigest, chunkSpan, FsContentStore, type ChunkIndex } from '@shoal/store';
+import { Downloader, MemoryNetwork, NoHolderError, StoreChunkSource, type DownloaderOptions } from '@shoal/swarm';
+
+const CHUNK = 64 * 1024;
+
+interface Device {
+  name: string;
+  store: FsContentStore;
+  downloader: Downloader;
+}
+
+/** Devices with real stores on disk, joined by an in-memory transport and directory. */
+class Fixture {
+  readonly net = new MemoryNetwork();
+  readonly devices: Device[] = [];
+  readonly dirs: string[] = [];
+
+  async device(name: string, opts: Partial<DownloaderOptions> & { delayMs?: number } = {}): Promise<Device> {
+    const dir = await mkdtemp(join(tmpdir(), `shoal-swarm-${name}-`));
+    this.dirs.push(dir);
+    const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    this.net.add(name, new StoreChunkSource(store), { delayMs: opts.delayMs ?? 1 });
+    const downloader = new Downloader({
+      store,
+      transport: this.net.transport(),
+      directory: this.net.directory(name),
+      chunkTimeoutMs: 500,
+      rediscoverMs: 100,
+      stallTimeoutMs: 2_000,
+      ...opts,
+    });
+    const device = { name, store, downloader };
+    this.devices.push(device);
+    return device;
+  }
+
+  /** Puts `bytes` on `device` and announces it. */
+  async seed(device: Device, bytes: Buffer): Promise<string> {
+    const digest = sha256Of(bytes);
+    await device.store.putBlob(digest, [bytes]);
+    await this.net.directory(device.name).announce(digest);
+    return digest;
+  }
+
+  async close(): Promise<void> {
+    for (const d of this.devices) {
+      await d.downloader.stop();
+      await d.store.close();
+    }
+    for (const dir of this.dirs) await rm(dir, { recursive: true, force: true });
+  }
+}
+
+async function withFixture(fn: (f: Fixture) => Promise<void>): Promise<void> {
+  const f = new Fixture();
+  try {
+    await fn(f);
+  } finally {
+    await f.close();
+  }
+}
+
+async function stored(store: FsContentStore, digest: string): Promise<Buffer> {
+  return buffer((await store.readBlob(digest))!.stream);
+}
+
+function indexOf(bytes: Buffer): ChunkIndex {
+  const h = new ChunkHasher(CHUNK);
+  h.update(bytes);
+  return h.finish(sha256Of(bytes), bytes.length);
+}
+
+test('a blob is fetched from several holders at once, verified and announced', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(40 * CHUNK + 17);
+    const holders = [await f.device('a'), await f.device('b'), await f.device('c')];
+    let digest = '';
+    for (const h of holders) digest = await f.seed(h, bytes);
+    const d = await f.device('d');
+    const transfer = await d.downloader.fetch(digest);
+    assert.equal(await d.downloader.fetch(digest), transfer, 'one transfer per blob');
+    assert.deepEqual(await transfer.done, { digest, size: bytes.length });
+    assert.ok((await stored(d.store, digest)).equals(bytes));
+    const sources = Object.keys(transfer.info().sources);
+    assert.ok(sources.length >= 2, `chunks came from ${sources.join(', ')}`);
+    assert.ok((await f.net.directory('e').findHolders(digest)).includes('d'), 'd announced the blob');
+  }));
+
+test('a peer that sends a corrupt chunk is banned and the blob still arrives intact', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(30 * CHUNK);
+    const good = await f.device('good');
+    const evil = await f.device('evil');
+    const digest = await f.seed(good, bytes);
+    await f.seed(evil, bytes);
+    f.net.setFault('evil', 'corrupt');
+    const d = await f.device('d');
+    const banned: string[] = [];
+    d.downloader.addEventListener('peer:banned', (e) => banned.push(e.detail.peer));
+    const transfer = await d.downloader.fetch(digest);
+    await transfer.done;
+    assert.deepEqual(banned, ['evil']);
+    assert.ok(d.downloader.isBanned('evil'));
+    assert.equal(transfer.info().sources.evil, undefined, 'no byte from the corrupt peer counted');
+    assert.ok((await stored(d.store, digest)).equals(bytes));
+  }));
+
+test('a peer that stalls or dies mid-transfer is replaced by the other holders', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(40 * CHUNK);
+    const a = await f.device('a', { delayMs: 5 });
+    const b = await f.device('b', { delayMs: 5 });
+    const c = await f.device('c', { delayMs: 5 });
+    const digest = await f.seed(a, bytes);
+    await f.seed(b, bytes);
+    await f.seed(c, bytes);
+    const d = await f.device('d', { chunkTimeoutMs: 200 });
+    const transfer = await d.downloader.fetch(digest);
+    await new Promise((r) => setTimeout(r, 30));
+    f.net.setFault('a', 'stall');
+    f.net.kill('b');
+    await transfer.done;
+    assert.ok((await stored(d.store, digest)).equals(bytes));
+    assert.ok(transfer.info().sources.c! > 0);
+  }));
+
+test('nobody holding the blob is a NoHolderError', () =>
+  withFixture(async (f) => {
+    const d = await f.device('d');
+    await assert.rejects(d.downloader.fetch(sha256Of('nothing')), NoHolderError);
+    assert.equal(d.downloader.list().length, 0);
+  }));
+
+test('a device serves the chunks it has while it is still downloading', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(60 * CHUNK);
+    const seeder = await f.device('seeder', { delayMs: 3 });
+    const digest = await f.seed(seeder, bytes);
+    const b = await f.device('b', { delayMs: 1 });
+    const c = await f.device('c', { delayMs: 1 });
+    const [tb, tc] = await Promise.all([b.downloader.fetch(digest), c.downloader.fetch(digest)]);
+    await Promise.all([tb.done, tc.done]);
+    assert.ok((await stored(b.store, digest)).equals(bytes) && (await stored(c.store, digest)).equals(bytes));
+    // Each fetched something from the other, which held only part of the blob at the time.
+    assert.ok((tb.info().sources.c ?? 0) + (tc.info().sources.b ?? 0) > 0, JSON.stringify([tb.info().sources, tc.info().sources]));
+  }));
+
+test('with a vouched-for chunk index, holders that report another index are not used', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(8 * CHUNK);
+    const index = indexOf(bytes);
+    const honest = await f.device('honest');
+    const digest = await f.seed(honest, bytes);
+    // A liar that claims the blob with a made-up index whose chunks match its own bytes.
+    const junk = randomBytes(8 * CHUNK);
+    const lie = { ...indexOf(junk), blob: digest };
+    f.net.add('liar', {
+      holding: async () => ({ index: lie, have: 'all' }),
+      readChunk: async (_b, i) => {
+        const { offset, length } = chunkSpan(lie, i);
+        return junk.subarray(offset, offset + length);
+      },
+    });
+    await f.net.directory('liar').announce(digest);
+    const d = await f.device('d', { trustedIndexDigest: () => chunkIndexDigest(index) });
+    const transfer = await d.downloader.fetch(digest);
+    await transfer.done;
+    assert.deepEqual(Object.keys(transfer.info().sources), ['honest']);
+  }));
+
+test('a stream follows the download in order and holds the last byte until the blob is verified', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(20 * CHUNK + 5);
+    const a = await f.device('a', { delayMs: 3 });
+    const digest = await f.seed(a, bytes);
+    const d = await f.device('d');
+    const transfer = await d.downloader.fetch(digest);
+    const [whole, range] = await Promise.all([buffer(transfer.read(0, bytes.length - 1)), buffer(transfer.read(CHUNK - 3, 3 * CHUNK))]);
+    assert.ok(whole.equals(bytes));
+    assert.ok(range.equals(bytes.subarray(CHUNK - 3, 3 * CHUNK + 1)));
+    assert.equal(transfer.info().state, 'complete');
+  }));
+
+test('a resumed download fetches only the chunks it lacks', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(16 * CHUNK);
+    const index = indexOf(bytes);
+    const a = await f.device('a');
+    const digest = await f.seed(a, bytes);
+    const d = await f.device('d');
+    const partial = await d.store.openPartial(index);
+    for (let i = 0; i < 10; i++) {
+      const { offset, length } = chunkSpan(index, i);
+      await partial.writeChunk(i, bytes.subarray(offset, offset + length));
+    }
+    await partial.close();
+    const [resumable] = await d.store.partialBlobs();
+    const transfer = await d.downloader.fetch(digest, resumable);
+    await transfer.done;
+    assert.equal(f.net.served.get('a'), 6);
+    assert.ok((await stored(d.store, digest)).equals(bytes));
+  }));
