@@ -3,3 +3,5 @@ export * from './peer-key.ts';
 export * from './swarm-key.ts';
 export * from './membership.ts';
 export * from './membership-codec.ts';
+export * from './tag-record.ts';
+export * from './tag-directory.ts';
