@@ -1,1 +1,15 @@
 export * from './types.ts';
+export {
+  CHUNK_PROTOCOL,
+  ChunkPeerError,
+  ChunkProtocolError,
+  ChunkStallError,
+  chunkLength,
+  MAX_CHUNK_BYTES,
+  MAX_HEADER_FRAME_BYTES,
+  MAX_RANGE_BYTES,
+  MAX_REQUEST_FRAME_BYTES,
+  type ChunkRequest,
+} from './chunk-protocol.ts';
+export * from './chunk-server.ts';
+export * from './libp2p-transport.ts';

@@ -1,0 +1,238 @@
+import type { Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/interface';
+import { peerIdFromString } from '@libp2p/peer-id';
+import type { MeshHost, MeshLog } from '@shoal/mesh';
+import { isDigest } from '@shoal/oci';
+import {
+  CHUNK_PROTOCOL,
+  ChunkProtocolError,
+  ChunkStallError,
+  chunkLength,
+  decodeHoldingHeader,
+  decodePayloadHeader,
+  encodeRequest,
+  FrameReader,
+  MAX_CHUNK_BYTES,
+  MAX_HEADER_FRAME_BYTES,
+  MAX_PAYLOAD_HEADER_FRAME_BYTES,
+  MAX_RANGE_BYTES,
+  pieces,
+  StallTimer,
+  type ChunkRequest,
+} from './chunk-protocol.ts';
+import type { ChunkTransport, Holding } from './types.ts';
+
+export interface Libp2pChunkTransportOptions {
+  /** Default `/shoal/chunks/1.0.0`. */
+  protocol?: string;
+  /**
+   * A request on which no byte arrives for this long rejects with ChunkStallError, whatever the
+   * caller's signal allows; it catches a peer that stops sending mid-chunk. Default 10 000 ms.
+   */
+  stallTimeoutMs?: number;
+  /** Default silent. */
+  log?: MeshLog;
+}
+
+/** Chunk geometry per (peer, blob) from fetchHolding answers; enough to know each chunk's length. */
+const MAX_REMEMBERED_GEOMETRIES = 4096;
+
+const silentLog: MeshLog = { debug() {}, warn() {} };
+
+/**
+ * ChunkTransport over `/shoal/chunks/1.0.0`: one stream per request. It checks framing and byte
+ * counts, not content: the downloader verifies chunk hashes.
+ */
+export class Libp2pChunkTransport implements ChunkTransport {
+  readonly #host: MeshHost;
+  readonly #options: Required<Libp2pChunkTransportOptions>;
+  // Insertion-ordered, so the oldest entry is evicted first.
+  readonly #geometry = new Map<string, { size: number; chunkSize: number }>();
+
+  constructor(host: MeshHost, options: Libp2pChunkTransportOptions = {}) {
+    this.#host = host;
+    this.#options = {
+      protocol: CHUNK_PROTOCOL,
+      stallTimeoutMs: 10_000,
+      log: silentLog,
+      ...withoutUndefined(options),
+    };
+    if (!Number.isInteger(this.#options.stallTimeoutMs) || this.#options.stallTimeoutMs < 1) {
+      throw new RangeError(`stallTimeoutMs must be a positive integer, got ${this.#options.stallTimeoutMs}`);
+    }
+  }
+
+  /** The peer's chunk index and availability of `blob`, or undefined when it holds none of it. */
+  async fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined> {
+    checkDigest(blob);
+    const { result } = await this.#request(peer, { op: 'holding', blob }, signal, MAX_HEADER_FRAME_BYTES, (frame) => ({
+      result: decodeHoldingHeader(frame, blob),
+    }));
+    if (result) this.#remember(peer, blob, result.index);
+    return result;
+  }
+
+  /**
+   * Chunk `index` of `blob` from `peer`, or undefined when the peer lacks it. Its length must be
+   * `expectedLength` if given, else what the peer's last fetchHolding index implies, else at most
+   * MAX_CHUNK_BYTES. Chunk hashes are not checked here.
+   */
+  async fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal, expectedLength?: number): Promise<Uint8Array | undefined> {
+    checkDigest(blob);
+    if (!Number.isInteger(index) || index < 0 || index >= 2 ** 31) throw new RangeError(`bad chunk index ${index}`);
+    if (expectedLength !== undefined && !(Number.isInteger(expectedLength) && expectedLength > 0 && expectedLength <= MAX_CHUNK_BYTES)) {
+      throw new RangeError(`bad expected chunk length ${expectedLength}`);
+    }
+    const geometry = this.#geometry.get(key(peer, blob));
+    // null: the peer's own index has no such chunk, so any bytes it sends break the protocol.
+    const expected = expectedLength ?? (geometry ? (chunkLength(geometry, index) ?? null) : undefined);
+    const { payload } = await this.#request(peer, { op: 'chunk', blob, index }, signal, MAX_PAYLOAD_HEADER_FRAME_BYTES, (frame) => {
+      const length = decodePayloadHeader(frame, MAX_CHUNK_BYTES);
+      if (length === undefined) return { result: undefined };
+      if (expected === null) throw new ChunkProtocolError(`peer sent chunk ${index}, past the end of its own index`);
+      if (length !== (expected ?? length) || length === 0) {
+        throw new ChunkProtocolError(`peer announced ${length} bytes for chunk ${index}, expected ${expected ?? 'at least 1'}`);
+      }
+      return { result: undefined, payload: length };
+    });
+    return payload;
+  }
+
+  /** `length` bytes of `blob` from `offset` (length at most MAX_RANGE_BYTES), or undefined when the peer lacks some. */
+  async fetchRange(peer: string, blob: string, offset: number, length: number, signal: AbortSignal): Promise<Uint8Array | undefined> {
+    checkDigest(blob);
+    if (!Number.isSafeInteger(offset) || offset < 0) throw new RangeError(`bad range offset ${offset}`);
+    if (!Number.isInteger(length) || length < 0 || length > MAX_RANGE_BYTES) throw new RangeError(`range length must be 0 to ${MAX_RANGE_BYTES}`);
+    const { payload } = await this.#request(peer, { op: 'range', blob, offset, length }, signal, MAX_PAYLOAD_HEADER_FRAME_BYTES, (frame) => {
+      const announced = decodePayloadHeader(frame, MAX_RANGE_BYTES);
+      if (announced === undefined) return { result: undefined };
+      if (announced !== length) throw new ChunkProtocolError(`peer announced ${announced} bytes for a range of ${length}`);
+      return { result: undefined, payload: length };
+    });
+    return payload;
+  }
+
+  #remember(peer: string, blob: string, index: { size: number; chunkSize: number }): void {
+    const k = key(peer, blob);
+    this.#geometry.delete(k);
+    this.#geometry.set(k, { size: index.size, chunkSize: index.chunkSize });
+    if (this.#geometry.size > MAX_REMEMBERED_GEOMETRIES) this.#geometry.delete(this.#geometry.keys().next().value!);
+  }
+
+  /**
+   * One request on a fresh stream: sends the frame, half-closes, reads the header and then exactly
+   * the payload length it announces straight into one preallocated buffer. Resolves only when the
+   * peer has closed its side, so surplus bytes are caught; rejects on anything else.
+   */
+  async #request<T>(
+    peer: string,
+    request: ChunkRequest,
+    signal: AbortSignal,
+    maxHeaderBytes: number,
+    onHeader: (frame: Buffer) => { result: T; payload?: number },
+  ): Promise<{ result: T; payload?: Buffer }> {
+    signal.throwIfAborted();
+    const stream = await this.#host.node.dialProtocol(peerIdFromString(peer), this.#options.protocol, { signal });
+    try {
+      return await receive(stream, request, signal, maxHeaderBytes, this.#options.stallTimeoutMs, onHeader);
+    } catch (err) {
+      this.#options.log.debug({ peer, request, err }, 'chunk request failed');
+      throw err;
+    }
+  }
+}
+
+function receive<T>(
+  stream: Stream,
+  request: ChunkRequest,
+  signal: AbortSignal,
+  maxHeaderBytes: number,
+  stallTimeoutMs: number,
+  onHeader: (frame: Buffer) => { result: T; payload?: number },
+): Promise<{ result: T; payload?: Buffer }> {
+  return new Promise((resolve, reject) => {
+    const reader = new FrameReader(maxHeaderBytes);
+    let header: { result: T; payload?: number } | undefined;
+    let payload: Buffer | undefined;
+    let filled = 0;
+    let settled = false;
+
+    const cleanup = (): void => {
+      settled = true;
+      stall.pause();
+      signal.removeEventListener('abort', onAbort);
+      stream.removeEventListener('message', onMessage);
+      stream.removeEventListener('end', onEnd);
+      stream.removeEventListener('close', onClose);
+    };
+    const fail = (err: unknown): void => {
+      if (settled) return;
+      cleanup();
+      stream.abort(err instanceof Error ? err : new Error(String(err)));
+      reject(err);
+    };
+    const consume = (piece: Uint8Array): void => {
+      if (!header) {
+        const read = reader.push(piece);
+        if (!read) return;
+        header = onHeader(read.frame);
+        if (header.payload !== undefined) payload = Buffer.allocUnsafe(header.payload);
+        piece = read.rest;
+        if (piece.byteLength === 0) return;
+      }
+      if (!payload || filled + piece.byteLength > payload.byteLength) {
+        throw new ChunkProtocolError(`peer sent more than the ${payload?.byteLength ?? 0} bytes it announced`);
+      }
+      payload.set(piece, filled);
+      filled += piece.byteLength;
+    };
+    const onMessage = (evt: StreamMessageEvent): void => {
+      stall.touch();
+      try {
+        for (const piece of pieces(evt.data)) consume(piece);
+      } catch (err) {
+        fail(err);
+      }
+    };
+    const onEnd = (): void => {
+      // abort() and a remote reset emit 'end' too; 'close' follows with the reason.
+      if (settled || (stream.status !== 'open' && stream.status !== 'closed')) return;
+      if (!header) return fail(new ChunkProtocolError('peer closed the stream before a whole answer'));
+      if (payload && filled < payload.byteLength) {
+        return fail(new ChunkProtocolError(`peer closed the stream after ${filled} of ${payload.byteLength} bytes`));
+      }
+      cleanup();
+      resolve({ result: header.result, payload });
+    };
+    const onClose = (evt: StreamCloseEvent): void => {
+      if (evt.error) fail(evt.error);
+      else onEnd();
+    };
+    const onAbort = (): void => fail(signal.reason);
+    const stall = new StallTimer(stallTimeoutMs, () => fail(new ChunkStallError(`no data from peer for ${stallTimeoutMs} ms`)));
+
+    signal.addEventListener('abort', onAbort, { once: true });
+    stream.addEventListener('message', onMessage);
+    stream.addEventListener('end', onEnd);
+    stream.addEventListener('close', onClose);
+    if (signal.aborted) return fail(signal.reason);
+    try {
+      stream.send(encodeRequest(request));
+      // Half-close: the server needs nothing more, and our FIN tells it so.
+      stream.close({ signal }).catch(fail);
+    } catch (err) {
+      fail(err);
+    }
+  });
+}
+
+function checkDigest(blob: string): void {
+  if (!isDigest(blob)) throw new TypeError(`not a digest: ${JSON.stringify(blob.slice(0, 80))}`);
+}
+
+function key(peer: string, blob: string): string {
+  return `${peer} ${blob}`;
+}
+
+function withoutUndefined<T extends object>(options: T): Partial<T> {
+  return Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as Partial<T>;
+}
