@@ -6,6 +6,9 @@ import { ShoalNode } from './daemon.ts';
 import { generateSwarmKey, type Member, type ServiceInstance, type ServiceRegistration } from '@shoal/mesh';
 import { formatAgo, formatBytes, formatPairs, formatTable, shortDigest, shortMediaType, shortPeerId } from './format.ts';
 import { createLogger } from './logger.ts';
+import { PullProgress } from './pull-progress.ts';
+import type { PullEvent } from './puller.ts';
+import type { TransferInfo } from '@shoal/swarm';
 import { VERSION } from './version.ts';
 
 const DEFAULT_API = process.env.SHOAL_API ?? 'http://127.0.0.1:7070';
@@ -82,6 +85,37 @@ program
       shortDigest(i.digest),
       formatBytes(i.size),
       shortMediaType(i.mediaType),
+    ]);
+  });
+
+program
+  .command('pull')
+  .description('prefetch an image into this node from the mesh (or its upstream), with progress')
+  .argument('<image>', 'name[:tag|@digest], e.g. library/app:1 or ghcr.io/org/app:2')
+  .addOption(apiOption())
+  .action(async (image: string, opts) => {
+    const progress = new PullProgress(process.stdout);
+    for await (const event of streamJson(opts.api, '/api/pull', { image })) {
+      const e = event as PullEvent;
+      if (e.type === 'error') throw new CliError(`pull ${image}: ${e.message}`);
+      progress.update(e);
+    }
+  });
+
+program
+  .command('transfers')
+  .description('list the mesh transfers under way on this node')
+  .addOption(apiOption())
+  .option('--json', 'print JSON')
+  .action(async (opts) => {
+    const transfers = (await getJson(opts.api, '/api/transfers')) as TransferInfo[];
+    printList(transfers, opts.json, 'no transfers', ['BLOB', 'STATE', 'CHUNKS', 'SIZE', 'RATE', 'SOURCES'], (t) => [
+      shortDigest(t.blob),
+      t.state,
+      `${t.chunksHeld}/${t.chunks}`,
+      formatBytes(t.size),
+      `${formatBytes(t.rate)}/s`,
+      String(Object.keys(t.sources).length),
     ]);
   });
 
@@ -184,15 +218,7 @@ function getJson(api: string, path: string): Promise<unknown> {
 /** Calls the control API; any failure becomes a CliError a person can act on. */
 async function sendJson(api: string, method: string, path: string, body?: unknown): Promise<unknown> {
   const url = new URL(path, api);
-  let res: Response;
-  try {
-    res = await fetch(url, {
-      method,
-      ...(body === undefined ? {} : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
-    });
-  } catch (err) {
-    throw new CliError(`cannot reach the Shoal node at ${api} (${(err as Error & { cause?: Error }).cause?.message ?? (err as Error).message}); is \`shoal node\` running? (--api URL)`);
-  }
+  const res = await request(api, url, method, body);
   const text = await res.text();
   if (!res.ok) {
     let message = text;
@@ -204,6 +230,35 @@ async function sendJson(api: string, method: string, path: string, body?: unknow
     throw new CliError(`${method} ${url.pathname}: ${message} (HTTP ${res.status})`);
   }
   return text ? JSON.parse(text) : undefined;
+}
+
+/** One control API request; an unreachable node becomes a CliError a person can act on. */
+async function request(api: string, url: URL, method: string, body?: unknown): Promise<Response> {
+  try {
+    return await fetch(url, {
+      method,
+      ...(body === undefined ? {} : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
+    });
+  } catch (err) {
+    throw new CliError(`cannot reach the Shoal node at ${api} (${(err as Error & { cause?: Error }).cause?.message ?? (err as Error).message}); is \`shoal node\` running? (--api URL)`);
+  }
+}
+
+/** POSTs `body` and yields each NDJSON line of the answer as it arrives. */
+async function* streamJson(api: string, path: string, body: unknown): AsyncGenerator<unknown> {
+  const url = new URL(path, api);
+  const res = await request(api, url, 'POST', body);
+  if (!res.ok || !res.body) throw new CliError(`POST ${url.pathname}: ${await res.text()} (HTTP ${res.status})`);
+  let pending = '';
+  for await (const piece of res.body.pipeThrough(new TextDecoderStream())) {
+    pending += piece;
+    let newline: number;
+    while ((newline = pending.indexOf('\n')) >= 0) {
+      const line = pending.slice(0, newline);
+      pending = pending.slice(newline + 1);
+      if (line.trim()) yield JSON.parse(line);
+    }
+  }
 }
 
 class CliError extends Error {}

@@ -35,6 +35,11 @@ export interface NodeConfig {
   labels: Record<string, string>;
   /** Services this device offers, announced to the mesh at start (checked by the mesh). */
   services: ServiceRegistration[];
+  /**
+   * Test-only fault switch (environment `SHOAL_FAULT_CORRUPT_CHUNKS=1`, never a flag or config
+   * key): every chunk this node serves to peers is corrupted, to test that peers catch it.
+   */
+  faultCorruptChunks?: boolean;
 }
 
 export interface HostPort {
@@ -129,6 +134,7 @@ export function resolveConfig(...inputs: ConfigInput[]): NodeConfig {
   };
   if (!Array.isArray(config.services)) throw new ConfigError('services must be a list of {name, port | url, protocol?, meta?}');
   if (merged.pushToken) config.pushToken = merged.pushToken;
+  if (process.env.SHOAL_FAULT_CORRUPT_CHUNKS === '1') config.faultCorruptChunks = true;
   if (merged.swarmKey) config.swarmKey = resolve(merged.swarmKey);
   if (typeof config.mdns !== 'boolean') throw new ConfigError('mdns must be true or false');
   if (!isValidRegistry(config.defaultNamespace)) {

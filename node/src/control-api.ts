@@ -1,11 +1,20 @@
 import { Hono } from 'hono';
-import { MembershipFormatError, type Membership, type ServiceRegistration } from '@shoal/mesh';
+import { stream } from 'hono/streaming';
+import type { TransferInfo } from '@shoal/swarm';
+import type { PullEvent } from './puller.ts';
+import { MembershipFormatError, type Membership, type ServiceRegistration, type TagRecord } from '@shoal/mesh';
 import type { ContentStore } from '@shoal/store';
 
 export interface ControlApiDeps {
   store: ContentStore;
   /** The membership service once it runs (it starts after the API, which it advertises). */
   membership: () => Membership | undefined;
+  /** Live mesh transfers. */
+  transfers: () => TransferInfo[];
+  /** The mesh-wide tag table. */
+  tags: () => TagRecord[];
+  /** Prefetches an image, yielding progress. */
+  pull: (image: string) => AsyncGenerator<PullEvent>;
   /** Static facts about this node, shown by /healthz. */
   node: { name: string; version: string };
 }
@@ -17,6 +26,25 @@ export function createControlApi(deps: ControlApiDeps): Hono {
   app.get('/healthz', (c) => c.json({ status: 'ok', name: deps.node.name, version: deps.node.version }));
 
   app.get('/api/images', async (c) => c.json(await deps.store.listImages()));
+
+  app.get('/api/transfers', (c) => c.json(deps.transfers()));
+
+  app.get('/api/tags', (c) => c.json(deps.tags()));
+
+  // Progress as NDJSON lines, so `shoal pull` can draw bars while the pull runs.
+  app.post('/api/pull', async (c) => {
+    const body = (await c.req.json().catch(() => undefined)) as { image?: unknown } | undefined;
+    if (typeof body?.image !== 'string' || body.image === '') return c.json({ error: 'expected {"image": "name[:tag|@digest]"}' }, 400);
+    const image = body.image;
+    c.header('Content-Type', 'application/x-ndjson');
+    return stream(c, async (out) => {
+      try {
+        for await (const event of deps.pull(image)) await out.write(`${JSON.stringify(event)}\n`);
+      } catch (err) {
+        await out.write(`${JSON.stringify({ type: 'error', message: (err as Error).message } satisfies PullEvent)}\n`);
+      }
+    });
+  });
 
   app.get('/api/peers', (c) => c.json(deps.membership()?.list() ?? []));
 

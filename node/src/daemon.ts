@@ -6,8 +6,19 @@ import type { FastifyInstance } from 'fastify';
 import { FsContentStore } from '@shoal/store';
 import { createGateway, LocalRegistry, MirroringRegistry, UpstreamClient, type Registry } from '@shoal/registry-gateway';
 import { loadavg } from 'node:os';
-import { loadOrCreatePeerKey, loadSwarmKey, MeshHost, Membership } from '@shoal/mesh';
+import { join } from 'node:path';
+import { loadOrCreatePeerKey, loadSwarmKey, MeshHost, Membership, TagDirectory } from '@shoal/mesh';
+import {
+  ChunkServer,
+  Downloader,
+  Libp2pChunkTransport,
+  MeshProviderDirectory,
+  MeshPublisher,
+  StoreChunkSource,
+  SwarmRegistry,
+} from '@shoal/swarm';
 import { createControlApi } from './control-api.ts';
+import { Puller } from './puller.ts';
 import { isLoopback, type HostPort, type NodeConfig } from './config.ts';
 import type { Logger } from './logger.ts';
 import { VERSION } from './version.ts';
@@ -25,6 +36,11 @@ export class ShoalNode {
   #api?: Server;
   #mesh?: MeshHost;
   #membership?: Membership;
+  #tags?: TagDirectory;
+  #directory?: MeshProviderDirectory;
+  #chunkServer?: ChunkServer;
+  #downloader?: Downloader;
+  #publisher?: MeshPublisher;
   #usage = { bytes: 0, at: -Infinity };
   gatewayUrl = '';
   apiUrl = '';
@@ -37,7 +53,51 @@ export class ShoalNode {
   async start(): Promise<void> {
     const { config, log } = this;
     this.#store = await FsContentStore.open({ dir: config.dataDir });
-    const registry = this.#registry(this.#store);
+    const privateKey = await loadOrCreatePeerKey(config.dataDir);
+    this.#mesh = new MeshHost({
+      listen: config.listen,
+      bootstrap: config.bootstrap,
+      mdns: config.mdns,
+      privateKey,
+      ...(config.swarmKey ? { swarmKey: await loadSwarmKey(config.swarmKey) } : {}),
+      log: log.child({ component: 'mesh' }),
+    });
+    await this.#mesh.start();
+    log.info(
+      { peerId: this.#mesh.peerId.toString(), addresses: this.#mesh.multiaddrs.map(String), private: Boolean(config.swarmKey) },
+      'mesh listening',
+    );
+
+
+    const swarmLog = log.child({ component: 'swarm' });
+    this.#tags = new TagDirectory(this.#mesh, { privateKey, file: join(config.dataDir, 'tags.json'), log: log.child({ component: 'tags' }) });
+    await this.#tags.start();
+    this.#directory = new MeshProviderDirectory(this.#mesh, {
+      // A device membership has marked down is not worth a dial.
+      isUsable: (peer) => this.#membership?.list().find((m) => m.peerId === peer)?.status !== 'down',
+      fallbackCandidates: () => (this.#membership?.list() ?? []).filter((m) => !m.self && m.status === 'alive').map((m) => m.peerId),
+      log: swarmLog,
+    });
+    this.#directory.start();
+    this.#chunkServer = new ChunkServer(this.#mesh, new StoreChunkSource(this.#store), {
+      log: swarmLog,
+      ...(config.faultCorruptChunks ? { corrupt: true } : {}),
+    });
+    if (config.faultCorruptChunks) log.warn('test fault switch on: this node corrupts every chunk it serves');
+    await this.#chunkServer.start();
+    const tags = this.#tags;
+    this.#downloader = new Downloader({
+      store: this.#store,
+      transport: new Libp2pChunkTransport(this.#mesh, { log: swarmLog }),
+      directory: this.#directory,
+      trustedIndexDigest: (blob) => tags.chunkIndexDigest(blob),
+      log: swarmLog,
+    });
+    this.#logTransfers(this.#downloader);
+    this.#publisher = new MeshPublisher({ store: this.#store, directory: this.#directory, tags, log: swarmLog });
+    this.#publisher.start();
+
+    const registry = new SwarmRegistry({ fallback: this.#registry(this.#store), downloader: this.#downloader, tags });
 
     if (!config.pushToken && !isLoopback(config.gateway.host)) {
       log.warn(
@@ -55,22 +115,12 @@ export class ShoalNode {
     this.gatewayUrl = urlOf(this.#gateway.server.address() as AddressInfo);
     log.info({ url: this.gatewayUrl, dataDir: config.dataDir }, 'gateway listening');
 
-    this.#mesh = new MeshHost({
-      listen: config.listen,
-      bootstrap: config.bootstrap,
-      mdns: config.mdns,
-      privateKey: await loadOrCreatePeerKey(config.dataDir),
-      ...(config.swarmKey ? { swarmKey: await loadSwarmKey(config.swarmKey) } : {}),
-      log: log.child({ component: 'mesh' }),
-    });
-    await this.#mesh.start();
-    log.info(
-      { peerId: this.#mesh.peerId.toString(), addresses: this.#mesh.multiaddrs.map(String), private: Boolean(config.swarmKey) },
-      'mesh listening',
-    );
-
+    const puller = new Puller({ registry, downloader: this.#downloader, defaultNamespace: config.defaultNamespace });
     const app = createControlApi({
       store: this.#store,
+      transfers: () => this.#downloader?.list() ?? [],
+      tags: () => this.#tags?.list() ?? [],
+      pull: (image) => puller.pull(image),
       membership: () => this.#membership,
       node: { name: config.name, version: VERSION },
     });
@@ -96,7 +146,38 @@ export class ShoalNode {
     }
     await this.#membership.start();
     for (const service of config.services) this.#membership.registerService(service);
+    void this.#announceAndResume();
   }
+
+  /**
+   * Provider records live in memory: announce the inventory again after a start, then resume
+   * the downloads a restart interrupted (their verified chunks are on disk).
+   */
+  async #announceAndResume(): Promise<void> {
+    const store = this.#store!;
+    const announced = await this.#publisher!.announceInventory();
+    this.log.debug({ announced }, 'inventory announced');
+    for (const index of await store.partialBlobs()) {
+      if (await store.statBlob(index.blob)) {
+        await (await store.openPartial(index)).abort();
+        continue;
+      }
+      this.log.info({ blob: index.blob }, 'resuming an interrupted download');
+      this.#downloader!.fetch(index.blob, index).catch((err) =>
+        this.log.warn({ blob: index.blob, err: (err as Error).message }, 'resuming a download failed; it resumes on the next request'),
+      );
+    }
+  }
+
+  #logTransfers(downloader: Downloader): void {
+    const log = this.log.child({ component: 'swarm' });
+    downloader.addEventListener('transfer:complete', ({ detail }) =>
+      log.info({ blob: detail.blob, size: detail.size, sources: detail.sources, rate: detail.rate }, 'blob fetched from the mesh'),
+    );
+    downloader.addEventListener('transfer:failed', ({ detail }) => log.warn({ blob: detail.blob, error: detail.error }, 'mesh transfer failed'));
+    downloader.addEventListener('peer:banned', ({ detail }) => log.warn({ ...detail }, 'peer banned for a corrupt chunk'));
+  }
+
 
   async #usageBytes(): Promise<number> {
     if (performance.now() - this.#usage.at > USAGE_REFRESH_MS) {
@@ -118,6 +199,11 @@ export class ShoalNode {
 
   async stop(): Promise<void> {
     await this.#membership?.stop();
+    this.#publisher?.stop();
+    await this.#downloader?.stop();
+    await this.#chunkServer?.stop();
+    this.#directory?.stop();
+    await this.#tags?.stop();
     await this.#mesh?.stop();
     await this.#gateway?.close();
     if (this.#api) {

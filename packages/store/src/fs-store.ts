@@ -1,10 +1,11 @@
 import { randomUUID } from 'node:crypto';
+import { EventEmitter } from 'node:events';
 import { createReadStream, createWriteStream } from 'node:fs';
 import { Readable, type Writable } from 'node:stream';
 import { type FileHandle, mkdir, open, readdir, readFile, rename, rm, stat, truncate } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { Digester, parseDigest, parseManifest, type ParsedManifest } from '@shoal/oci';
+import { Digester, isDigest, parseDigest, parseManifest, type ParsedManifest } from '@shoal/oci';
 import { ManifestCatalog, manifestMeta, type ManifestMeta } from './catalog.ts';
 import { ChunkHasher, DEFAULT_CHUNK_SIZE, decodeChunkIndex, encodeChunkIndex } from './chunk-index.ts';
 import { DigestMismatchError, RangeNotSatisfiableError, UploadBusyError } from './errors.ts';
@@ -19,6 +20,7 @@ import type {
   ByteSource,
   ChunkIndex,
   ContentStore,
+  ContentStoreEvents,
   ReferrerDescriptor,
   StoredManifest,
   TaggedImage,
@@ -41,7 +43,7 @@ const READ_HIGH_WATER_MARK = 1024 * 1024;
  * blobs/<alg>/<hex>) that skopeo and umoci read directly; upload temp files live in
  * `<dir>/uploads` (same file system, so commit is a rename) and chunk indexes in `<dir>/chunks`.
  */
-export class FsContentStore implements ContentStore {
+export class FsContentStore extends EventEmitter<ContentStoreEvents> implements ContentStore {
   readonly layoutDir: string;
   readonly #uploadsDir: string;
   readonly #chunksDir: string;
@@ -56,6 +58,7 @@ export class FsContentStore implements ContentStore {
   #sweeper?: NodeJS.Timeout;
 
   private constructor(opts: FsContentStoreOptions) {
+    super();
     this.layoutDir = join(opts.dir, 'oci');
     this.#uploadsDir = join(opts.dir, 'uploads');
     this.#chunksDir = join(opts.dir, 'chunks');
@@ -219,6 +222,7 @@ export class FsContentStore implements ContentStore {
     await rename(path, this.#blobPath(digest));
     await syncDir(join(this.layoutDir, 'blobs', algorithm));
     await writeFileAtomic(this.#chunkIndexPath(digest), encodeChunkIndex(index));
+    this.emit('blob:committed', { digest, size: index.size });
     return { digest, size: index.size };
   }
 
@@ -230,6 +234,7 @@ export class FsContentStore implements ContentStore {
       throw err;
     }
     await rm(this.#chunkIndexPath(digest), { force: true });
+    this.emit('blob:deleted', digest);
     return true;
   }
 
@@ -253,6 +258,7 @@ export class FsContentStore implements ContentStore {
     }
     this.#catalog.add(repository, manifestMeta(manifest), tag);
     await this.#persist();
+    if (tag !== undefined) this.emit('tagged', { repository, tag, manifest });
   }
 
   async getManifest(repository: string, reference: string): Promise<StoredManifest | undefined> {
@@ -332,6 +338,18 @@ export class FsContentStore implements ContentStore {
     for (const pending of [...this.#partials.values()]) await (await pending.catch(() => undefined))?.close();
     await this.#persisting;
     for (const writer of [...this.#writers.values()]) await writer.abort().catch(() => {});
+  }
+
+  async listBlobs(): Promise<string[]> {
+    const out: string[] = [];
+    const blobs = join(this.layoutDir, 'blobs');
+    for (const algorithm of await readdir(blobs)) {
+      for (const entry of await readdir(join(blobs, algorithm), { withFileTypes: true })) {
+        const digest = `${algorithm}:${entry.name}`;
+        if (entry.isFile() && isDigest(digest)) out.push(digest);
+      }
+    }
+    return out;
   }
 
   /** Bytes held in committed blobs (walks the layout: call it now and then, not per request). */

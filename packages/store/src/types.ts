@@ -60,6 +60,15 @@ export interface UploadReader {
   close(): Promise<void>;
 }
 
+/** What a store reports as it changes (for announcing content to the mesh). */
+export interface ContentStoreEvents {
+  /** A blob (layer, config or manifest) became visible. */
+  'blob:committed': [BlobInfo];
+  'blob:deleted': [string];
+  /** A tag was set (by a push, a pull-through, or a mesh tag record). */
+  tagged: [{ repository: string; tag: string; manifest: ParsedManifest }];
+}
+
 /** A manifest as the store keeps it: exact bytes plus what the catalog needs. */
 export interface StoredManifest {
   digest: string;
@@ -83,6 +92,8 @@ export interface ReferrerDescriptor {
  * the registry namespace, e.g. `docker.io/library/nginx`.
  */
 export interface ContentStore {
+  on<K extends keyof ContentStoreEvents>(event: K, listener: (...args: ContentStoreEvents[K]) => void): this;
+  off<K extends keyof ContentStoreEvents>(event: K, listener: (...args: ContentStoreEvents[K]) => void): this;
   statBlob(digest: string): Promise<BlobInfo | undefined>;
   /** Opens a blob, or undefined if absent. `range` must lie within the blob. */
   readBlob(digest: string, range?: ByteRange): Promise<BlobReader | undefined>;
@@ -92,6 +103,8 @@ export interface ContentStore {
   /** Writes a whole stream as a blob, verified against `digest`. */
   putBlob(digest: string, source: ByteSource): Promise<BlobInfo>;
   deleteBlob(digest: string): Promise<boolean>;
+  /** Digests of every committed blob. */
+  listBlobs(): Promise<string[]>;
   /** The chunk index of a committed blob. */
   chunkIndex(digest: string): Promise<ChunkIndex | undefined>;
   /**

@@ -1,4 +1,11 @@
 export * from './types.ts';
+export * from './downloader.ts';
+export * from './transfer.ts';
+export * from './store-source.ts';
+export * from './memory.ts';
+export * from './mesh-directory.ts';
+export * from './swarm-registry.ts';
+export * from './publisher.ts';
 export {
   CHUNK_PROTOCOL,
   ChunkPeerError,

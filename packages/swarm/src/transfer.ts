@@ -165,9 +165,10 @@ export class Transfer {
         try {
           n = await partial.read(buffer, position);
         } catch (err) {
-          // Committed (and so closed) between the check and the read: the store has it now.
-          if ((this.#state as TransferState) === 'complete') continue;
-          throw err;
+          // Being committed (so closed) since the check: the store has it once `done` settles.
+          if (this.#state === 'downloading') throw err;
+          await this.done;
+          continue;
         }
         if (n <= 0) throw new Error(`partial blob ${this.blob} is shorter than its chunks`);
         position += n;

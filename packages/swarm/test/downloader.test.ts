@@ -91,7 +91,7 @@ test('a blob is fetched from several holders at once, verified and announced', (
     assert.ok((await stored(d.store, digest)).equals(bytes));
     const sources = Object.keys(transfer.info().sources);
     assert.ok(sources.length >= 2, `chunks came from ${sources.join(', ')}`);
-    assert.ok((await f.net.directory('e').findHolders(digest)).includes('d'), 'd announced the blob');
+    assert.ok((await f.net.directory('e').findHolders(digest, AbortSignal.timeout(1_000))).includes('d'), 'd announced the blob');
   }));
 
 test('a peer that sends a corrupt chunk is banned and the blob still arrives intact', () =>

@@ -1,0 +1,112 @@
+import { Readable } from 'node:stream';
+import { buffer } from 'node:stream/consumers';
+import { isDigest, parseManifest } from '@shoal/oci';
+import { DEFAULT_MAX_MANIFEST_BYTES as MAX_MANIFEST_BYTES, type Registry } from '@shoal/registry-gateway';
+import {
+  RangeNotSatisfiableError,
+  type BlobInfo,
+  type BlobReader,
+  type ByteRange,
+  type ContentStore,
+  type StoredManifest,
+} from '@shoal/store';
+import { NoHolderError, type Downloader } from './downloader.ts';
+import type { Transfer } from './transfer.ts';
+
+/** The mesh-wide tag table, as the registry needs it. */
+export interface TagLookup {
+  get(repository: string, tag: string): { digest: string; mediaType: string } | undefined;
+}
+
+export interface SwarmRegistryOptions {
+  /** What to ask when the mesh has nothing: a LocalRegistry, or a MirroringRegistry for pull-through. */
+  fallback: Registry;
+  downloader: Downloader;
+  tags: TagLookup;
+}
+
+/**
+ * A Registry that serves the store first, then the mesh, then its fallback (upstream
+ * pull-through). A tag resolves through the mesh-wide tag table, so an image pushed to any
+ * device pulls from every device; blobs come chunk by chunk from every holder and stream to
+ * the client in order as they land.
+ */
+export class SwarmRegistry implements Registry {
+  readonly store: ContentStore;
+  readonly #fallback: Registry;
+  readonly #downloader: Downloader;
+  readonly #tags: TagLookup;
+
+  constructor(options: SwarmRegistryOptions) {
+    this.#fallback = options.fallback;
+    this.store = options.fallback.store;
+    this.#downloader = options.downloader;
+    this.#tags = options.tags;
+  }
+
+  async getManifest(repository: string, reference: string): Promise<StoredManifest | undefined> {
+    const record = isDigest(reference) ? undefined : this.#tags.get(repository, reference);
+    if (record) {
+      // The mesh's word on a tag is newer than a local copy that still points elsewhere.
+      const local = await this.store.getManifest(repository, record.digest);
+      if (local && (await this.store.getManifest(repository, reference))?.digest === record.digest) return local;
+      const fetched = await this.#manifestFromMesh(repository, record.digest, reference);
+      if (fetched) return fetched;
+    }
+    const local = await this.store.getManifest(repository, reference);
+    if (local) return local;
+    if (isDigest(reference)) {
+      const fetched = await this.#manifestFromMesh(repository, reference);
+      if (fetched) return fetched;
+    }
+    return this.#fallback.getManifest(repository, reference);
+  }
+
+  async statBlob(repository: string, digest: string): Promise<BlobInfo | undefined> {
+    const local = await this.store.statBlob(digest);
+    if (local) return local;
+    const transfer = await this.#transfer(digest);
+    if (transfer) return { digest, size: transfer.size! };
+    return this.#fallback.statBlob(repository, digest);
+  }
+
+  async readBlob(repository: string, digest: string, range?: ByteRange): Promise<BlobReader | undefined> {
+    const local = await this.store.readBlob(digest, range);
+    if (local) return local;
+    const transfer = await this.#transfer(digest);
+    if (!transfer) return this.#fallback.readBlob(repository, digest, range);
+    const size = transfer.size!;
+    if (size === 0) return { info: { digest, size }, stream: Readable.from([]) };
+    if (range && (range.start > range.end || range.end >= size)) throw new RangeNotSatisfiableError(size);
+    return { info: { digest, size }, stream: transfer.read(range?.start ?? 0, range?.end ?? size - 1) };
+  }
+
+  /** The mesh transfer of `digest`, or undefined when no device in the mesh holds it. */
+  async #transfer(digest: string): Promise<Transfer | undefined> {
+    if (!digest.startsWith('sha256:')) return undefined;
+    try {
+      return await this.#downloader.fetch(digest);
+    } catch (err) {
+      if (err instanceof NoHolderError) return undefined;
+      throw err;
+    }
+  }
+
+  /** Fetches a manifest by digest from the mesh, checks it parses, and records it (tagged if asked). */
+  async #manifestFromMesh(repository: string, digest: string, tag?: string): Promise<StoredManifest | undefined> {
+    if (!(await this.store.statBlob(digest))) {
+      const transfer = await this.#transfer(digest);
+      if (!transfer) return undefined;
+      await transfer.done;
+    }
+    const info = await this.store.statBlob(digest);
+    // Only something manifest-sized is read into memory.
+    if (!info || info.size > MAX_MANIFEST_BYTES) return undefined;
+    const reader = await this.store.readBlob(digest);
+    if (!reader) return undefined;
+    const bytes = await buffer(reader.stream);
+    const manifest = parseManifest(bytes);
+    await this.store.putManifest(repository, manifest, tag);
+    return { digest: manifest.digest, mediaType: manifest.mediaType, size: bytes.byteLength, bytes };
+  }
+}
