@@ -1,82 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { buffer } from 'node:stream/consumers';
 import { sha256Of } from '@shoal/oci';
-import { ChunkHasher, chunkIndexDigest, chunkSpan, FsContentStore, type ChunkIndex } from '@shoal/store';
-import { Downloader, MemoryNetwork, NoHolderError, StoreChunkSource, type DownloaderOptions } from '@shoal/swarm';
-
-const CHUNK = 64 * 1024;
-
-interface Device {
-  name: string;
-  store: FsContentStore;
-  downloader: Downloader;
-}
-
-/** Devices with real stores on disk, joined by an in-memory transport and directory. */
-class Fixture {
-  readonly net = new MemoryNetwork();
-  readonly devices: Device[] = [];
-  readonly dirs: string[] = [];
-
-  async device(name: string, opts: Partial<DownloaderOptions> & { delayMs?: number } = {}): Promise<Device> {
-    const dir = await mkdtemp(join(tmpdir(), `shoal-swarm-${name}-`));
-    this.dirs.push(dir);
-    const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
-    this.net.add(name, new StoreChunkSource(store), { delayMs: opts.delayMs ?? 1 });
-    const downloader = new Downloader({
-      store,
-      transport: this.net.transport(),
-      directory: this.net.directory(name),
-      chunkTimeoutMs: 500,
-      rediscoverMs: 100,
-      stallTimeoutMs: 2_000,
-      ...opts,
-    });
-    const device = { name, store, downloader };
-    this.devices.push(device);
-    return device;
-  }
-
-  /** Puts `bytes` on `device` and announces it. */
-  async seed(device: Device, bytes: Buffer): Promise<string> {
-    const digest = sha256Of(bytes);
-    await device.store.putBlob(digest, [bytes]);
-    await this.net.directory(device.name).announce(digest);
-    return digest;
-  }
-
-  async close(): Promise<void> {
-    for (const d of this.devices) {
-      await d.downloader.stop();
-      await d.store.close();
-    }
-    for (const dir of this.dirs) await rm(dir, { recursive: true, force: true });
-  }
-}
-
-async function withFixture(fn: (f: Fixture) => Promise<void>): Promise<void> {
-  const f = new Fixture();
-  try {
-    await fn(f);
-  } finally {
-    await f.close();
-  }
-}
-
-async function stored(store: FsContentStore, digest: string): Promise<Buffer> {
-  return buffer((await store.readBlob(digest))!.stream);
-}
-
-function indexOf(bytes: Buffer): ChunkIndex {
-  const h = new ChunkHasher(CHUNK);
-  h.update(bytes);
-  return h.finish(sha256Of(bytes), bytes.length);
-}
+import { chunkIndexDigest, chunkSpan } from '@shoal/store';
+import { NoHolderError } from '@shoal/swarm';
+import { CHUNK, indexOf, stored, withFixture } from './fixtures/devices.ts';
 
 test('a blob is fetched from several holders at once, verified and announced', () =>
   withFixture(async (f) => {

@@ -1,0 +1,75 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { buffer } from 'node:stream/consumers';
+import { parseManifest, sha256Of } from '@shoal/oci';
+import { LocalRegistry } from '@shoal/registry-gateway';
+import { SwarmRegistry, type TagLookup } from '@shoal/swarm';
+import { withFixture, type Device, type Fixture } from './fixtures/devices.ts';
+
+const REPO = 'docker.io/library/app';
+
+/** An image manifest over a config and one layer, all put on `device` and announced. */
+async function seedImage(f: Fixture, device: Device, layer: Buffer) {
+  const config = Buffer.from('{"architecture":"amd64","os":"linux"}');
+  const configDigest = await f.seed(device, config);
+  const layerDigest = await f.seed(device, layer);
+  const bytes = Buffer.from(
+    JSON.stringify({
+      schemaVersion: 2,
+      mediaType: 'application/vnd.oci.image.manifest.v1+json',
+      config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: configDigest, size: config.length },
+      layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar', digest: layerDigest, size: layer.length }],
+    }),
+  );
+  const manifest = parseManifest(bytes);
+  await device.store.putManifest(REPO, manifest, '1');
+  await f.net.directory(device.name).announce(manifest.digest);
+  return { manifest, layerDigest };
+}
+
+function tagTable(entries: Record<string, string>): TagLookup {
+  return {
+    get: (repository, tag) => {
+      const digest = entries[`${repository}:${tag}`];
+      return digest ? { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json' } : undefined;
+    },
+  };
+}
+
+test('a tag the mesh knows resolves on a device that never saw the image, and its layer streams from the mesh', () =>
+  withFixture(async (f) => {
+    const a = await f.device('a');
+    const layer = randomBytes(300 * 1024);
+    const { manifest, layerDigest } = await seedImage(f, a, layer);
+    const d = await f.device('d');
+    const registry = new SwarmRegistry({
+      fallback: new LocalRegistry(d.store),
+      downloader: d.downloader,
+      tags: tagTable({ [`${REPO}:1`]: manifest.digest }),
+    });
+    const got = await registry.getManifest(REPO, '1');
+    assert.equal(got?.digest, manifest.digest);
+    assert.deepEqual(await d.store.tags(REPO), ['1'], 'stored with its tag');
+    assert.deepEqual(await registry.statBlob(REPO, layerDigest), { digest: layerDigest, size: layer.length });
+    const reader = await registry.readBlob(REPO, layerDigest, { start: 10, end: 99_999 });
+    assert.ok((await buffer(reader!.stream)).equals(layer.subarray(10, 100_000)));
+    assert.equal(await registry.getManifest(REPO, '2'), undefined, 'an unknown tag is a miss');
+    assert.equal(await registry.readBlob(REPO, sha256Of('absent')), undefined, 'no holder falls back');
+  }));
+
+test('a newer mesh record for a tag wins over the tag a device already holds', () =>
+  withFixture(async (f) => {
+    const a = await f.device('a');
+    const d = await f.device('d');
+    const old = await seedImage(f, d, randomBytes(1000));
+    const fresh = await seedImage(f, a, randomBytes(2000));
+    const registry = new SwarmRegistry({
+      fallback: new LocalRegistry(d.store),
+      downloader: d.downloader,
+      tags: tagTable({ [`${REPO}:1`]: fresh.manifest.digest }),
+    });
+    assert.notEqual(old.manifest.digest, fresh.manifest.digest);
+    assert.equal((await registry.getManifest(REPO, '1'))?.digest, fresh.manifest.digest);
+    assert.equal((await d.store.getManifest(REPO, '1'))?.digest, fresh.manifest.digest);
+  }));
