@@ -3,10 +3,11 @@ import type { AddressInfo } from 'node:net';
 import type { Server } from 'node:http';
 import { serve } from '@hono/node-server';
 import type { FastifyInstance } from 'fastify';
-import { FsContentStore } from '@shoal/store';
+import { ChunkBitmap, chunkCount, FsContentStore } from '@shoal/store';
 import { createGateway, LocalRegistry, MirroringRegistry, UpstreamClient, type Registry } from '@shoal/registry-gateway';
 import { loadavg } from 'node:os';
 import { join } from 'node:path';
+import type { PrivateKey } from '@libp2p/interface';
 import { loadOrCreatePeerKey, loadSwarmKey, MeshHost, Membership, TagDirectory } from '@shoal/mesh';
 import {
   ChunkServer,
@@ -68,36 +69,7 @@ export class ShoalNode {
       'mesh listening',
     );
 
-
-    const swarmLog = log.child({ component: 'swarm' });
-    this.#tags = new TagDirectory(this.#mesh, { privateKey, file: join(config.dataDir, 'tags.json'), log: log.child({ component: 'tags' }) });
-    await this.#tags.start();
-    this.#directory = new MeshProviderDirectory(this.#mesh, {
-      // A device membership has marked down is not worth a dial.
-      isUsable: (peer) => this.#membership?.list().find((m) => m.peerId === peer)?.status !== 'down',
-      fallbackCandidates: () => (this.#membership?.list() ?? []).filter((m) => !m.self && m.status === 'alive').map((m) => m.peerId),
-      log: swarmLog,
-    });
-    this.#directory.start();
-    this.#chunkServer = new ChunkServer(this.#mesh, new StoreChunkSource(this.#store), {
-      log: swarmLog,
-      ...(config.faultCorruptChunks ? { corrupt: true } : {}),
-    });
-    if (config.faultCorruptChunks) log.warn('test fault switch on: this node corrupts every chunk it serves');
-    await this.#chunkServer.start();
-    const tags = this.#tags;
-    this.#downloader = new Downloader({
-      store: this.#store,
-      transport: new Libp2pChunkTransport(this.#mesh, { log: swarmLog }),
-      directory: this.#directory,
-      trustedIndexDigest: (blob) => tags.chunkIndexDigest(blob),
-      log: swarmLog,
-    });
-    this.#logTransfers(this.#downloader);
-    this.#publisher = new MeshPublisher({ store: this.#store, directory: this.#directory, tags, log: swarmLog });
-    this.#publisher.start();
-
-    const registry = new SwarmRegistry({ fallback: this.#registry(this.#store), downloader: this.#downloader, tags });
+    const registry = await this.#startSwarm(privateKey);
 
     if (!config.pushToken && !isLoopback(config.gateway.host)) {
       log.warn(
@@ -115,7 +87,7 @@ export class ShoalNode {
     this.gatewayUrl = urlOf(this.#gateway.server.address() as AddressInfo);
     log.info({ url: this.gatewayUrl, dataDir: config.dataDir }, 'gateway listening');
 
-    const puller = new Puller({ registry, downloader: this.#downloader, defaultNamespace: config.defaultNamespace });
+    const puller = new Puller({ registry, downloader: this.#downloader!, defaultNamespace: config.defaultNamespace });
     const app = createControlApi({
       store: this.#store,
       transfers: () => this.#downloader?.list() ?? [],
@@ -147,6 +119,40 @@ export class ShoalNode {
     await this.#membership.start();
     for (const service of config.services) this.#membership.registerService(service);
     void this.#announceAndResume();
+  }
+
+  /** Tags, who-holds-what, the chunk server and the downloader, behind the gateway's registry. */
+  async #startSwarm(privateKey: PrivateKey): Promise<Registry> {
+    const { config, log } = this;
+    const mesh = this.#mesh!;
+    const store = this.#store!;
+    const swarmLog = log.child({ component: 'swarm' });
+    const tags = (this.#tags = new TagDirectory(mesh, { privateKey, file: join(config.dataDir, 'tags.json'), log: log.child({ component: 'tags' }) }));
+    await tags.start();
+    this.#directory = new MeshProviderDirectory(mesh, {
+      // A device membership has marked down is not worth a dial.
+      isUsable: (peer) => this.#membership?.list().find((m) => m.peerId === peer)?.status !== 'down',
+      fallbackCandidates: () => (this.#membership?.list() ?? []).filter((m) => !m.self && m.status === 'alive').map((m) => m.peerId),
+      log: swarmLog,
+    });
+    this.#directory.start();
+    // Before the chunk server, which shares pull-throughs while they land.
+    const fallback = this.#registry(store);
+    const source = new StoreChunkSource(store, { growing: (blob) => this.#mirror?.pulling(blob) });
+    this.#chunkServer = new ChunkServer(mesh, source, { log: swarmLog, ...(config.faultCorruptChunks ? { corrupt: true } : {}) });
+    if (config.faultCorruptChunks) log.warn('test fault switch on: this node corrupts every chunk it serves');
+    await this.#chunkServer.start();
+    this.#downloader = new Downloader({
+      store,
+      transport: new Libp2pChunkTransport(mesh, { log: swarmLog }),
+      directory: this.#directory,
+      trustedIndexDigest: (blob) => tags.chunkIndexDigest(blob),
+      log: swarmLog,
+    });
+    this.#logTransfers(this.#downloader);
+    this.#publisher = new MeshPublisher({ store, directory: this.#directory, tags, log: swarmLog });
+    this.#publisher.start();
+    return new SwarmRegistry({ fallback, downloader: this.#downloader, tags });
   }
 
   /**
@@ -194,6 +200,11 @@ export class ShoalNode {
       upstreams: new Map(upstreams.map(([ns, url]) => [ns, new UpstreamClient({ url })])),
     }));
     this.log.info({ upstreams: upstreams.map(([ns, url]) => `${ns}=${redact(url)}`) }, 'pull-through enabled');
+    // Tell the mesh at once, so devices asking for the same blob fetch its chunks from here as they land.
+    registry.on('pull-through:blob', ({ digest, size, chunkSize }) => {
+      if (size === undefined || !digest.startsWith('sha256:')) return;
+      this.#directory?.announcePartial(digest, new ChunkBitmap(chunkCount({ size, chunkSize })));
+    });
     return registry;
   }
 

@@ -7,7 +7,9 @@ import {
   type BlobReader,
   type BlobWriter,
   type ByteRange,
+  type ChunkIndex,
   type ContentStore,
+  type GrowingBlob,
   type StoredManifest,
   type UploadReader,
 } from '@shoal/store';
@@ -47,6 +49,8 @@ export interface PullThroughFailure extends PullThrough {
 export interface MirroringRegistryEvents {
   /** The store missed and the upstream is being asked. */
   'pull-through:start': [PullThrough];
+  /** A blob's bytes started to arrive; its landed chunks can be shared (see pulling()). */
+  'pull-through:blob': [{ digest: string; size: number | undefined; chunkSize: number }];
   /** The upstream does not have it either. */
   'pull-through:miss': [PullThrough];
   /** Verified and committed to the store. */
@@ -83,6 +87,8 @@ export class MirroringRegistry extends EventEmitter<MirroringRegistryEvents> imp
   readonly #upstreams: ReadonlyMap<string, UpstreamClient>;
   readonly #manifestPulls = new Map<string, Promise<StoredManifest | undefined>>();
   readonly #blobPulls = new Map<string, Promise<BlobDownload | typeof STORED | undefined>>();
+  /** Downloads under way, once started, by digest. */
+  readonly #downloads = new Map<string, BlobDownload>();
   #closed = false;
 
   constructor(opts: MirroringRegistryOptions) {
@@ -136,6 +142,15 @@ export class MirroringRegistry extends EventEmitter<MirroringRegistryEvents> imp
     const stream = await download.open(range?.start ?? 0, range?.end ?? size - 1);
     if (!stream) return this.store.readBlob(digest, range);
     return { info: { digest, size }, stream };
+  }
+
+  /**
+   * A blob being pulled through right now, for sharing its landed chunks with other devices
+   * before it is whole; undefined when none is (or its size is unknown).
+   */
+  pulling(digest: string): GrowingBlob | undefined {
+    const download = this.#downloads.get(digest);
+    return download && download.size !== undefined && !download.failure && !download.committed ? download : undefined;
   }
 
   /** Stops downloads in flight (their clients get an error), then closes the upstream clients. */
@@ -224,7 +239,10 @@ export class MirroringRegistry extends EventEmitter<MirroringRegistryEvents> imp
         throw err;
       }
       const download = new BlobDownload(digest, blob.size, writer, blob.body);
+      this.#downloads.set(digest, download);
+      this.emit('pull-through:blob', { digest, size: blob.size, chunkSize: writer.chunkSize });
       void download.finished.then(() => {
+        this.#downloads.delete(digest);
         forget();
         if (download.failure) failed(download.failure, download.received);
         else
@@ -247,7 +265,7 @@ export class MirroringRegistry extends EventEmitter<MirroringRegistryEvents> imp
  * One upstream blob being written through a store writer. Clients read the writer's file
  * behind it; `finished` settles (never rejects) once the blob is committed or has failed.
  */
-class BlobDownload {
+class BlobDownload implements GrowingBlob {
   readonly digest: string;
   readonly size: number | undefined;
   readonly finished: Promise<void>;
@@ -257,6 +275,8 @@ class BlobDownload {
   readonly #writer: BlobWriter;
   readonly #body: Readable;
   #progress = Promise.withResolvers<void>();
+  /** One reader of the writer's file for sharing, opened on first use, closed at the end. */
+  #sharing: Promise<UploadReader> | undefined;
 
   constructor(digest: string, size: number | undefined, writer: BlobWriter, body: Readable) {
     this.digest = digest;
@@ -264,6 +284,25 @@ class BlobDownload {
     this.#writer = writer;
     this.#body = body;
     this.finished = this.#run();
+    void this.finished.then(() => this.#sharing?.then((r) => r.close()).catch(() => {}));
+  }
+
+  async index(): Promise<ChunkIndex> {
+    const landed = await (await this.#sharingReader()).landed();
+    const chunkSize = this.#writer.chunkSize;
+    // Only chunks whose every byte is in the file: the hasher sees bytes slightly before they land.
+    const whole = landed >= this.size! ? Infinity : Math.floor(landed / chunkSize);
+    const chunks = this.#writer.chunkHashes().slice(0, whole);
+    return { blob: this.digest, size: this.size!, chunkSize, chunks };
+  }
+
+  async read(buffer: Uint8Array, position: number): Promise<number> {
+    return (await this.#sharingReader()).read(buffer, position);
+  }
+
+  #sharingReader(): Promise<UploadReader> {
+    this.#sharing ??= this.#writer.openReader();
+    return this.#sharing;
   }
 
   async #run(): Promise<void> {

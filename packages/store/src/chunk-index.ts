@@ -41,11 +41,29 @@ export class ChunkHasher {
     return c;
   }
 
+  /** Hashes of the chunks completed so far (the last, partial chunk excluded). */
+  completed(): string[] {
+    return [...this.#chunks];
+  }
+
   finish(blob: string, size: number): ChunkIndex {
     const chunks = [...this.#chunks];
     if (this.#filled > 0) chunks.push(this.#current.copy().digest('hex'));
     return { blob, size, chunkSize: this.chunkSize, chunks };
   }
+}
+
+/** How many chunks a blob of the index's size has. */
+export function chunkCount(index: Pick<ChunkIndex, 'size' | 'chunkSize'>): number {
+  return Math.ceil(index.size / index.chunkSize);
+}
+
+/**
+ * Whether the index names every chunk. A provisional index (of a blob still arriving at its
+ * holder from an upstream) names only the first chunks, and grows.
+ */
+export function isCompleteIndex(index: ChunkIndex): boolean {
+  return index.chunks.length === chunkCount(index);
 }
 
 /** Canonical bytes of a chunk index: fixed key order, no whitespace, so its digest is stable. */
@@ -65,7 +83,8 @@ export function chunkIndexDigest(index: ChunkIndex): string {
   return sha256Of(encodeChunkIndex(index));
 }
 
-export function decodeChunkIndex(bytes: Buffer): ChunkIndex {
+/** Parses canonical chunk index bytes; a provisional index (a prefix of the chunks) only if allowed. */
+export function decodeChunkIndex(bytes: Buffer, opts: { provisional?: boolean } = {}): ChunkIndex {
   const doc = JSON.parse(bytes.toString('utf8')) as Record<string, unknown>;
   const { blob, size, chunkSize, chunks } = doc;
   if (
@@ -75,7 +94,7 @@ export function decodeChunkIndex(bytes: Buffer): ChunkIndex {
     typeof chunkSize !== 'number' ||
     chunkSize <= 0 ||
     !Array.isArray(chunks) ||
-    chunks.length !== Math.ceil(size / chunkSize) ||
+    (opts.provisional ? chunks.length > Math.ceil(size / chunkSize) : chunks.length !== Math.ceil(size / chunkSize)) ||
     !chunks.every((c) => typeof c === 'string' && /^[0-9a-f]{64}$/.test(c))
   ) {
     throw new Error('malformed chunk index');

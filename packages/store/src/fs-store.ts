@@ -425,6 +425,14 @@ class FsBlobWriter implements BlobWriter {
     return this.#size;
   }
 
+  get chunkSize(): number {
+    return this.#chunks.chunkSize;
+  }
+
+  chunkHashes(): string[] {
+    return this.#chunks.completed();
+  }
+
   runningDigest(algorithm: string): string | undefined {
     return algorithm === this.#digester.algorithm ? this.#digester.peek() : undefined;
   }
@@ -481,6 +489,7 @@ class FsBlobWriter implements BlobWriter {
     const fh = await open(this.path, 'r');
     return {
       read: async (buffer, position) => (await fh.read(buffer, 0, buffer.byteLength, position)).bytesRead,
+      landed: async () => (await fh.stat()).size,
       close: () => fh.close(),
     };
   }

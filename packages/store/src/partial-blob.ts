@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { type FileHandle, open, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { Digester, parseDigest } from '@shoal/oci';
 import { ChunkBitmap } from './chunk-bitmap.ts';
-import { decodeChunkIndex, encodeChunkIndex } from './chunk-index.ts';
+import { chunkCount, decodeChunkIndex, encodeChunkIndex, isCompleteIndex } from './chunk-index.ts';
 import { ChunkMismatchError, DigestMismatchError } from './errors.ts';
 import type { BlobInfo, ChunkIndex } from './types.ts';
 
@@ -13,11 +13,20 @@ import type { BlobInfo, ChunkIndex } from './types.ts';
  */
 export interface PartialBlob {
   readonly digest: string;
+  /** The chunk index; provisional (a prefix of the chunks) until `learn` completes it. */
   readonly index: ChunkIndex;
   /** The chunks held so far (a live view: do not modify). */
   readonly have: ChunkBitmap;
-  /** Verifies `bytes` as chunk `i` (ChunkMismatchError if not), writes and records it. */
+  /**
+   * Verifies `bytes` as chunk `i` (ChunkMismatchError if not, or if the index does not name
+   * chunk `i` yet), writes and records it.
+   */
   writeChunk(i: number, bytes: Uint8Array): Promise<void>;
+  /**
+   * Extends a provisional index with a longer one for the same blob. Returns false (and changes
+   * nothing) when `index` disagrees with the chunks already named.
+   */
+  learn(index: ChunkIndex): Promise<boolean>;
   /** The bytes of chunk `i`, or undefined when it is not held. */
   readChunk(i: number): Promise<Buffer | undefined>;
   /** Reads held bytes at `position` into `buffer` (the caller checks `have` first). */
@@ -47,7 +56,7 @@ export type AdoptFile = (path: string, digest: string, index: ChunkIndex) => Pro
 
 export class FsPartialBlob implements PartialBlob {
   readonly digest: string;
-  readonly index: ChunkIndex;
+  index: ChunkIndex;
   readonly have: ChunkBitmap;
   readonly #paths: PartialBlobPaths;
   readonly #fh: FileHandle;
@@ -77,24 +86,27 @@ export class FsPartialBlob implements PartialBlob {
    */
   static async open(index: ChunkIndex, paths: PartialBlobPaths, adopt: AdoptFile, onClose: () => void): Promise<FsPartialBlob> {
     if (parseDigest(index.blob).algorithm !== 'sha256') throw new Error(`partial blobs need sha256 digests, not ${index.blob}`);
-    const encoded = encodeChunkIndex(index);
     let saved: Uint8Array | undefined;
     try {
-      if ((await readFile(paths.index)).equals(encoded)) saved = await readFile(paths.bitmap);
+      // A saved index that agrees with this one (it may know more or fewer chunks) resumes.
+      const savedIndex = decodeChunkIndex(await readFile(paths.index), { provisional: true });
+      if (agrees(savedIndex, index)) {
+        saved = await readFile(paths.bitmap);
+        if (savedIndex.chunks.length > index.chunks.length) index = savedIndex;
+      }
     } catch {
       // Nothing to resume.
     }
     const fh = await open(paths.data, saved ? 'r+' : 'w+');
-    let have = new ChunkBitmap(index.chunks.length);
+    let have = new ChunkBitmap(chunkCount(index));
     if (saved) {
       try {
-        have = new ChunkBitmap(index.chunks.length, saved);
+        have = new ChunkBitmap(chunkCount(index), saved);
       } catch {
         // A bitmap of another shape: start over.
       }
-    } else {
-      await writeFile(paths.index, encoded);
     }
+    await writeFileReplacing(paths.index, encodeChunkIndex(index));
     const blob = new FsPartialBlob(index.blob, index, have, paths, fh, adopt, onClose);
     if (saved) await blob.#reverify();
     await blob.#advanceHash();
@@ -102,8 +114,12 @@ export class FsPartialBlob implements PartialBlob {
   }
 
   async #reverify(): Promise<void> {
-    for (let i = 0; i < this.index.chunks.length; i++) {
+    for (let i = 0; i < this.have.length; i++) {
       if (!this.have.has(i)) continue;
+      if (i >= this.index.chunks.length) {
+        this.have.clear(i);
+        continue;
+      }
       const bytes = await this.#readSpan(i);
       if (sha256Hex(bytes) !== this.index.chunks[i]) this.have.clear(i);
     }
@@ -126,10 +142,18 @@ export class FsPartialBlob implements PartialBlob {
     await this.#advanceHash({ i, bytes });
   }
 
+  async learn(index: ChunkIndex): Promise<boolean> {
+    if (!agrees(this.index, index)) return false;
+    if (index.chunks.length <= this.index.chunks.length) return true;
+    this.index = { ...this.index, chunks: [...index.chunks] };
+    if (!this.#closed) await writeFileReplacing(this.#paths.index, encodeChunkIndex(this.index));
+    return true;
+  }
+
   /** Feeds newly contiguous chunks to the whole-blob hash, so commit need not read the blob again. */
   #advanceHash(inHand?: { i: number; bytes: Uint8Array }): Promise<void> {
     const next = this.#hashing.then(async () => {
-      while (this.#hashedChunks < this.index.chunks.length && this.have.has(this.#hashedChunks)) {
+      while (this.#hashedChunks < this.have.length && this.have.has(this.#hashedChunks)) {
         const i = this.#hashedChunks;
         this.#digester.update(inHand?.i === i ? inHand.bytes : await this.#readSpan(i));
         this.#hashedChunks++;
@@ -146,9 +170,7 @@ export class FsPartialBlob implements PartialBlob {
     this.#bitmapWrite = (async () => {
       while (this.#bitmapDirty && !this.#closed) {
         this.#bitmapDirty = false;
-        const tmp = `${this.#paths.bitmap}.tmp`;
-        await writeFile(tmp, this.have.toBytes());
-        await rename(tmp, this.#paths.bitmap);
+        await writeFileReplacing(this.#paths.bitmap, this.have.toBytes());
       }
     })()
       .catch(() => {})
@@ -177,7 +199,9 @@ export class FsPartialBlob implements PartialBlob {
   }
 
   async commit(): Promise<BlobInfo> {
-    if (!this.have.complete) throw new Error(`partial blob ${this.digest} lacks ${this.have.length - this.have.count} chunks`);
+    if (!this.have.complete || !isCompleteIndex(this.index)) {
+      throw new Error(`partial blob ${this.digest} lacks ${this.have.length - this.have.count} chunks`);
+    }
     await this.#advanceHash();
     const actual = this.#digester.peek();
     if (actual !== this.digest) {
@@ -214,10 +238,25 @@ export class FsPartialBlob implements PartialBlob {
   }
 }
 
+/** Two indexes of one blob agree when their geometry matches and the chunks both name are equal. */
+function agrees(a: ChunkIndex, b: ChunkIndex): boolean {
+  if (a.blob !== b.blob || a.size !== b.size || a.chunkSize !== b.chunkSize) return false;
+  const common = Math.min(a.chunks.length, b.chunks.length);
+  for (let i = 0; i < common; i++) if (a.chunks[i] !== b.chunks[i]) return false;
+  return true;
+}
+
+/** Replaces a small file by rename (no fsync: what it records is checked again on resume). */
+async function writeFileReplacing(path: string, data: Uint8Array): Promise<void> {
+  const tmp = `${path}.tmp`;
+  await writeFile(tmp, data);
+  await rename(tmp, path);
+}
+
 /** The chunk index a partial blob on disk was started with, or undefined if it is unreadable. */
 export async function readPartialIndex(path: string): Promise<ChunkIndex | undefined> {
   try {
-    return decodeChunkIndex(await readFile(path));
+    return decodeChunkIndex(await readFile(path), { provisional: true });
   } catch {
     return undefined;
   }

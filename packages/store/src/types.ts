@@ -37,6 +37,10 @@ export interface BlobWriter {
   /** Bytes accepted so far. */
   readonly size: number;
   readonly startedAt: number;
+  /** Size of the chunks the chunk index is computed over. */
+  readonly chunkSize: number;
+  /** sha256 (hex) of each whole chunk accepted so far, in order. */
+  chunkHashes(): string[];
   /**
    * Appends a stream. If the source fails part way, the bytes of this call are discarded and
    * the writer stays at its previous size, so the client can retry from there.
@@ -57,7 +61,20 @@ export interface BlobWriter {
 export interface UploadReader {
   /** Reads up to `buffer.byteLength` bytes at `position`; resolves with how many were there. */
   read(buffer: Uint8Array, position: number): Promise<number>;
+  /** Bytes in the file now: everything before this offset has landed. */
+  landed(): Promise<number>;
   close(): Promise<void>;
+}
+
+/**
+ * A blob arriving in order at this device (a pull-through from an upstream) whose completed
+ * chunks can be shared before it is whole.
+ */
+export interface GrowingBlob {
+  /** A provisional chunk index naming the chunks whose bytes have all landed. */
+  index(): Promise<ChunkIndex>;
+  /** Reads landed bytes at `position`; fewer than asked means the rest has not landed. */
+  read(buffer: Uint8Array, position: number): Promise<number>;
 }
 
 /** What a store reports as it changes (for announcing content to the mesh). */

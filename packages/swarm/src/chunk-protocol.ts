@@ -1,6 +1,6 @@
 import type { Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/interface';
 import { isDigest } from '@shoal/oci';
-import { ChunkBitmap, type ChunkIndex } from '@shoal/store';
+import { ChunkBitmap, chunkCount, isCompleteIndex, type ChunkIndex } from '@shoal/store';
 import { pEvent } from 'p-event';
 import type { Holding } from './types.ts';
 
@@ -171,13 +171,22 @@ export function decodeHoldingHeader(frame: Uint8Array, blob: string): Holding | 
   if (doc.status === 'error') throw peerError(doc);
   if (doc.status !== 'ok') throw new ChunkProtocolError('holding answer has an unknown status');
   const index = validateChunkIndex(doc.index, blob);
-  if (doc.have === 'all') return { index, have: 'all' };
+  // A holder can only hold chunks its index names (a provisional index names the first few).
+  if (doc.have === 'all') {
+    if (!isCompleteIndex(index)) throw new ChunkProtocolError('holding answer claims all chunks of a provisional index');
+    return { index, have: 'all' };
+  }
   if (typeof doc.have !== 'string' || !BASE64.test(doc.have)) throw new ChunkProtocolError('holding answer has no valid availability');
+  let have: ChunkBitmap;
   try {
-    return { index, have: new ChunkBitmap(index.chunks.length, Buffer.from(doc.have, 'base64')) };
+    have = new ChunkBitmap(chunkCount(index), Buffer.from(doc.have, 'base64'));
   } catch (err) {
     throw new ChunkProtocolError(`holding answer has a bad bitmap: ${(err as Error).message}`);
   }
+  for (let i = index.chunks.length; i < have.length; i++) {
+    if (have.has(i)) throw new ChunkProtocolError('holding answer holds a chunk its provisional index does not name');
+  }
+  return { index, have };
 }
 
 /** Parses the header of a chunk or range answer: the payload length, undefined for not-found. */
@@ -195,7 +204,8 @@ export function decodePayloadHeader(frame: Uint8Array, maxLength: number): numbe
 
 /**
  * A chunk index as decodeChunkIndex accepts it, for `blob`: integer size and chunk size (at most
- * MAX_CHUNK_BYTES), ceil(size / chunkSize) hex sha256 chunk hashes. Returns a clean copy.
+ * MAX_CHUNK_BYTES), at most ceil(size / chunkSize) hex sha256 chunk hashes (fewer for a blob
+ * still arriving at its holder: a provisional index). Returns a clean copy.
  */
 export function validateChunkIndex(value: unknown, blob: string): ChunkIndex {
   if (!isObject(value)) throw new ChunkProtocolError('chunk index is not an object');
@@ -205,7 +215,7 @@ export function validateChunkIndex(value: unknown, blob: string): ChunkIndex {
   if (!(Number.isSafeInteger(chunkSize) && (chunkSize as number) > 0 && (chunkSize as number) <= MAX_CHUNK_BYTES)) {
     throw new ChunkProtocolError('chunk index has a bad chunk size');
   }
-  if (!Array.isArray(chunks) || chunks.length !== Math.ceil((size as number) / (chunkSize as number))) {
+  if (!Array.isArray(chunks) || chunks.length > Math.ceil((size as number) / (chunkSize as number))) {
     throw new ChunkProtocolError('chunk index has the wrong number of chunks');
   }
   if (!chunks.every((c) => typeof c === 'string' && HEX64.test(c))) throw new ChunkProtocolError('chunk index has a bad chunk hash');

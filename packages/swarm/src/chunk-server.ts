@@ -1,5 +1,6 @@
 import { TypedEventEmitter, type Connection, type Stream, type StreamCloseEvent, type StreamMessageEvent } from '@libp2p/interface';
 import type { MeshHost, MeshLog } from '@shoal/mesh';
+import { chunkCount } from '@shoal/store';
 import { pEvent } from 'p-event';
 import {
   CHUNK_PROTOCOL,
@@ -176,8 +177,8 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
     if (holding === failed) return this.#sendHeader(stream, stall, errorHeader('holding unavailable'));
     if (!holding) return this.#sendHeader(stream, stall, { status: 'not-found' });
     const { index, have } = holding;
-    if (have !== 'all' && have.length !== index.chunks.length) {
-      this.#options.log.warn({ blob, bitmap: have.length, chunks: index.chunks.length }, 'chunk source bitmap does not match its index');
+    if (have !== 'all' && have.length !== chunkCount(index)) {
+      this.#options.log.warn({ blob, bitmap: have.length, chunks: chunkCount(index) }, 'chunk source bitmap does not match its index');
       return this.#sendHeader(stream, stall, errorHeader('inconsistent holding'));
     }
     const header = encodeFrame(holdingHeader(holding));

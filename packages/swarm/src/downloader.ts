@@ -2,6 +2,7 @@ import { TypedEventEmitter } from '@libp2p/interface';
 import {
   ChunkMismatchError,
   chunkIndexDigest,
+  isCompleteIndex,
   type BlobInfo,
   type ChunkIndex,
   type ContentStore,
@@ -30,6 +31,11 @@ export interface DownloaderOptions {
   stallTimeoutMs?: number;
   /** How often a running transfer looks for new holders. Default 2 000 ms. */
   rediscoverMs?: number;
+  /**
+   * While only a provisional index is known (every holder is still pulling the blob from an
+   * upstream), how often holders are asked how far they got. Default 250 ms.
+   */
+  growingRefreshMs?: number;
   /** A peer that sent a chunk that failed verification is not asked again for this long. Default 600 000 ms. */
   banMs?: number;
   /** Consecutive failures (errors, timeouts) after which a peer leaves a transfer. Default 3. */
@@ -90,6 +96,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       holdingTimeoutMs: 3_000,
       stallTimeoutMs: 30_000,
       rediscoverMs: 2_000,
+      growingRefreshMs: 250,
       banMs: 600_000,
       maxPeerFailures: 3,
       endgameDuplicates: 2,
@@ -152,20 +159,37 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
   }
 
   /**
-   * Asks every candidate what it holds and picks the index to trust: the vouched-for one, or
-   * else the one most holders report.
+   * Picks the index to work from: the vouched-for one, else the complete one most holders
+   * report, else (every holder is still pulling it from an upstream) the longest provisional
+   * one, which grows as the transfer asks again.
    */
-  async chooseIndex(blob: string, holdings: Map<string, Holding>): Promise<ChunkIndex | undefined> {
+  chooseIndex(blob: string, holdings: Map<string, Holding>): ChunkIndex | undefined {
     const trusted = this.options.trustedIndexDigest?.(blob);
     const votes = new Map<string, { index: ChunkIndex; count: number }>();
+    let provisional: ChunkIndex | undefined;
     for (const { index } of holdings.values()) {
+      if (!isCompleteIndex(index)) {
+        if (!provisional || index.chunks.length > provisional.chunks.length) provisional = index;
+        continue;
+      }
       const digest = chunkIndexDigest(index);
       if (trusted !== undefined && digest !== trusted) continue;
       const vote = votes.get(digest) ?? { index, count: 0 };
       vote.count++;
       votes.set(digest, vote);
     }
-    return [...votes.values()].sort((a, b) => b.count - a.count)[0]?.index;
+    return [...votes.values()].sort((a, b) => b.count - a.count)[0]?.index ?? provisional;
+  }
+
+  /** Whether a holder's index may serve a transfer working from `ours`. */
+  accepts(blob: string, ours: ChunkIndex, theirs: ChunkIndex): boolean {
+    if (isCompleteIndex(ours) && isCompleteIndex(theirs)) return chunkIndexDigest(ours) === chunkIndexDigest(theirs);
+    const trusted = this.options.trustedIndexDigest?.(blob);
+    if (trusted !== undefined && isCompleteIndex(theirs) && chunkIndexDigest(theirs) !== trusted) return false;
+    if (ours.size !== theirs.size || ours.chunkSize !== theirs.chunkSize) return false;
+    const common = Math.min(ours.chunks.length, theirs.chunks.length);
+    for (let i = 0; i < common; i++) if (ours.chunks[i] !== theirs.chunks[i]) return false;
+    return true;
   }
 
   /** Asks `peers` concurrently what they hold of `blob`; failures and non-holders are left out. */

@@ -21,6 +21,7 @@ interface MemoryPeer {
 export class MemoryNetwork {
   readonly #peers = new Map<string, MemoryPeer>();
   readonly #providers = new Map<string, Set<string>>();
+  readonly #partial = new Map<string, Set<string>>();
   readonly #directories = new Map<string, MemoryDirectory>();
   /** Chunk requests served, by peer (for assertions on where bytes came from). */
   readonly served = new Map<string, number>();
@@ -41,7 +42,7 @@ export class MemoryNetwork {
   directory(self: string): ProviderDirectory {
     let directory = this.#directories.get(self);
     if (!directory) {
-      directory = new MemoryDirectory(self, this.#providers, (update) => {
+      directory = new MemoryDirectory(self, this.#providers, this.#partial, (update) => {
         for (const [name, d] of this.#directories) if (name !== self) d.dispatchEvent(new CustomEvent('availability', { detail: update }));
       });
       this.#directories.set(self, directory);
@@ -79,16 +80,25 @@ class MemoryDirectory extends TypedEventEmitter<ProviderDirectoryEvents> impleme
   readonly #self: string;
   readonly #providers: Map<string, Set<string>>;
   readonly #gossip: (update: AvailabilityUpdate) => void;
+  readonly #partial: Map<string, Set<string>>;
 
-  constructor(self: string, providers: Map<string, Set<string>>, gossip: (update: AvailabilityUpdate) => void) {
+  constructor(
+    self: string,
+    providers: Map<string, Set<string>>,
+    partial: Map<string, Set<string>>,
+    gossip: (update: AvailabilityUpdate) => void,
+  ) {
     super();
     this.#self = self;
     this.#providers = providers;
+    this.#partial = partial;
     this.#gossip = gossip;
   }
 
   async findHolders(blob: string): Promise<string[]> {
-    return [...(this.#providers.get(blob) ?? [])].filter((p) => p !== this.#self);
+    const all = new Set([...(this.#providers.get(blob) ?? []), ...(this.#partial.get(blob) ?? [])]);
+    all.delete(this.#self);
+    return [...all];
   }
 
   async announce(blob: string): Promise<void> {
@@ -100,10 +110,14 @@ class MemoryDirectory extends TypedEventEmitter<ProviderDirectoryEvents> impleme
 
   async withdraw(blob: string): Promise<void> {
     this.#providers.get(blob)?.delete(this.#self);
+    this.#partial.get(blob)?.delete(this.#self);
     this.#gossip({ peer: this.#self, blob, have: undefined });
   }
 
   announcePartial(blob: string, have: ChunkBitmap): void {
+    const set = this.#partial.get(blob) ?? new Set();
+    set.add(this.#self);
+    this.#partial.set(blob, set);
     this.#gossip({ peer: this.#self, blob, have: have.clone() });
   }
 }

@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream';
-import { chunkIndexDigest, chunkSpan, type BlobInfo, type ChunkIndex, type PartialBlob } from '@shoal/store';
+import { chunkSpan, isCompleteIndex, type BlobInfo, type ChunkIndex, type PartialBlob } from '@shoal/store';
 import { NoHolderError, type Downloader } from './downloader.ts';
 import type { Availability, AvailabilityUpdate, Holding } from './types.ts';
 
@@ -50,11 +50,12 @@ export class Transfer {
   readonly #checking = new Set<string>();
   readonly #startedAt = Date.now();
   #partial: PartialBlob | undefined;
-  #index: ChunkIndex | undefined;
   #state: TransferState = 'finding';
   #fetched = 0;
   #lastUsable = performance.now();
   #timer: NodeJS.Timeout | undefined;
+  #growTimer: NodeJS.Timeout | undefined;
+  #refreshing = false;
   #progress = Promise.withResolvers<void>();
   #finishing = false;
 
@@ -67,12 +68,8 @@ export class Transfer {
     this.done.catch(() => {});
   }
 
-  get index(): ChunkIndex | undefined {
-    return this.#index;
-  }
-
   get size(): number | undefined {
-    return this.#index?.size;
+    return this.#partial?.index.size;
   }
 
   /** Finds holders and starts fetching; rejects (and fails the transfer) when nobody holds the blob. */
@@ -84,10 +81,10 @@ export class Transfer {
         await directory.findHolders(this.blob, this.#abort.signal),
         this.#abort.signal,
       );
-      this.#index = index ?? (await this.#downloader.chooseIndex(this.blob, holdings));
-      if (!this.#index) throw new NoHolderError(this.blob);
-      this.#partial = await this.#downloader.options.store.openPartial(this.#index);
-      for (const [peer, holding] of holdings) this.#addHolder(peer, holding);
+      const chosen = index ?? this.#downloader.chooseIndex(this.blob, holdings);
+      if (!chosen) throw new NoHolderError(this.blob);
+      this.#partial = await this.#downloader.options.store.openPartial(chosen);
+      await this.#addHolders(holdings);
     } catch (err) {
       this.#fail(err as Error);
       throw err;
@@ -96,6 +93,8 @@ export class Transfer {
     directory.addEventListener('availability', this.#onAvailability);
     this.#timer = setInterval(() => this.#tick(), this.#downloader.options.rediscoverMs);
     this.#timer.unref();
+    this.#growTimer = setInterval(() => this.#refreshGrowing(), this.#downloader.options.growingRefreshMs);
+    this.#growTimer.unref();
     this.#pump();
   }
 
@@ -106,8 +105,8 @@ export class Transfer {
     return {
       blob: this.blob,
       state: this.#state,
-      size: this.#index?.size ?? 0,
-      chunks: this.#index?.chunks.length ?? 0,
+      size: this.size ?? 0,
+      chunks: this.#partial?.have.length ?? 0,
       chunksHeld: this.#partial?.have.count ?? 0,
       sources: { ...this.#sources },
       peers: this.#peers.size,
@@ -153,8 +152,8 @@ export class Transfer {
         return;
       }
       if (this.#state === 'failed') await this.done;
-      const index = this.#index!;
       const partial = this.#partial!;
+      const index = partial.index;
       const chunk = Math.floor(position / index.chunkSize);
       const { offset, length } = chunkSpan(index, chunk);
       const last = Math.min(end, offset + length - 1, index.size - 2);
@@ -203,20 +202,39 @@ export class Transfer {
     if (fresh.length === 0) return;
     for (const p of fresh) this.#checking.add(p);
     try {
-      const holdings = await this.#downloader.holdings(this.blob, fresh, this.#abort.signal);
-      for (const [peer, holding] of holdings) this.#addHolder(peer, holding);
+      await this.#addHolders(await this.#downloader.holdings(this.blob, fresh, this.#abort.signal));
     } finally {
       for (const p of fresh) this.#checking.delete(p);
     }
     this.#pump();
   }
 
-  #addHolder(peer: string, holding: Holding): void {
-    if (this.#finished || this.#downloader.isBanned(peer)) return;
-    if (chunkIndexDigest(holding.index) !== chunkIndexDigest(this.#index!)) return;
-    const state = this.#peers.get(peer);
-    if (state) state.have = holding.have;
-    else this.#peers.set(peer, { have: holding.have, inFlight: new Map(), failures: 0 });
+  /** Takes holders whose index agrees with ours; a longer index teaches ours the chunks it names. */
+  async #addHolders(holdings: Map<string, Holding>): Promise<void> {
+    const partial = this.#partial!;
+    for (const [peer, holding] of holdings) {
+      if (this.#finished || this.#downloader.isBanned(peer)) continue;
+      if (!this.#downloader.accepts(this.blob, partial.index, holding.index)) continue;
+      if (holding.index.chunks.length > partial.index.chunks.length && !(await partial.learn(holding.index))) continue;
+      const state = this.#peers.get(peer);
+      if (state) state.have = holding.have;
+      else this.#peers.set(peer, { have: holding.have, inFlight: new Map(), failures: 0 });
+    }
+  }
+
+  /** While our index is provisional, asks every holder again how far it got. */
+  #refreshGrowing(): void {
+    const partial = this.#partial;
+    if (!partial || this.#finished || this.#refreshing || isCompleteIndex(partial.index)) return;
+    this.#refreshing = true;
+    void this.#downloader
+      .holdings(this.blob, this.#peers.keys(), this.#abort.signal)
+      .then((holdings) => this.#addHolders(holdings))
+      .then(
+        () => this.#pump(),
+        (err: Error) => this.#fail(err),
+      )
+      .finally(() => (this.#refreshing = false));
   }
 
   #tick(): void {
@@ -234,10 +252,13 @@ export class Transfer {
     // Partial holders' bitmaps grow; gossip is rate-limited, so ask them again now and then.
     const partialHolders = [...this.#peers].filter(([, s]) => s.have !== 'all').map(([p]) => p);
     if (partialHolders.length > 0) {
-      void this.#downloader.holdings(this.blob, partialHolders, this.#abort.signal).then((holdings) => {
-        for (const [peer, holding] of holdings) this.#addHolder(peer, holding);
-        this.#pump();
-      });
+      void this.#downloader
+        .holdings(this.blob, partialHolders, this.#abort.signal)
+        .then((holdings) => this.#addHolders(holdings))
+        .then(
+          () => this.#pump(),
+          (err: Error) => this.#fail(err),
+        );
     }
   }
 
@@ -249,7 +270,7 @@ export class Transfer {
   #pump(): void {
     const partial = this.#partial;
     if (!partial || this.#finished) return;
-    if (partial.have.complete) {
+    if (partial.have.complete && isCompleteIndex(partial.index)) {
       void this.#finish();
       return;
     }
@@ -272,7 +293,9 @@ export class Transfer {
   /** The chunk to ask `peer` for: one a reader waits for, else the rarest, else an endgame duplicate. */
   #pick(peer: string, state: PeerState): number | undefined {
     const partial = this.#partial!;
-    const holds = (i: number) => state.have === 'all' || state.have.has(i);
+    // Only chunks our index names can be verified, so only those are asked for.
+    const named = partial.index.chunks.length;
+    const holds = (i: number) => i < named && (state.have === 'all' || state.have.has(i));
     const open = (i: number) => !partial.have.has(i) && !this.#asked.get(i)?.size && holds(i);
     for (const position of this.#readers.values()) {
       for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i)) return i;
@@ -325,7 +348,7 @@ export class Transfer {
     switch (result) {
       case 'ok': {
         state.failures = 0;
-        const { length } = chunkSpan(this.#index!, chunk);
+        const { length } = chunkSpan(this.#partial!.index, chunk);
         this.#sources[peer] = (this.#sources[peer] ?? 0) + length;
         this.#fetched += length;
         // Endgame duplicates of this chunk are no longer needed.
@@ -383,6 +406,7 @@ export class Transfer {
 
   #stopTimers(): void {
     clearInterval(this.#timer);
+    clearInterval(this.#growTimer);
     this.#downloader.options.directory.removeEventListener('availability', this.#onAvailability);
   }
 

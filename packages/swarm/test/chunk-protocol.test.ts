@@ -426,7 +426,9 @@ test('the transport rejects a peer that breaks the protocol', async () => {
 
     const holdingCases: [string, object, RegExp][] = [
       ['another blob', { status: 'ok', index: { ...index, blob: UNKNOWN }, have: 'all' }, /another blob/],
-      ['wrong chunk count', { status: 'ok', index: { ...index, chunks: hex(2) }, have: 'all' }, /number of chunks/],
+      ['too many chunks', { status: 'ok', index: { ...index, chunks: hex(4) }, have: 'all' }, /number of chunks/],
+      ['all of a provisional index', { status: 'ok', index: { ...index, chunks: hex(2) }, have: 'all' }, /provisional/],
+      ['a chunk a provisional index does not name', { status: 'ok', index: { ...index, chunks: hex(1) }, have: bitmap([0b11000000]) }, /provisional/],
       ['bad chunk hash', { status: 'ok', index: { ...index, chunks: [...hex(2), 'x'.repeat(64)] }, have: 'all' }, /bad chunk hash/],
       ['zero chunk size', { status: 'ok', index: { ...index, chunkSize: 0 }, have: 'all' }, /bad chunk size/],
       ['chunk size over 16 MiB', { status: 'ok', index: { blob, size: 17 * MiB, chunkSize: 17 * MiB, chunks: hex(1) }, have: 'all' }, /bad chunk size/],

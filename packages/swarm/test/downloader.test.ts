@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { buffer } from 'node:stream/consumers';
 import { sha256Of } from '@shoal/oci';
-import { chunkIndexDigest, chunkSpan } from '@shoal/store';
+import { ChunkBitmap, chunkIndexDigest, chunkSpan } from '@shoal/store';
 import { NoHolderError } from '@shoal/swarm';
 import { CHUNK, indexOf, stored, withFixture } from './fixtures/devices.ts';
 
@@ -136,4 +136,43 @@ test('a resumed download fetches only the chunks it lacks', () =>
     await transfer.done;
     assert.equal(f.net.served.get('a'), 6);
     assert.ok((await stored(d.store, digest)).equals(bytes));
+  }));
+
+test('a blob still arriving at its holder from an upstream is fetched chunk by chunk as it lands', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(24 * CHUNK + 100);
+    const digest = sha256Of(bytes);
+    const full = indexOf(bytes);
+    // The holder's pull-through: a chunk lands every 25 ms; the blob is committed at the end.
+    let landed = 0;
+    const growing = {
+      index: async () => ({ ...full, chunks: full.chunks.slice(0, Math.floor(landed / CHUNK)) }),
+      read: async (buffer: Uint8Array, position: number) => {
+        const n = Math.max(0, Math.min(buffer.byteLength, landed - position));
+        bytes.copy(buffer, 0, position, position + n);
+        return n;
+      },
+    };
+    const a = await f.device('a', { growing: (blob) => (blob === digest && landed < bytes.length ? growing : undefined) });
+    f.net.directory('a').announcePartial(digest, new ChunkBitmap(full.chunks.length));
+    const arriving = (async () => {
+      while (landed < bytes.length) {
+        await new Promise((r) => setTimeout(r, 25));
+        landed = Math.min(bytes.length, landed + CHUNK);
+      }
+      await f.seed(a, bytes);
+    })();
+    const d = await f.device('d', { growingRefreshMs: 5 });
+    let early = 0;
+    d.downloader.addEventListener('chunk', () => {
+      if (landed < bytes.length) early++;
+    });
+    const transfer = await d.downloader.fetch(digest);
+    const streamed = buffer(transfer.read(0, bytes.length - 1));
+    await transfer.done;
+    await arriving;
+    assert.ok((await streamed).equals(bytes));
+    assert.ok((await stored(d.store, digest)).equals(bytes));
+    // Most chunks were fetched before the holder had the whole blob.
+    assert.ok(early >= 12, `${early} of 25 chunks arrived while the holder was still pulling`);
   }));
