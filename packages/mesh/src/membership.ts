@@ -18,6 +18,7 @@ import {
   type ServiceRecord,
   type SyncedMember,
 } from './membership-codec.ts';
+import { readToEnd, sendAndClose } from './io.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
 
 export const MEMBERSHIP_TOPIC = '/shoal/membership/1';
@@ -636,28 +637,4 @@ function endpointHost(record: MemberRecord): string {
     if (ip4 !== undefined && !ip4.startsWith('127.') && ip4 !== '0.0.0.0') return ip4;
   }
   return FALLBACK_SERVICE_HOST;
-}
-
-async function sendAndClose(stream: Stream, bytes: Uint8Array, signal: AbortSignal): Promise<void> {
-  stream.send(bytes);
-  await stream.close({ signal });
-}
-
-/** Reads until the remote closes its side; a message over maxBytes aborts the stream. */
-async function readToEnd(stream: Stream, maxBytes: number, signal: AbortSignal): Promise<Uint8Array> {
-  const onAbort = () => stream.abort(signal.reason as Error);
-  signal.throwIfAborted();
-  signal.addEventListener('abort', onAbort, { once: true });
-  try {
-    const chunks: Uint8Array[] = [];
-    let length = 0;
-    for await (const chunk of stream) {
-      length += chunk.byteLength;
-      if (length > maxBytes) throw new Error(`sync message exceeds ${maxBytes} bytes`);
-      chunks.push(chunk.subarray());
-    }
-    return Buffer.concat(chunks, length);
-  } finally {
-    signal.removeEventListener('abort', onAbort);
-  }
 }

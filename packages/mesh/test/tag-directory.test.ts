@@ -368,7 +368,7 @@ test('a malformed or oversized sync payload ends that stream only', async () => 
     const failures = () => log.entries.filter((entry) => entry.msg === 'tag sync request failed').map((entry) => entry.err!.message);
     await waitFor('a to log both failures', () => failures().length === 2);
     assert.match(failures()[0], /records\[0\]\.chunkIndexes is not an object/);
-    assert.match(failures()[1], /sync message exceeds 65536 bytes/);
+    assert.match(failures()[1], /message exceeds 65536 bytes/);
     assert.equal(a.host.node.getConnections(raw.host.peerId).length, 1, 'the connection survives');
 
     // A peer answering a's own sync with garbage.

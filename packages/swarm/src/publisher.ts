@@ -1,18 +1,12 @@
+import type { TagFields } from '@shoal/mesh';
 import { referencedBlobs, type ParsedManifest } from '@shoal/oci';
 import { chunkIndexDigest, type BlobInfo, type ContentStore } from '@shoal/store';
 import type { ProviderDirectory } from './types.ts';
 
-/** The mesh-wide tag table, as the publisher needs it. */
+/** The mesh-wide tag table (TagDirectory), as the publisher needs it. */
 export interface TagPublisher {
   get(repository: string, tag: string): { digest: string } | undefined;
-  publish(fields: {
-    repository: string;
-    tag: string;
-    digest: string;
-    mediaType: string;
-    size: number;
-    chunkIndexes: Record<string, string>;
-  }): Promise<unknown>;
+  publish(fields: TagFields): Promise<unknown>;
 }
 
 export interface MeshPublisherOptions {
