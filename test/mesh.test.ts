@@ -2,51 +2,26 @@ import assert from 'node:assert/strict';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, afterEach, before, describe, it } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { explainFailure } from './helpers/diagnostics.ts';
 import { run } from './helpers/exec.ts';
-import { NETNS_PREREQUISITES, TestNetwork, type TestDevice } from './helpers/netns.ts';
-import { REPO_ROOT, startShoalNode, type PeerRecord, type RunningShoalNode } from './helpers/node.ts';
+import { Devices, eventually, MESH_PORT, meshPeerId } from './helpers/devices.ts';
+import { NETNS_PREREQUISITES, TestNetwork } from './helpers/netns.ts';
+import { REPO_ROOT, type PeerRecord, type RunningShoalNode } from './helpers/node.ts';
 import { prerequisiteGate } from './helpers/prerequisites.ts';
 import { Scratch } from './helpers/scratch.ts';
 
 const gate = prerequisiteGate(NETNS_PREREQUISITES);
 
-// The daemon's default mesh port; every device has its own namespace, so all can use it.
-const MESH_PORT = 4001;
 // The contract: a killed device is marked down within 10 s. Polling through curl adds
 // latency on a busy machine, so the test allows more before it fails, never less.
 const DOWN_WITHIN_MS = 15_000;
 const CONVERGE_WITHIN_MS = 20_000;
-const POLL_MS = 500;
 
 /** `shoal keygen` into a file. */
 async function keygen(path: string): Promise<string> {
   const { stdout } = await run(process.execPath, [join(REPO_ROOT, 'node', 'src', 'cli.ts'), 'keygen']);
   await writeFile(path, stdout, { mode: 0o600 });
   return path;
-}
-
-/** The peer id the node logged in its "mesh listening" line. */
-function meshPeerId(node: RunningShoalNode): string {
-  const line = node.logs().find((entry) => entry.msg === 'mesh listening');
-  assert.ok(typeof line?.peerId === 'string', `no "mesh listening" line with a peerId:\n${node.logText(30)}`);
-  return line.peerId;
-}
-
-/**
- * Polls until `problem()` returns undefined; fails with the last problem after `timeoutMs`.
- * `problem` describes what is still wrong, so a failure says what was seen.
- */
-async function eventually(what: string, timeoutMs: number, problem: () => Promise<string | undefined>): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  let last: string | undefined = 'never checked';
-  while (Date.now() < deadline) {
-    last = await problem().catch((error: Error) => `error: ${error.message}`);
-    if (last === undefined) return;
-    await sleep(POLL_MS);
-  }
-  assert.fail(`${what} within ${timeoutMs} ms; last seen: ${last}`);
 }
 
 function describeTable(peers: PeerRecord[]): string {
@@ -62,46 +37,6 @@ async function tablesDiffer(nodes: RunningShoalNode[], expected: Map<string, Pee
     if (!same) return `node ${i} sees ${describeTable(peers)}`;
   }
   return undefined;
-}
-
-class Devices {
-  readonly nodes: (RunningShoalNode | undefined)[] = [];
-  readonly #network: TestNetwork;
-  readonly #scratch: Scratch;
-
-  constructor(network: TestNetwork, scratch: Scratch) {
-    this.#network = network;
-    this.#scratch = scratch;
-  }
-
-  /** Starts `shoal node` inside device `index`'s namespace; its data dir is stable per index. */
-  async start(index: number, mesh: { swarmKey: string; mdns: boolean; bootstrap?: string[]; logLevel?: string }): Promise<RunningShoalNode> {
-    const device: TestDevice = this.#network.devices[index]!;
-    const node = await startShoalNode({
-      netns: device.netns,
-      name: `device-${index}`,
-      dataDir: await this.#scratch.dir(`${this.#network.prefix}-${index}`),
-      gateway: `${device.address}:0`,
-      api: `${device.address}:0`,
-      listen: [`/ip4/0.0.0.0/tcp/${MESH_PORT}`],
-      labels: [`device=${index}`],
-      ...mesh,
-    });
-    this.nodes[index] = node;
-    return node;
-  }
-
-  running(): RunningShoalNode[] {
-    return this.nodes.filter((node) => node !== undefined);
-  }
-
-  logs(): Record<string, string | undefined> {
-    return Object.fromEntries(this.nodes.map((node, i) => [`device-${i} log`, node?.logText(40)]));
-  }
-
-  async killAll(): Promise<void> {
-    await Promise.all(this.running().map((node) => node.kill9()));
-  }
 }
 
 describe('devices on one LAN find each other by mDNS (network namespaces)', gate.options, () => {

@@ -45,6 +45,11 @@ class SupervisedProcess {
   }
 }
 
+/** `command args`, run inside network namespace `netns` when given (`ip netns exec` execs in place, so signals reach it). */
+function inNetns(netns: string | undefined, command: string, args: string[]): [string, string[]] {
+  return netns ? ['ip', ['netns', 'exec', netns, command, ...args]] : [command, args];
+}
+
 /** Polls `probe` until it succeeds; fails with the daemon's log if it exits or times out. */
 async function waitUntilReady(daemon: SupervisedProcess, what: string, probe: () => Promise<unknown>, timeoutMs = 30_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -71,15 +76,21 @@ export class PrivateContainerd {
   readonly socket: string;
   readonly root: string;
   readonly #daemon: SupervisedProcess;
+  readonly #netns: string | undefined;
 
-  private constructor(socket: string, root: string, daemon: SupervisedProcess) {
+  private constructor(socket: string, root: string, daemon: SupervisedProcess, netns: string | undefined) {
     this.socket = socket;
     this.root = root;
     this.#daemon = daemon;
+    this.#netns = netns;
   }
 
-  /** Starts containerd with everything under `dir` and waits until `ctr version` answers. */
-  static async start(dir: string): Promise<PrivateContainerd> {
+  /**
+   * Starts containerd with everything under `dir` and waits until `ctr version` answers. With
+   * `netns`, containerd and every ctr command run inside that network namespace (ctr 1.6
+   * fetches images itself, so it must reach the registry from there too).
+   */
+  static async start(dir: string, options: { netns?: string } = {}): Promise<PrivateContainerd> {
     const root = join(dir, 'root');
     const state = join(dir, 'state');
     await mkdir(root, { recursive: true });
@@ -106,15 +117,16 @@ export class PrivateContainerd {
         '',
       ].join('\n'),
     );
-    const daemon = new SupervisedProcess('containerd', ['--config', config, '--log-level', 'info']);
-    const containerd = new PrivateContainerd(socket, root, daemon);
+    const [command, args] = inNetns(options.netns, 'containerd', ['--config', config, '--log-level', 'info']);
+    const daemon = new SupervisedProcess(command, args);
+    const containerd = new PrivateContainerd(socket, root, daemon, options.netns);
     await waitUntilReady(daemon, 'containerd', () => containerd.ctr(['version'], { timeoutMs: 5_000 }));
     return containerd;
   }
 
   /** Runs `ctr --address <socket> ...args`. */
   ctr(args: string[], options: RunOptions = {}): Promise<RunResult> {
-    return run('ctr', ['--address', this.socket, ...args], options);
+    return run(...inNetns(this.#netns, 'ctr', ['--address', this.socket, ...args]), options);
   }
 
   logText(lines?: number): string {

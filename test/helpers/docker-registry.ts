@@ -4,12 +4,18 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
+import { netnsGet } from './netns.ts';
 
 export interface DockerRegistryOptions {
   /** Extra top-level config merged in, e.g. `{ auth: { htpasswd: {...} } }`. */
   config?: Record<string, unknown>;
   /** Binary (default /usr/bin/docker-registry, the reference registry v2.8 from Debian). */
   binary?: string;
+  /**
+   * Run it inside this network namespace (`ip netns exec`), on that namespace's loopback: only
+   * processes in the namespace reach it. Default the test's own namespace.
+   */
+  netns?: string;
 }
 
 export interface DockerRegistry {
@@ -37,6 +43,7 @@ export async function startDockerRegistry(opts: DockerRegistryOptions = {}): Pro
   const dir = await mkdtemp(join(tmpdir(), 'shoal-docker-registry-'));
   const rootDir = join(dir, 'storage');
   await mkdir(rootDir);
+  // Free on the test's loopback; a namespace's own loopback has only what tests start there.
   const port = await freePort();
   const host = `127.0.0.1:${port}`;
   const config = {
@@ -48,11 +55,21 @@ export async function startDockerRegistry(opts: DockerRegistryOptions = {}): Pro
   };
   const configPath = join(dir, 'config.yml');
   await writeFile(configPath, stringify(config));
-  const child = spawn(opts.binary ?? '/usr/bin/docker-registry', ['serve', configPath], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const binary = opts.binary ?? '/usr/bin/docker-registry';
+  const [command, args] = opts.netns ? ['ip', ['netns', 'exec', opts.netns, binary, 'serve', configPath]] : [binary, ['serve', configPath]];
+  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr!.on('data', (d) => (stderr = (stderr + d).slice(-4000)));
   const url = `http://${host}`;
-  await waitUntilAnswering(`${url}/v2/`, child, () => stderr);
+  const { netns } = opts;
+  const status = netns
+    ? async (probe: string) => (await netnsGet(netns, probe, 1_000)).status
+    : async (probe: string) => {
+        const res = await fetch(probe);
+        await res.body?.cancel();
+        return res.status;
+      };
+  await waitUntilAnswering(`${url}/v2/`, child, () => stderr, status);
   return {
     url,
     host,
@@ -65,14 +82,13 @@ export async function startDockerRegistry(opts: DockerRegistryOptions = {}): Pro
   };
 }
 
-async function waitUntilAnswering(url: string, child: ChildProcess, stderr: () => string): Promise<void> {
+async function waitUntilAnswering(url: string, child: ChildProcess, stderr: () => string, status: (url: string) => Promise<number>): Promise<void> {
   const deadline = Date.now() + 15_000;
   while (Date.now() < deadline) {
     if (child.exitCode !== null) throw new Error(`docker-registry exited (${child.exitCode}): ${stderr()}`);
     try {
-      const res = await fetch(url);
-      await res.body?.cancel();
-      if (res.status === 200 || res.status === 401) return;
+      const code = await status(url);
+      if (code === 200 || code === 401) return;
     } catch {
       // not listening yet
     }

@@ -94,6 +94,27 @@ export class TestNetwork {
     return device;
   }
 
+  /**
+   * Caps what `device` sends onto the bridge at `rate` (tc syntax, e.g. `200mbit`), so transfers
+   * take long enough to overlap or interrupt. With `to`, only what it
+   * sends to that device is capped (a slow link between two devices; its other traffic, such as
+   * its acknowledgements of downloads from elsewhere, is not held up behind it). Replaces any
+   * earlier limit on `device`. Traffic a device sends to itself (its loopback) is never limited.
+   */
+  async limitRate(device: TestDevice, rate: string, to?: TestDevice): Promise<void> {
+    const tc = (args: string[]) => run('tc', ['-n', device.netns, ...args]);
+    await tc(['qdisc', 'del', 'dev', DEVICE_INTERFACE, 'root']).catch(() => {}); // no limit set yet
+    if (!to) {
+      await tc(['qdisc', 'add', 'dev', DEVICE_INTERFACE, 'root', 'tbf', 'rate', rate, 'burst', '256kb', 'latency', '100ms']);
+      return;
+    }
+    // HTB sends what no filter classifies straight out, unlimited; the filter puts what goes to
+    // `to` in the one rate-limited class.
+    await tc(['qdisc', 'add', 'dev', DEVICE_INTERFACE, 'root', 'handle', '1:', 'htb']);
+    await tc(['class', 'add', 'dev', DEVICE_INTERFACE, 'parent', '1:', 'classid', '1:1', 'htb', 'rate', rate, 'burst', '256kb']);
+    await tc(['filter', 'add', 'dev', DEVICE_INTERFACE, 'parent', '1:', 'protocol', 'ip', 'prio', '1', 'u32', 'match', 'ip', 'dst', `${to.address}/32`, 'flowid', '1:1']);
+  }
+
   /** Runs `cmd args` inside namespace `netns` to completion (see run()). */
   exec(netns: string, cmd: string, args: string[], options?: RunOptions): Promise<RunResult> {
     return run('ip', ['netns', 'exec', netns, cmd, ...args], options);

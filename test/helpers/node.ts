@@ -43,6 +43,8 @@ export interface ShoalNodeOptions {
   /** Gateway and control API host:port; default 127.0.0.1:0 each. */
   gateway?: string;
   api?: string;
+  /** Extra environment variables for the node (e.g. a test fault switch), on top of the test's own. */
+  env?: NodeJS.ProcessEnv;
 }
 
 /** One pino line from the daemon (or a non-JSON line, kept as msg). */
@@ -69,6 +71,8 @@ export interface RunningShoalNode {
   images(): Promise<ImageRecord[]>;
   /** GET <api>/api/peers: the membership table, this node included. */
   peers(): Promise<PeerRecord[]>;
+  /** GET <api><path>, parsed as JSON; rejects unless HTTP 200. */
+  apiJson<T>(path: string): Promise<T>;
   /** SIGTERM and wait; SIGKILL if it does not exit in time. Resolves with the exit code. */
   stop(): Promise<number | null>;
   /** SIGKILL and wait, as a crash would. */
@@ -158,7 +162,8 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
   // execs the command in place, so the child's pid is the node's and signals reach it.
   const { netns } = options;
   const [command, commandArgs] = netns ? ['ip', ['netns', 'exec', netns, process.execPath, ...args]] : [process.execPath, args];
-  const child = spawn(command, commandArgs, { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+  const env = options.env ? { ...process.env, ...options.env } : process.env;
+  const child = spawn(command, commandArgs, { cwd: REPO_ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
   const entries: LogEntry[] = [];
   const rawLines: string[] = [];
   const keep = (line: string) => {
@@ -233,6 +238,7 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
     logText,
     images: () => apiJson<ImageRecord[]>('/api/images'),
     peers: () => apiJson<PeerRecord[]>('/api/peers'),
+    apiJson,
     async stop() {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
       if (!(await waitForExit(child, 10_000))) {
