@@ -4,18 +4,16 @@
 // with the same client (curl for the bulk bytes), and reports both throughputs and their ratio: push (POST + streamed
 // PATCH + PUT, as docker push does), GET of the whole blob, and GET in Range requests. Also the
 // peak RSS and CPU seconds per GB of each server. Writes bench/results/gateway.{json,md}.
-import { createHash, randomFillSync } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFile } from 'node:child_process';
-import { once } from 'node:events';
 import { parseArgs, promisify } from 'node:util';
 import { request } from 'undici';
 import { startDockerRegistry } from '../../test/helpers/docker-registry.ts';
 import { startShoalNode } from '../../test/helpers/node.ts';
 import { cpuSecondsOf, describeMachine, markdownMachine, RssSampler } from './machine.ts';
+import { median, writeRandomFile } from './shared.ts';
 
 const { values } = parseArgs({
   options: {
@@ -131,27 +129,6 @@ async function measure(target: Target, op: () => Promise<void>): Promise<Sample>
   await op();
   const seconds = (performance.now() - start) / 1000;
   return { seconds, peakRss: rss.stop(), cpuSeconds: cpuSecondsOf(target.pid) - cpuBefore };
-}
-
-async function writeRandomFile(path: string, size: number): Promise<string> {
-  const out = createWriteStream(path);
-  const hash = createHash('sha256');
-  const buf = Buffer.alloc(2 ** 20);
-  for (let written = 0; written < size; written += buf.length) {
-    const chunk = buf.subarray(0, Math.min(buf.length, size - written));
-    randomFillSync(chunk);
-    hash.update(chunk);
-    if (!out.write(chunk)) await once(out, 'drain');
-  }
-  out.end();
-  await once(out, 'finish');
-  return `sha256:${hash.digest('hex')}`;
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
 const TARGET_RATIO: Record<Operation, number> = { push: 0.8, get: 1.0, range: 1.0 };

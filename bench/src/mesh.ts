@@ -5,7 +5,6 @@
 // device killed with -9 is marked down by all others, membership traffic per device over a quiet
 // window (veth counters), idle RSS per node, and machine CPU busy % during startup.
 // Writes bench/results/mesh.{json,md}. A benchmark: it reports, it does not assert on time.
-import { readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -15,6 +14,7 @@ import { netnsGet, TestNetwork } from '../../test/helpers/netns.ts';
 import { REPO_ROOT, startShoalNode, type PeerRecord, type RunningShoalNode } from '../../test/helpers/node.ts';
 import { Scratch } from '../../test/helpers/scratch.ts';
 import { describeMachine, markdownMachine, rssOf } from './machine.ts';
+import { busyPercent, cpuJiffies } from './shared.ts';
 
 const { values } = parseArgs({
   options: {
@@ -51,14 +51,6 @@ interface MeshResult {
   startupCpuBusyPercent: number;
 }
 
-/** [busy, total] jiffies over all CPUs, from the first line of /proc/stat. */
-function cpuJiffies(): [number, number] {
-  const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1).map(Number);
-  const total = fields.reduce((a, b) => a + b, 0);
-  const idle = fields[3]! + (fields[4] ?? 0); // idle + iowait
-  return [total - idle, total];
-}
-
 async function peersOf(netns: string, node: RunningShoalNode): Promise<PeerRecord[]> {
   const response = await netnsGet(netns, new URL('/api/peers', node.apiUrl).toString());
   if (response.status !== 200) throw new Error(`GET /api/peers: HTTP ${response.status}`);
@@ -92,10 +84,6 @@ async function interfaceCounters(netns: string): Promise<{ tx: number; rx: numbe
   const { stdout } = await run('ip', ['netns', 'exec', netns, 'cat', `${dir}/tx_bytes`, `${dir}/rx_bytes`]);
   const [tx, rx] = stdout.trim().split(/\s+/).map(Number);
   return { tx: tx!, rx: rx! };
-}
-
-function busyPercent(before: [number, number], after: [number, number]): number {
-  return (100 * (after[0] - before[0])) / (after[1] - before[1]);
 }
 
 function meshPeerId(node: RunningShoalNode): string {
