@@ -34,6 +34,8 @@ program
   .option('--no-mdns', 'do not discover devices by multicast DNS')
   .option('--swarm-key <file>', 'private network key (see shoal keygen): only devices with the same key connect')
   .option('--label <key=value>', 'label shown to other devices (repeatable)', collect, [])
+  .option('--data-plane <host:port>', 'where peers fetch chunks over HTTP (default 0.0.0.0:0, any port)')
+  .option('--no-data-plane', 'move chunks only over encrypted libp2p streams (slower, more CPU)')
   .action(async (opts, command: Command) => {
     const fromFile: ConfigInput = opts.config ? await loadConfigFile(opts.config) : {};
     const config = resolveConfig(fromFile, {
@@ -51,6 +53,8 @@ program
       mdns: command.getOptionValueSource('mdns') === 'cli' ? opts.mdns : undefined,
       swarmKey: opts.swarmKey,
       labels: opts.label,
+      // As with --no-mdns, only a flag actually given may override the file.
+      dataPlane: command.getOptionValueSource('dataPlane') === 'cli' ? opts.dataPlane : undefined,
     });
     const log = createLogger(config.logLevel, config.name);
     const node = new ShoalNode(config, log);

@@ -36,6 +36,11 @@ export interface NodeConfig {
   /** Services this device offers, announced to the mesh at start (checked by the mesh). */
   services: ServiceRegistration[];
   /**
+   * Where peers fetch chunks over plain HTTP (tickets handed out over libp2p; chunks verified by
+   * hash), or false to move chunks only over encrypted libp2p streams (default 0.0.0.0, any port).
+   */
+  dataPlane: HostPort | false;
+  /**
    * Test-only fault switch (environment `SHOAL_FAULT_CORRUPT_CHUNKS=1`, never a flag or config
    * key): every chunk this node serves to peers is corrupted, to test that peers catch it.
    */
@@ -59,6 +64,7 @@ export const DEFAULT_CONFIG: Readonly<Omit<NodeConfig, 'name'>> = {
   mdns: true,
   labels: {},
   services: [],
+  dataPlane: { host: '0.0.0.0', port: 0 },
 };
 
 export class ConfigError extends Error {
@@ -81,6 +87,8 @@ export interface ConfigInput {
   swarmKey?: string;
   labels?: Record<string, string> | string[];
   services?: ServiceRegistration[];
+  /** HOST:PORT, or false. */
+  dataPlane?: string | false;
 }
 
 /** Reads a YAML config file; unknown keys are an error so typos do not pass silently. */
@@ -95,7 +103,7 @@ export async function loadConfigFile(path: string): Promise<ConfigInput> {
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: top level must be a mapping`);
   const known = [
     'name', 'dataDir', 'gateway', 'api', 'defaultNamespace', 'upstreams', 'pushToken', 'logLevel',
-    'listen', 'bootstrap', 'mdns', 'swarmKey', 'labels', 'services',
+    'listen', 'bootstrap', 'mdns', 'swarmKey', 'labels', 'services', 'dataPlane',
   ];
   for (const key of Object.keys(doc)) {
     if (!known.includes(key)) throw new ConfigError(`${path}: unknown key "${key}" (known: ${known.join(', ')})`);
@@ -131,6 +139,8 @@ export function resolveConfig(...inputs: ConfigInput[]): NodeConfig {
     mdns: merged.mdns ?? DEFAULT_CONFIG.mdns,
     labels,
     services: merged.services ?? [],
+    dataPlane:
+      merged.dataPlane === false ? false : merged.dataPlane ? parseHostPort(merged.dataPlane, 'dataPlane') : DEFAULT_CONFIG.dataPlane,
   };
   if (!Array.isArray(config.services)) throw new ConfigError('services must be a list of {name, port | url, protocol?, meta?}');
   if (merged.pushToken) config.pushToken = merged.pushToken;

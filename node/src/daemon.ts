@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import type { PrivateKey } from '@libp2p/interface';
 import { loadOrCreatePeerKey, loadSwarmKey, MeshHost, Membership, TagDirectory } from '@shoal/mesh';
 import {
+  ChunkDataPlane,
   ChunkServer,
   Downloader,
   Libp2pChunkTransport,
@@ -40,6 +41,8 @@ export class ShoalNode {
   #tags?: TagDirectory;
   #directory?: MeshProviderDirectory;
   #chunkServer?: ChunkServer;
+  #dataPlane?: ChunkDataPlane;
+  #transport?: Libp2pChunkTransport;
   #downloader?: Downloader;
   #publisher?: MeshPublisher;
   #usage = { bytes: 0, at: -Infinity };
@@ -139,12 +142,18 @@ export class ShoalNode {
     // Before the chunk server, which shares pull-throughs while they land.
     const fallback = this.#registry(store);
     const source = new StoreChunkSource(store, { growing: (blob) => this.#mirror?.pulling(blob) });
-    this.#chunkServer = new ChunkServer(mesh, source, { log: swarmLog, ...(config.faultCorruptChunks ? { corrupt: true } : {}) });
-    if (config.faultCorruptChunks) log.warn('test fault switch on: this node corrupts every chunk it serves');
+    const corrupt = config.faultCorruptChunks ? () => true : undefined;
+    if (corrupt) log.warn('test fault switch on: this node corrupts every chunk it serves');
+    if (config.dataPlane) {
+      this.#dataPlane = new ChunkDataPlane(source, { ...config.dataPlane, corrupt, log: swarmLog });
+      await this.#dataPlane.start();
+      log.info({ address: `${config.dataPlane.host}:${this.#dataPlane.port}` }, 'chunk data plane listening');
+    }
+    this.#chunkServer = new ChunkServer(mesh, source, { log: swarmLog, corrupt, dataPlane: this.#dataPlane });
     await this.#chunkServer.start();
     this.#downloader = new Downloader({
       store,
-      transport: new Libp2pChunkTransport(mesh, { log: swarmLog }),
+      transport: (this.#transport = new Libp2pChunkTransport(mesh, { log: swarmLog })),
       directory: this.#directory,
       trustedIndexDigest: (blob) => tags.chunkIndexDigest(blob),
       log: swarmLog,
@@ -213,6 +222,8 @@ export class ShoalNode {
     this.#publisher?.stop();
     await this.#downloader?.stop();
     await this.#chunkServer?.stop();
+    await this.#dataPlane?.stop();
+    await this.#transport?.close();
     this.#directory?.stop();
     await this.#tags?.stop();
     await this.#mesh?.stop();

@@ -1,5 +1,8 @@
 import { once } from 'node:events';
 import type { FileHandle } from 'node:fs/promises';
+
+/** Reads up to `buffer.byteLength` bytes at `position` into `buffer`; how many (0 only at an end). */
+export type PositionalRead = (buffer: Buffer, position: number) => Promise<number>;
 import type { Writable } from 'node:stream';
 
 export interface FileSendOptions {
@@ -16,8 +19,13 @@ export interface FileSendOptions {
  * and leaves GC-lagged memory behind, which on a 2-core device halves serving throughput.
  * Rejects if `out` closes or fails before everything is written.
  */
-export async function sendFileRange(
-  fh: FileHandle,
+export function sendFileRange(fh: FileHandle, start: number, end: number, out: Writable, opts: FileSendOptions = {}): Promise<void> {
+  return sendRange(async (buffer, position) => (await fh.read(buffer, 0, buffer.byteLength, position)).bytesRead, start, end, out, opts);
+}
+
+/** sendFileRange over any positional read (e.g. one that waits for bytes still arriving). */
+export async function sendRange(
+  read: PositionalRead,
   start: number,
   end: number,
   out: Writable,
@@ -34,7 +42,7 @@ export async function sendFileRange(
   for (let i = 0; position <= end; i++) {
     if (inFlight.length === pool.length) await Promise.race([inFlight.shift()!, closed]);
     const buffer = pool[i % pool.length]!;
-    const { bytesRead } = await fh.read(buffer, 0, Math.min(bufferSize, end - position + 1), position);
+    const bytesRead = await read(buffer.subarray(0, Math.min(bufferSize, end - position + 1)), position);
     if (bytesRead === 0) throw new Error(`file ended at ${position}, before byte ${end}`);
     position += bytesRead;
     if (out.destroyed) throw new Error('destination closed before the blob was sent');

@@ -123,6 +123,27 @@ export class FsContentStore extends EventEmitter<ContentStoreEvents> implements 
     }
   }
 
+  async readBlobAt(digest: string, buffer: Uint8Array, position: number): Promise<number | undefined> {
+    let fh: FileHandle;
+    try {
+      fh = await open(this.#blobPath(digest), 'r');
+    } catch (err) {
+      if (isNotFound(err)) return undefined;
+      throw err;
+    }
+    try {
+      let read = 0;
+      while (read < buffer.byteLength) {
+        const { bytesRead } = await fh.read(buffer, read, buffer.byteLength - read, position + read);
+        if (bytesRead === 0) break;
+        read += bytesRead;
+      }
+      return read;
+    } finally {
+      await fh.close();
+    }
+  }
+
   async readBlob(digest: string, range?: ByteRange): Promise<BlobReader | undefined> {
     let fh;
     try {

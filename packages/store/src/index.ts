@@ -5,3 +5,4 @@ export * from './catalog.ts';
 export { FsContentStore, type FsContentStoreOptions } from './fs-store.ts';
 export * from './chunk-bitmap.ts';
 export { chunkSpan, type PartialBlob } from './partial-blob.ts';
+export { sendRange, type PositionalRead } from './file-sender.ts';

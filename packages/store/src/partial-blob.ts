@@ -65,6 +65,7 @@ export class FsPartialBlob implements PartialBlob {
   /** Whole-blob hash of the contiguous prefix of held chunks, advanced as chunks land. */
   #digester = new Digester('sha256');
   #hashedChunks = 0;
+  #scratchBuffer: Buffer | undefined;
   #hashing: Promise<void> = Promise.resolve();
   #bitmapWrite: Promise<void> | undefined;
   #bitmapDirty = false;
@@ -128,7 +129,7 @@ export class FsPartialBlob implements PartialBlob {
   async writeChunk(i: number, bytes: Uint8Array): Promise<void> {
     if (this.#closed) throw new Error(`partial blob ${this.digest} is closed`);
     const { offset, length } = chunkSpan(this.index, i);
-    if (i < 0 || i >= this.index.chunks.length || bytes.byteLength !== length || sha256Hex(bytes) !== this.index.chunks[i]) {
+    if (i < 0 || i >= this.index.chunks.length || bytes.byteLength !== length || (await sha256HexOffThread(bytes)) !== this.index.chunks[i]) {
       throw new ChunkMismatchError(this.digest, i);
     }
     if (this.have.has(i)) return;
@@ -139,6 +140,7 @@ export class FsPartialBlob implements PartialBlob {
     }
     this.have.set(i);
     this.#saveBitmap();
+    // Resolves only once `bytes` is no longer needed, so the caller may reuse the buffer.
     await this.#advanceHash({ i, bytes });
   }
 
@@ -155,7 +157,8 @@ export class FsPartialBlob implements PartialBlob {
     const next = this.#hashing.then(async () => {
       while (this.#hashedChunks < this.have.length && this.have.has(this.#hashedChunks)) {
         const i = this.#hashedChunks;
-        this.#digester.update(inHand?.i === i ? inHand.bytes : await this.#readSpan(i));
+        // A chunk that landed out of order is read back (from the page cache) into one reused buffer.
+        this.#digester.update(inHand?.i === i ? inHand.bytes : await this.#readSpan(i, this.#scratch()));
         this.#hashedChunks++;
       }
     });
@@ -182,9 +185,15 @@ export class FsPartialBlob implements PartialBlob {
     return this.#readSpan(i);
   }
 
-  async #readSpan(i: number): Promise<Buffer> {
+  #scratch(): Buffer {
+    this.#scratchBuffer ??= Buffer.allocUnsafeSlow(this.index.chunkSize);
+    return this.#scratchBuffer;
+  }
+
+  /** Chunk `i`'s bytes, in `into` when given (then valid only until its next use). */
+  async #readSpan(i: number, into?: Buffer): Promise<Buffer> {
     const { offset, length } = chunkSpan(this.index, i);
-    const buffer = Buffer.allocUnsafe(length);
+    const buffer = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
     let read = 0;
     while (read < length) {
       const { bytesRead } = await this.#fh.read(buffer, read, length - read, offset + read);
@@ -260,6 +269,11 @@ export async function readPartialIndex(path: string): Promise<ChunkIndex | undef
   } catch {
     return undefined;
   }
+}
+
+/** Hashes on the libuv pool (WebCrypto), so verifying chunks does not hold up the event loop. */
+async function sha256HexOffThread(bytes: Uint8Array): Promise<string> {
+  return Buffer.from(await crypto.subtle.digest('SHA-256', bytes as Uint8Array<ArrayBuffer>)).toString('hex');
 }
 
 function sha256Hex(bytes: Uint8Array): string {

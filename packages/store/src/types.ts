@@ -112,6 +112,11 @@ export interface ContentStore {
   on<K extends keyof ContentStoreEvents>(event: K, listener: (...args: ContentStoreEvents[K]) => void): this;
   off<K extends keyof ContentStoreEvents>(event: K, listener: (...args: ContentStoreEvents[K]) => void): this;
   statBlob(digest: string): Promise<BlobInfo | undefined>;
+  /**
+   * Reads committed bytes of `digest` at `position` into `buffer` (no allocation, for serving
+   * chunks from reused buffers); how many were read, or undefined if the blob is absent.
+   */
+  readBlobAt(digest: string, buffer: Uint8Array, position: number): Promise<number | undefined>;
   /** Opens a blob, or undefined if absent. `range` must lie within the blob. */
   readBlob(digest: string, range?: ByteRange): Promise<BlobReader | undefined>;
   createWriter(): Promise<BlobWriter>;

@@ -2,7 +2,7 @@ import type { Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/inter
 import { isDigest } from '@shoal/oci';
 import { ChunkBitmap, chunkCount, isCompleteIndex, type ChunkIndex } from '@shoal/store';
 import { pEvent } from 'p-event';
-import type { Holding } from './types.ts';
+import type { DataPlaneTicket, Holding } from './types.ts';
 
 /**
  * Wire format of `/shoal/chunks/1.0.0`, one request per stream:
@@ -49,7 +49,7 @@ export type ChunkRequest =
   | { op: 'range'; blob: string; offset: number; length: number };
 
 export type HoldingHeader =
-  | { status: 'ok'; index: ChunkIndex; have: 'all' | string }
+  | { status: 'ok'; index: ChunkIndex; have: 'all' | string; dataPlane?: DataPlaneTicket }
   | { status: 'not-found' }
   | { status: 'error'; message: string };
 
@@ -158,10 +158,27 @@ export function decodeRequest(frame: Uint8Array): ChunkRequest {
   }
 }
 
-export function holdingHeader(holding: Holding): HoldingHeader {
+export function holdingHeader(holding: Holding, dataPlane?: DataPlaneTicket): HoldingHeader {
   const { blob, size, chunkSize, chunks } = holding.index;
   const have = holding.have === 'all' || holding.have.complete ? 'all' : Buffer.from(holding.have.toBytes()).toString('base64');
-  return { status: 'ok', index: { blob, size, chunkSize, chunks }, have };
+  return { status: 'ok', index: { blob, size, chunkSize, chunks }, have, ...(dataPlane ? { dataPlane } : {}) };
+}
+
+/** The data plane ticket in a holding answer, if it carries a well-formed one. */
+export function decodeDataPlaneTicket(frame: Uint8Array): DataPlaneTicket | undefined {
+  const { dataPlane } = parseObject(frame);
+  if (!isObject(dataPlane)) return undefined;
+  const { port, ticket } = dataPlane;
+  if (!Number.isInteger(port) || (port as number) < 1 || (port as number) > 65535) return undefined;
+  if (typeof ticket !== 'string' || !/^[A-Za-z0-9_-]{16,128}$/.test(ticket)) return undefined;
+  return { port: port as number, ticket };
+}
+
+/** A copy of `data` with one byte flipped (the test-only fault switch). */
+export function corrupted(data: Uint8Array): Uint8Array {
+  const copy = Uint8Array.from(data);
+  if (copy.byteLength > 0) copy[copy.byteLength >> 1]! ^= 0xff;
+  return copy;
 }
 
 /** Parses a holding header for `blob`: the holding, undefined for not-found; throws on anything else. */

@@ -7,6 +7,7 @@ import {
   ChunkProtocolError,
   ChunkStallError,
   chunkLength,
+  corrupted,
   decodeRequest,
   encodeFrame,
   errorHeader,
@@ -20,6 +21,7 @@ import {
   StallTimer,
   type ChunkRequest,
 } from './chunk-protocol.ts';
+import type { ChunkDataPlane } from './data-plane.ts';
 import type { ChunkSource } from './types.ts';
 
 export interface ChunkServerOptions {
@@ -42,6 +44,11 @@ export interface ChunkServerOptions {
   /** Default silent. */
   log?: MeshLog;
   /**
+   * The HTTP data plane: holding answers then carry a ticket for it, and peers fetch chunks
+   * there instead of over this protocol. Default none.
+   */
+  dataPlane?: ChunkDataPlane;
+  /**
    * TEST ONLY: flip a byte in served chunk payloads (all of them, or those the predicate picks),
    * to play a malicious or broken peer. Default false.
    */
@@ -61,7 +68,8 @@ export interface ChunkServerEvents {
   upload: CustomEvent<UploadEvent>;
 }
 
-type ResolvedOptions = Required<Omit<ChunkServerOptions, 'corrupt'>> & { corrupt: (blob: string, index: number) => boolean };
+type ResolvedOptions = Required<Omit<ChunkServerOptions, 'corrupt' | 'dataPlane'>> &
+  Pick<ChunkServerOptions, 'dataPlane'> & { corrupt: (blob: string, index: number) => boolean };
 
 const silentLog: MeshLog = { debug() {}, warn() {} };
 
@@ -164,7 +172,7 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
   async #answer(peer: string, request: ChunkRequest, stream: Stream, stall: StallTimer): Promise<void> {
     switch (request.op) {
       case 'holding':
-        return this.#answerHolding(request.blob, stream, stall);
+        return this.#answerHolding(peer, request.blob, stream, stall);
       case 'chunk':
         return this.#withSlot(peer, stream, stall, () => this.#answerChunk(peer, request.blob, request.index, stream, stall));
       case 'range':
@@ -172,7 +180,7 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
     }
   }
 
-  async #answerHolding(blob: string, stream: Stream, stall: StallTimer): Promise<void> {
+  async #answerHolding(peer: string, blob: string, stream: Stream, stall: StallTimer): Promise<void> {
     const holding = await this.#fromSource(stall, 'holding', blob, () => this.#source.holding(blob));
     if (holding === failed) return this.#sendHeader(stream, stall, errorHeader('holding unavailable'));
     if (!holding) return this.#sendHeader(stream, stall, { status: 'not-found' });
@@ -181,7 +189,7 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
       this.#options.log.warn({ blob, bitmap: have.length, chunks: chunkCount(index) }, 'chunk source bitmap does not match its index');
       return this.#sendHeader(stream, stall, errorHeader('inconsistent holding'));
     }
-    const header = encodeFrame(holdingHeader(holding));
+    const header = encodeFrame(holdingHeader(holding, this.#options.dataPlane?.ticketFor(peer)));
     if (header.byteLength > MAX_HEADER_FRAME_BYTES) {
       this.#options.log.warn({ blob, bytes: header.byteLength }, 'chunk index too large for a holding answer');
       return this.#sendHeader(stream, stall, errorHeader('chunk index too large'));
@@ -323,11 +331,6 @@ function readRequest(stream: Stream, stall: StallTimer): Promise<ChunkRequest> {
   });
 }
 
-function corrupted(data: Uint8Array): Uint8Array {
-  const copy = Uint8Array.from(data);
-  if (copy.byteLength > 0) copy[copy.byteLength >> 1]! ^= 0xff;
-  return copy;
-}
 
 /** Per-peer counting semaphore with a FIFO queue; a waiter whose stream closes leaves the queue. */
 class PeerSlots {

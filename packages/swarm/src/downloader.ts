@@ -234,14 +234,17 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       return 'failed';
     }
     if (!bytes) return 'missing';
-    if (partial.have.has(index)) return 'ok';
+    const length = bytes.byteLength;
     try {
+      if (partial.have.has(index)) return 'ok';
       await partial.writeChunk(index, bytes);
     } catch (err) {
       if (err instanceof ChunkMismatchError) return 'bad';
       throw err;
+    } finally {
+      this.options.transport.release?.(bytes);
     }
-    this.dispatchEvent(new CustomEvent('chunk', { detail: { blob: partial.digest, peer, index, bytes: bytes.byteLength } }));
+    this.dispatchEvent(new CustomEvent('chunk', { detail: { blob: partial.digest, peer, index, bytes: length } }));
     return 'ok';
   }
 

@@ -20,3 +20,4 @@ export {
 } from './chunk-protocol.ts';
 export * from './chunk-server.ts';
 export * from './libp2p-transport.ts';
+export * from './data-plane.ts';

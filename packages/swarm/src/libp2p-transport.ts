@@ -2,11 +2,13 @@ import type { Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/inter
 import { peerIdFromString } from '@libp2p/peer-id';
 import type { MeshHost, MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
+import { Agent, request as httpRequest } from 'undici';
 import {
   CHUNK_PROTOCOL,
   ChunkProtocolError,
   ChunkStallError,
   chunkLength,
+  decodeDataPlaneTicket,
   decodeHoldingHeader,
   decodePayloadHeader,
   encodeRequest,
@@ -19,7 +21,7 @@ import {
   StallTimer,
   type ChunkRequest,
 } from './chunk-protocol.ts';
-import type { ChunkTransport, Holding } from './types.ts';
+import type { ChunkTransport, DataPlaneTicket, Holding } from './types.ts';
 
 export interface Libp2pChunkTransportOptions {
   /** Default `/shoal/chunks/1.0.0`. */
@@ -29,6 +31,11 @@ export interface Libp2pChunkTransportOptions {
    * caller's signal allows; it catches a peer that stops sending mid-chunk. Default 10 000 ms.
    */
   stallTimeoutMs?: number;
+  /**
+   * Fetch chunks over a peer's HTTP data plane when its holding answer offers one (the libp2p
+   * stream stays the fallback). Default true.
+   */
+  useDataPlane?: boolean;
   /** Default silent. */
   log?: MeshLog;
 }
@@ -37,6 +44,10 @@ export interface Libp2pChunkTransportOptions {
 const MAX_REMEMBERED_GEOMETRIES = 4096;
 
 const silentLog: MeshLog = { debug() {}, warn() {} };
+const POOLED_BUFFER_BYTES = 1024 * 1024;
+const POOL_SIZE = 32;
+/** The data plane could not serve a request; use the libp2p stream. */
+const FALL_BACK = Symbol('fall back');
 
 /**
  * ChunkTransport over `/shoal/chunks/1.0.0`: one stream per request. It checks framing and byte
@@ -47,12 +58,19 @@ export class Libp2pChunkTransport implements ChunkTransport {
   readonly #options: Required<Libp2pChunkTransportOptions>;
   // Insertion-ordered, so the oldest entry is evicted first.
   readonly #geometry = new Map<string, { size: number; chunkSize: number }>();
+  /** Each peer's data plane, from its last holding answer. */
+  readonly #dataPlanes = new Map<string, { origin: string; ticket: string }>();
+  readonly #http = new Agent({ connections: 8, keepAliveTimeout: 30_000 });
+  /** Chunk buffers handed back by release(), and the pooled buffer behind each view handed out. */
+  readonly #free: Buffer[] = [];
+  readonly #pooled = new WeakMap<Uint8Array, Buffer>();
 
   constructor(host: MeshHost, options: Libp2pChunkTransportOptions = {}) {
     this.#host = host;
     this.#options = {
       protocol: CHUNK_PROTOCOL,
       stallTimeoutMs: 10_000,
+      useDataPlane: true,
       log: silentLog,
       ...withoutUndefined(options),
     };
@@ -64,11 +82,18 @@ export class Libp2pChunkTransport implements ChunkTransport {
   /** The peer's chunk index and availability of `blob`, or undefined when it holds none of it. */
   async fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined> {
     checkDigest(blob);
-    const { result } = await this.#request(peer, { op: 'holding', blob }, signal, MAX_HEADER_FRAME_BYTES, (frame) => ({
-      result: decodeHoldingHeader(frame, blob),
-    }));
+    const { result } = await this.#request(peer, { op: 'holding', blob }, signal, MAX_HEADER_FRAME_BYTES, (frame) => {
+      const holding = decodeHoldingHeader(frame, blob);
+      if (holding) this.#rememberDataPlane(peer, decodeDataPlaneTicket(frame));
+      return { result: holding };
+    });
     if (result) this.#remember(peer, blob, result.index);
     return result;
+  }
+
+  /** Closes the data plane's pooled HTTP connections. */
+  async close(): Promise<void> {
+    await this.#http.close();
   }
 
   /**
@@ -85,6 +110,11 @@ export class Libp2pChunkTransport implements ChunkTransport {
     const geometry = this.#geometry.get(key(peer, blob));
     // null: the peer's own index has no such chunk, so any bytes it sends break the protocol.
     const expected = expectedLength ?? (geometry ? (chunkLength(geometry, index) ?? null) : undefined);
+    const plane = this.#dataPlanes.get(peer);
+    if (plane && expected !== null) {
+      const fetched = await this.#fetchOverDataPlane(peer, plane, blob, index, expected, signal);
+      if (fetched !== FALL_BACK) return fetched;
+    }
     const { payload } = await this.#request(peer, { op: 'chunk', blob, index }, signal, MAX_PAYLOAD_HEADER_FRAME_BYTES, (frame) => {
       const length = decodePayloadHeader(frame, MAX_CHUNK_BYTES);
       if (length === undefined) return { result: undefined };
@@ -109,6 +139,89 @@ export class Libp2pChunkTransport implements ChunkTransport {
       return { result: undefined, payload: length };
     });
     return payload;
+  }
+
+  /**
+   * A chunk over the peer's HTTP data plane; FALL_BACK when that path is unusable (refused,
+   * ticket rejected, overloaded), so the libp2p stream is tried. Length checks as for a stream.
+   */
+  async #fetchOverDataPlane(
+    peer: string,
+    plane: { origin: string; ticket: string },
+    blob: string,
+    index: number,
+    expected: number | undefined,
+    signal: AbortSignal,
+  ): Promise<Uint8Array | undefined | typeof FALL_BACK> {
+    let res: Awaited<ReturnType<typeof httpRequest>>;
+    try {
+      res = await httpRequest(`${plane.origin}/v1/chunks/${blob}/${index}`, {
+        dispatcher: this.#http,
+        headers: { authorization: `Bearer ${plane.ticket}` },
+        signal,
+        headersTimeout: this.#options.stallTimeoutMs,
+        bodyTimeout: this.#options.stallTimeoutMs,
+      });
+    } catch (err) {
+      signal.throwIfAborted();
+      this.#options.log.debug({ peer, err }, 'data plane unreachable; using the libp2p stream');
+      this.#dataPlanes.delete(peer);
+      return FALL_BACK;
+    }
+    if (res.statusCode === 404) {
+      await res.body.dump();
+      return undefined;
+    }
+    if (res.statusCode !== 200) {
+      await res.body.dump();
+      // A rejected ticket is renewed by the next holding answer; until then, the stream.
+      if (res.statusCode === 401) this.#dataPlanes.delete(peer);
+      return FALL_BACK;
+    }
+    const length = Number(res.headers['content-length']);
+    if (!Number.isInteger(length) || length <= 0 || length > MAX_CHUNK_BYTES || (expected !== undefined && length !== expected)) {
+      res.body.destroy();
+      throw new ChunkProtocolError(`peer's data plane announced ${res.headers['content-length']} bytes for chunk ${index}, expected ${expected ?? 'at most 16 MiB'}`);
+    }
+    const out = this.#buffer(length);
+    let filled = 0;
+    for await (const piece of res.body as AsyncIterable<Buffer>) {
+      if (filled + piece.byteLength > length) {
+        res.body.destroy();
+        throw new ChunkProtocolError(`peer's data plane sent more than the ${length} bytes it announced`);
+      }
+      piece.copy(out, filled);
+      filled += piece.byteLength;
+    }
+    if (filled !== length) throw new ChunkProtocolError(`peer's data plane sent ${filled} of ${length} bytes`);
+    return out;
+  }
+
+  /**
+   * A buffer for a chunk: reused when one was released. Allocating 1 MiB per chunk drives V8
+   * into a full GC every 64 MiB, which cost more CPU than receiving the bytes.
+   */
+  #buffer(length: number): Buffer {
+    if (length > POOLED_BUFFER_BYTES) return Buffer.allocUnsafe(length);
+    const view = (this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES)).subarray(0, length);
+    this.#pooled.set(view, view);
+    return view;
+  }
+
+  release(bytes: Uint8Array): void {
+    if (!this.#pooled.has(bytes)) return;
+    this.#pooled.delete(bytes);
+    if (this.#free.length < POOL_SIZE) this.#free.push(Buffer.from(bytes.buffer, bytes.byteOffset, POOLED_BUFFER_BYTES));
+  }
+
+  /** Where `peer`'s data plane is: the address of our libp2p connection to it, and the port it offered. */
+  #rememberDataPlane(peer: string, ticket: DataPlaneTicket | undefined): void {
+    if (!ticket || !this.#options.useDataPlane) return;
+    const remote = this.#host.node.getConnections(peerIdFromString(peer))[0]?.remoteAddr;
+    const ip = remote?.getComponents().find((c) => c.name === 'ip4' || c.name === 'ip6');
+    if (!ip?.value) return;
+    const host = ip.name === 'ip6' ? `[${ip.value}]` : ip.value;
+    this.#dataPlanes.set(peer, { origin: `http://${host}:${ticket.port}`, ticket: ticket.ticket });
   }
 
   #remember(peer: string, blob: string, index: { size: number; chunkSize: number }): void {

@@ -18,6 +18,8 @@ export interface MeshProviderDirectoryOptions {
   partialIntervalMs?: number;
   /** How long findHolders waits for DHT providers. Default 2 000 ms. */
   findTimeoutMs?: number;
+  /** Once one holder is known, how much longer findHolders waits for more. Default 100 ms. */
+  graceMs?: number;
   /** findHolders stops after this many DHT providers. Default 32. */
   maxProviders?: number;
   /** A gossiped partial holder is forgotten after this long without news. Default 60 000 ms. */
@@ -71,6 +73,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
       topic: AVAILABILITY_TOPIC,
       partialIntervalMs: 500,
       findTimeoutMs: 2_000,
+      graceMs: 100,
       maxProviders: 32,
       partialTtlMs: 60_000,
       maxMessageBytes: 16 * 1024,
@@ -104,18 +107,28 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     const found = new Set<string>();
     const cutoff = performance.now() - this.#options.partialTtlMs;
     for (const [peer, at] of this.#gossiped.get(blob) ?? []) if (at >= cutoff) found.add(peer);
+    // The query only ends when every DHT server has answered: once a holder is known, give the
+    // rest a short grace instead of the whole timeout, so a small blob is not held up by it.
+    const enough = new AbortController();
+    let grace: NodeJS.Timeout | undefined;
+    const someoneKnown = () => {
+      grace ??= setTimeout(() => enough.abort(), this.#options.graceMs);
+    };
+    if (found.size > 0) someoneKnown();
     try {
       let providers = 0;
-      const query = AbortSignal.any([signal, AbortSignal.timeout(this.#options.findTimeoutMs)]);
+      const query = AbortSignal.any([signal, enough.signal, AbortSignal.timeout(this.#options.findTimeoutMs)]);
       for await (const provider of node.contentRouting.findProviders(blobCid(blob), { signal: query })) {
         found.add(provider.id.toString());
-        // The iterator only ends when the whole query does: stop once enough are known.
+        someoneKnown();
         if (++providers >= this.#options.maxProviders) break;
       }
     } catch (err) {
       if (signal.aborted) throw err;
       // A timed-out query still yields what it found.
       this.#options.log.debug({ blob, err }, 'provider query ended early');
+    } finally {
+      clearTimeout(grace);
     }
     if (found.size === 0) for (const peer of this.#options.fallbackCandidates?.() ?? []) found.add(peer);
     found.delete(self);

@@ -37,43 +37,29 @@ export class StoreChunkSource implements ChunkSource {
     return { index: provisional, have };
   }
 
-  async readChunk(blob: string, i: number): Promise<Uint8Array | undefined> {
+  async readChunk(blob: string, i: number, into?: Uint8Array): Promise<Uint8Array | undefined> {
     const partial = await this.#store.openedPartial(blob);
-    if (partial) {
-      const bytes = await partial.readChunk(i).catch(() => undefined);
-      if (bytes) return bytes;
+    if (partial?.have.has(i)) {
+      const out = target(chunkSpan(partial.index, i).length, into);
+      if (await fill(out, chunkSpan(partial.index, i).offset, (b, p) => partial.read(b, p))) return out;
     }
     const index = await this.#committedIndex(blob);
-    if (index) return this.#readCommitted(blob, index, i);
+    if (index) {
+      if (i < 0 || i >= index.chunks.length) return undefined;
+      const { offset, length } = chunkSpan(index, i);
+      const out = target(length, into);
+      const read = await this.#store.readBlobAt(blob, out, offset);
+      if (read === undefined) return undefined;
+      if (read !== length) throw new Error(`blob ${blob} is shorter than its chunk index`);
+      return out;
+    }
     const growing = this.#growing?.(blob);
     if (!growing) return undefined;
     const provisional = await growing.index().catch(() => undefined);
     if (!provisional || i < 0 || i >= provisional.chunks.length) return undefined;
     const { offset, length } = chunkSpan(provisional, i);
-    const out = Buffer.allocUnsafe(length);
-    let filled = 0;
-    while (filled < length) {
-      const n = await growing.read(out.subarray(filled), offset + filled).catch(() => 0);
-      if (n <= 0) return undefined;
-      filled += n;
-    }
-    return out;
-  }
-
-  async #readCommitted(blob: string, index: ChunkIndex, i: number): Promise<Uint8Array | undefined> {
-    if (i < 0 || i >= index.chunks.length) return undefined;
-    const { offset, length } = chunkSpan(index, i);
-    const reader = await this.#store.readBlob(blob, { start: offset, end: offset + length - 1 });
-    if (!reader) return undefined;
-    const out = Buffer.allocUnsafe(length);
-    let filled = 0;
-    for await (const piece of reader.stream as AsyncIterable<Buffer>) {
-      if (filled + piece.byteLength > length) break;
-      piece.copy(out, filled);
-      filled += piece.byteLength;
-    }
-    if (filled !== length) throw new Error(`blob ${blob} is shorter than its chunk index`);
-    return out;
+    const out = target(length, into);
+    return (await fill(out, offset, (b, p) => growing.read(b, p))) ? out : undefined;
   }
 
   /** The index of a committed blob (cached), or undefined when the store lacks it. */
@@ -90,4 +76,20 @@ export class StoreChunkSource implements ChunkSource {
     this.#indexes.set(blob, index);
     return index;
   }
+}
+
+/** `length` bytes: a view of `into` when it is big enough, else a new buffer. */
+function target(length: number, into?: Uint8Array): Uint8Array {
+  return into && into.byteLength >= length ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+}
+
+/** Fills `out` from `read` at `offset`; false when the bytes are not (all) there. */
+async function fill(out: Uint8Array, offset: number, read: (buffer: Uint8Array, position: number) => Promise<number>): Promise<boolean> {
+  let filled = 0;
+  while (filled < out.byteLength) {
+    const n = await read(out.subarray(filled), offset + filled).catch(() => 0);
+    if (n <= 0) return false;
+    filled += n;
+  }
+  return true;
 }

@@ -78,7 +78,7 @@ export class SwarmRegistry implements Registry {
     const size = transfer.size!;
     if (size === 0) return { info: { digest, size }, stream: Readable.from([]) };
     if (range && (range.start > range.end || range.end >= size)) throw new RangeNotSatisfiableError(size);
-    return { info: { digest, size }, stream: transfer.read(range?.start ?? 0, range?.end ?? size - 1) };
+    return transfer.read(range?.start ?? 0, range?.end ?? size - 1);
   }
 
   /** The mesh transfer of `digest`, or undefined when no device in the mesh holds it. */

@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream';
-import { chunkSpan, isCompleteIndex, type BlobInfo, type ChunkIndex, type PartialBlob } from '@shoal/store';
+import { chunkSpan, isCompleteIndex, sendRange, type BlobInfo, type BlobReader, type ChunkIndex, type PartialBlob } from '@shoal/store';
 import { NoHolderError, type Downloader } from './downloader.ts';
 import type { Availability, AvailabilityUpdate, Holding } from './types.ts';
 
@@ -122,47 +122,57 @@ export class Transfer {
   }
 
   /**
-   * Bytes [start, end] of the blob as they land, in order. Chunks a reader waits for are fetched
-   * first. The blob's last byte waits for the whole-blob check, so a client never sees a clean
-   * end of bad content.
+   * Bytes [start, end] of the blob as they land, in order: a stream, and a `sendTo` that
+   * writes through a few reused buffers (what the gateway uses). Chunks a reader waits for are
+   * fetched first. The blob's last byte waits for the whole-blob check, so a client never sees
+   * a clean end of bad content.
    */
-  read(start: number, end: number): Readable {
-    const self = this;
+  read(start: number, end: number): BlobReader {
+    const size = this.size!;
     const reader = Symbol('reader');
-    const stream = Readable.from(
-      (async function* () {
-        try {
-          yield* self.#bytes(start, end, reader);
-        } finally {
-          self.#readers.delete(reader);
-        }
-      })(),
-      { objectMode: false, highWaterMark: READ_STEP },
-    );
-    return stream;
+    const read = (buffer: Buffer, position: number) => this.#readAt(buffer, position, reader);
+    const forget = () => this.#readers.delete(reader);
+    return {
+      info: { digest: this.blob, size },
+      get stream() {
+        return Readable.from(
+          (async function* () {
+            try {
+              for (let position = start; position <= end; ) {
+                const buffer = Buffer.allocUnsafe(Math.min(READ_STEP, end - position + 1));
+                const n = await read(buffer, position);
+                position += n;
+                yield buffer.subarray(0, n);
+              }
+            } finally {
+              forget();
+            }
+          })(),
+          { objectMode: false, highWaterMark: READ_STEP },
+        );
+      },
+      sendTo: (out) => sendRange(read, start, end, out).finally(forget),
+    };
   }
 
-  async *#bytes(start: number, end: number, reader: symbol): AsyncGenerator<Buffer> {
-    let position = start;
-    while (position <= end) {
+  /** Reads landed bytes at `position` into `buffer`, waiting (and asking for them first) until some are there. */
+  async #readAt(buffer: Buffer, position: number, reader: symbol): Promise<number> {
+    for (;;) {
       if (this.#state === 'complete') {
-        const rest = await this.#downloader.options.store.readBlob(this.blob, { start: position, end });
-        if (!rest) throw new Error(`blob ${this.blob} vanished after its download`);
-        yield* rest.stream as AsyncIterable<Buffer>;
-        return;
+        const n = await this.#downloader.options.store.readBlobAt(this.blob, buffer, position);
+        if (!n) throw new Error(`blob ${this.blob} vanished or ended early after its download`);
+        return n;
       }
       if (this.#state === 'failed') await this.done;
       const partial = this.#partial!;
-      const index = partial.index;
-      const chunk = Math.floor(position / index.chunkSize);
-      const { offset, length } = chunkSpan(index, chunk);
-      const last = Math.min(end, offset + length - 1, index.size - 2);
+      const chunk = Math.floor(position / partial.index.chunkSize);
+      const { offset, length } = chunkSpan(partial.index, chunk);
+      const last = Math.min(position + buffer.byteLength - 1, offset + length - 1, partial.index.size - 2);
       const progressed = this.#progress.promise;
       if (partial.have.has(chunk) && last >= position) {
-        const buffer = Buffer.allocUnsafe(Math.min(READ_STEP, last - position + 1));
         let n: number;
         try {
-          n = await partial.read(buffer, position);
+          n = await partial.read(buffer.subarray(0, last - position + 1), position);
         } catch (err) {
           // Being committed (so closed) since the check: the store has it once `done` settles.
           if (this.#state === 'downloading') throw err;
@@ -170,9 +180,7 @@ export class Transfer {
           continue;
         }
         if (n <= 0) throw new Error(`partial blob ${this.blob} is shorter than its chunks`);
-        position += n;
-        yield buffer.subarray(0, n);
-        continue;
+        return n;
       }
       this.#readers.set(reader, chunk);
       this.#pump();

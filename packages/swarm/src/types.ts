@@ -18,8 +18,12 @@ export interface Holding {
 export interface ChunkSource {
   /** The chunk index and availability of `blob`, or undefined when this device holds none of it. */
   holding(blob: string): Promise<Holding | undefined>;
-  /** The bytes of chunk `index` of `blob`, or undefined when this device does not hold that chunk. */
-  readChunk(blob: string, index: number): Promise<Uint8Array | undefined>;
+  /**
+   * The bytes of chunk `index` of `blob`, or undefined when this device does not hold that
+   * chunk. Given `into` (at least a chunk long), the bytes are read into it and a view of it is
+   * returned, so a server can serve from reused buffers.
+   */
+  readChunk(blob: string, index: number, into?: Uint8Array): Promise<Uint8Array | undefined>;
 }
 
 /**
@@ -30,6 +34,8 @@ export interface ChunkSource {
 export interface ChunkTransport {
   fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined>;
   fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal): Promise<Uint8Array | undefined>;
+  /** Hands back a buffer fetchChunk returned, once its bytes are written, for reuse. */
+  release?(bytes: Uint8Array): void;
 }
 
 /** A peer's availability of a blob changed (gossiped); `have` undefined means it no longer holds it. */
@@ -53,4 +59,11 @@ export interface ProviderDirectory extends TypedEventTarget<ProviderDirectoryEve
   withdraw(blob: string): Promise<void>;
   /** This device holds part of `blob` (called as chunks land; implementations rate-limit). */
   announcePartial(blob: string, have: ChunkBitmap): void;
+}
+
+/** What a holding answer hands a peer so it can fetch chunks over the HTTP data plane. */
+export interface DataPlaneTicket {
+  port: number;
+  /** Bearer token for this peer alone; it expires, and a later holding answer renews it. */
+  ticket: string;
 }

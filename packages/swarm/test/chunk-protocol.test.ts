@@ -9,6 +9,7 @@ import { sha256Of } from '@shoal/oci';
 import { ChunkBitmap, ChunkHasher, type ChunkIndex } from '@shoal/store';
 import {
   CHUNK_PROTOCOL,
+  ChunkDataPlane,
   ChunkPeerError,
   ChunkProtocolError,
   ChunkServer,
@@ -96,6 +97,7 @@ async function withRig(
 ): Promise<void> {
   const hosts: MeshHost[] = [];
   let chunkServer: ChunkServer | undefined;
+  let transports: Libp2pChunkTransport[] = [];
   try {
     const server = await startHost(hosts);
     const source = new MemorySource();
@@ -103,9 +105,10 @@ async function withRig(
     await chunkServer.start();
     const clients: MeshHost[] = [];
     for (let i = 0; i < (opts.clients ?? 1); i++) clients.push(await startHost(hosts, server));
-    const transports = clients.map((client) => new Libp2pChunkTransport(client, { stallTimeoutMs: opts.stallTimeoutMs }));
+    transports = clients.map((client) => new Libp2pChunkTransport(client, { stallTimeoutMs: opts.stallTimeoutMs }));
     await fn({ server, source, chunkServer, serverId: server.peerId.toString(), clients, transports });
   } finally {
+    await Promise.all(transports.map((t) => t.close()));
     await chunkServer?.stop();
     await Promise.all(hosts.map((host) => host.stop()));
   }
@@ -517,4 +520,52 @@ test('throughput sanity: 64 MiB in 1 MiB chunks, 4 requests in flight (printed, 
     assert.equal(bytes, 64 * MiB);
     console.log(`chunk protocol throughput: ${(bytes / 1e6 / seconds).toFixed(0)} MB/s (${(bytes / MiB / seconds).toFixed(0)} MiB/s) over loopback, both ends in one process`);
   });
+});
+
+test('with a data plane, chunks travel over HTTP with a ticket from the holding answer; without one, over the stream', async () => {
+  const source = new MemorySource();
+  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1' });
+  await dataPlane.start();
+  try {
+    await withRig({ server: { dataPlane } }, async ({ source: rigSource, chunkServer, serverId, transports: [transport] }) => {
+      const blob = rigSource.add(3 * MiB + 5);
+      source.blobs.set(blob.index.blob, blob);
+      assert.ok(await transport!.fetchHolding(serverId, blob.index.blob, signal()));
+      for (let i = 0; i < 4; i++) {
+        const bytes = await transport!.fetchChunk(serverId, blob.index.blob, i, signal());
+        assert.equal(sha256Hex(bytes!), blob.index.chunks[i]);
+      }
+      assert.equal(dataPlane.bytesServed, blob.data.length, 'every chunk came over the data plane');
+      assert.equal(chunkServer.chunksServed, 0);
+      assert.equal(await transport!.fetchChunk(serverId, UNKNOWN, 0, signal()), undefined, 'a 404 is not-found');
+
+      // A request without a valid ticket is refused; the transport falls back to the stream.
+      const plain = await fetch(`http://127.0.0.1:${dataPlane.port}/v1/chunks/${blob.index.blob}/0`, { headers: { authorization: 'Bearer nope' } });
+      assert.equal(plain.status, 401);
+      await dataPlane.stop();
+      const again = await transport!.fetchChunk(serverId, blob.index.blob, 1, signal());
+      assert.equal(sha256Hex(again!), blob.index.chunks[1]);
+      assert.equal(chunkServer.chunksServed, 1, 'served over the libp2p stream once the data plane was gone');
+    });
+  } finally {
+    await dataPlane.stop();
+  }
+});
+
+test('the data plane applies the corrupt switch too', async () => {
+  const source = new MemorySource();
+  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', corrupt: () => true });
+  await dataPlane.start();
+  try {
+    await withRig({ server: { dataPlane } }, async ({ source: rigSource, serverId, transports: [transport] }) => {
+      const blob = rigSource.add(MiB);
+      source.blobs.set(blob.index.blob, blob);
+      await transport!.fetchHolding(serverId, blob.index.blob, signal());
+      const bytes = await transport!.fetchChunk(serverId, blob.index.blob, 0, signal());
+      assert.notEqual(sha256Hex(bytes!), blob.index.chunks[0]);
+      assert.equal(dataPlane.bytesServed, MiB);
+    });
+  } finally {
+    await dataPlane.stop();
+  }
 });

@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { Writable } from 'node:stream';
 import { buffer } from 'node:stream/consumers';
 import { sha256Of } from '@shoal/oci';
 import { ChunkBitmap, chunkIndexDigest, chunkSpan } from '@shoal/store';
@@ -105,16 +106,24 @@ test('with a vouched-for chunk index, holders that report another index are not 
     assert.deepEqual(Object.keys(transfer.info().sources), ['honest']);
   }));
 
-test('a stream follows the download in order and holds the last byte until the blob is verified', () =>
+test('a stream and a pooled sender follow the download in order and hold the last byte until the blob is verified', () =>
   withFixture(async (f) => {
     const bytes = randomBytes(20 * CHUNK + 5);
     const a = await f.device('a', { delayMs: 3 });
     const digest = await f.seed(a, bytes);
     const d = await f.device('d');
     const transfer = await d.downloader.fetch(digest);
-    const [whole, range] = await Promise.all([buffer(transfer.read(0, bytes.length - 1)), buffer(transfer.read(CHUNK - 3, 3 * CHUNK))]);
+    // Like a socket, it has the bytes once it calls back (the sender then reuses its buffer).
+    const parts: Buffer[] = [];
+    const sent = new Writable({ write: (chunk: Buffer, _enc, done) => (parts.push(Buffer.from(chunk)), done()) });
+    const [whole, range] = await Promise.all([
+      buffer(transfer.read(0, bytes.length - 1).stream),
+      buffer(transfer.read(CHUNK - 3, 3 * CHUNK).stream),
+      transfer.read(5, bytes.length - 1).sendTo!(sent).then(() => sent.end()),
+    ]);
     assert.ok(whole.equals(bytes));
     assert.ok(range.equals(bytes.subarray(CHUNK - 3, 3 * CHUNK + 1)));
+    assert.ok(Buffer.concat(parts).equals(bytes.subarray(5)));
     assert.equal(transfer.info().state, 'complete');
   }));
 
@@ -168,7 +177,7 @@ test('a blob still arriving at its holder from an upstream is fetched chunk by c
       if (landed < bytes.length) early++;
     });
     const transfer = await d.downloader.fetch(digest);
-    const streamed = buffer(transfer.read(0, bytes.length - 1));
+    const streamed = buffer(transfer.read(0, bytes.length - 1).stream);
     await transfer.done;
     await arriving;
     assert.ok((await streamed).equals(bytes));

@@ -1,0 +1,144 @@
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { MeshLog } from '@shoal/mesh';
+import { isDigest } from '@shoal/oci';
+import { corrupted } from './chunk-protocol.ts';
+import type { ChunkSource, DataPlaneTicket } from './types.ts';
+
+export interface ChunkDataPlaneOptions {
+  /** Address to listen on; peers reach it at the address of their libp2p connection. Default `0.0.0.0`. */
+  host?: string;
+  /** Default 0: any free port (it travels in holding answers). */
+  port?: number;
+  /** How long a ticket is good for. Default 600 000 ms. */
+  ticketTtlMs?: number;
+  /** Requests served at once; more get 503 and the peer uses the libp2p path. Default 64. */
+  maxConcurrent?: number;
+  /** TEST ONLY: flip a byte in the chunks it picks, as ChunkServer's switch does. Default none. */
+  corrupt?: (blob: string, index: number) => boolean;
+  log?: MeshLog;
+}
+
+/** `GET /v1/chunks/<digest>/<index>`: the only route. */
+const ROUTE = /^\/v1\/chunks\/([a-z0-9]+:[a-f0-9]+)\/(\d{1,10})$/;
+const silentLog: MeshLog = { debug() {}, warn() {} };
+/** Chunks of the default size fit; a larger chunk gets a buffer of its own. */
+const POOLED_BUFFER_BYTES = 1024 * 1024;
+const POOL_SIZE = 16;
+
+/**
+ * The bulk path for chunks: plain HTTP beside the libp2p host. libp2p's noise and yamux cost
+ * about 25 CPU seconds per GB on a small device; integrity does not need them, because every
+ * chunk is verified against its hash anyway. Who may fetch is still decided over libp2p (pnet
+ * and noise): a ticket, bound to one peer, is only handed out in a `/shoal/chunks/1.0.0`
+ * holding answer. Bytes on this path are not encrypted; run with the data plane off where
+ * layer contents are secret from the LAN.
+ */
+export class ChunkDataPlane {
+  readonly #source: ChunkSource;
+  readonly #options: Required<Omit<ChunkDataPlaneOptions, 'corrupt'>> & Pick<ChunkDataPlaneOptions, 'corrupt'>;
+  /** ticket -> peer and expiry; and each peer's current ticket. */
+  readonly #tickets = new Map<string, { peer: string; expires: number }>();
+  readonly #byPeer = new Map<string, string>();
+  #server: Server | undefined;
+  #active = 0;
+  readonly #free: Buffer[] = [];
+  #bytesServed = 0;
+
+  constructor(source: ChunkSource, options: ChunkDataPlaneOptions = {}) {
+    this.#source = source;
+    this.#options = {
+      host: '0.0.0.0',
+      port: 0,
+      ticketTtlMs: 600_000,
+      maxConcurrent: 64,
+      log: silentLog,
+      ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
+    };
+  }
+
+  get port(): number {
+    return (this.#server?.address() as AddressInfo | null)?.port ?? 0;
+  }
+
+  get bytesServed(): number {
+    return this.#bytesServed;
+  }
+
+  async start(): Promise<void> {
+    if (this.#server) return;
+    const server = createServer({ keepAliveTimeout: 30_000 }, (req, res) => void this.#handle(req, res));
+    server.listen(this.#options.port, this.#options.host);
+    await once(server, 'listening');
+    this.#server = server;
+  }
+
+  async stop(): Promise<void> {
+    const server = this.#server;
+    this.#server = undefined;
+    if (!server) return;
+    server.closeAllConnections();
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+
+  /** The ticket `peer` fetches with: its current one, or a new one when that is old. */
+  ticketFor(peer: string): DataPlaneTicket | undefined {
+    if (!this.#server) return undefined;
+    const now = Date.now();
+    const current = this.#byPeer.get(peer);
+    const entry = current === undefined ? undefined : this.#tickets.get(current);
+    // Renewed at half its life, so a peer never holds one about to lapse.
+    if (current !== undefined && entry && entry.expires - now >= this.#options.ticketTtlMs / 2) return { port: this.port, ticket: current };
+    if (current !== undefined) this.#tickets.delete(current);
+    const ticket = randomBytes(24).toString('base64url');
+    this.#tickets.set(ticket, { peer, expires: now + this.#options.ticketTtlMs });
+    this.#byPeer.set(peer, ticket);
+    this.#sweep(now);
+    return { port: this.port, ticket };
+  }
+
+  #sweep(now: number): void {
+    for (const [ticket, { peer, expires }] of this.#tickets) {
+      if (expires > now) continue;
+      this.#tickets.delete(ticket);
+      if (this.#byPeer.get(peer) === ticket) this.#byPeer.delete(peer);
+    }
+  }
+
+  async #handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const route = req.method === 'GET' ? ROUTE.exec(req.url ?? '') : null;
+    if (!route || !isDigest(route[1]!)) return void res.writeHead(400).end();
+    const auth = /^Bearer (\S+)$/.exec(req.headers.authorization ?? '');
+    const entry = auth ? this.#tickets.get(auth[1]!) : undefined;
+    if (!entry || entry.expires <= Date.now()) return void res.writeHead(401).end();
+    if (this.#active >= this.#options.maxConcurrent) return void res.writeHead(503).end();
+    const [blob, index] = [route[1]!, Number(route[2])];
+    this.#active++;
+    const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES);
+    let reusable = true;
+    try {
+      const data = await this.#source.readChunk(blob, index, buffer);
+      if (!data) return void res.writeHead(404).end();
+      const payload = this.#options.corrupt?.(blob, index) ? corrupted(data) : data;
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': payload.byteLength });
+      res.end(payload);
+      // The socket may still hold the bytes: the buffer is free again once they are written.
+      reusable = false;
+      const written = await Promise.race([once(res, 'finish').then(() => true), once(res, 'close').then(() => res.writableFinished)]);
+      reusable = written;
+      this.#bytesServed += payload.byteLength;
+    } catch (err) {
+      this.#options.log.debug({ peer: entry.peer, blob, index, err }, 'data plane request failed');
+      if (!res.headersSent) res.writeHead(500);
+      res.end();
+    } finally {
+      this.#active--;
+      // Buffers are reused rather than allocated per chunk: 1 MiB allocations drive V8 into a
+      // full GC every 64 MiB, which cost more CPU than the serving itself.
+      if (reusable && this.#free.length < POOL_SIZE) this.#free.push(buffer);
+    }
+  }
+}
+
