@@ -60,3 +60,13 @@ test('mesh settings: lists from flags replace the file, labels merge, mdns only 
   assert.throws(() => resolveConfig({ labels: ['bad key=1'] }), /not a valid label key/);
   assert.throws(() => resolveConfig({ mdns: 'yes' as never }), /mdns must be true or false/);
 });
+
+test('the data plane listens on any port by default, can be placed, and can be switched off', async () => {
+  assert.deepEqual(resolveConfig({}).dataPlane, { host: '0.0.0.0', port: 0 });
+  assert.deepEqual(resolveConfig({ dataPlane: '10.0.0.5:4002' }).dataPlane, { host: '10.0.0.5', port: 4002 });
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-config-'));
+  const file = join(dir, 'shoal.yaml');
+  await writeFile(file, 'dataPlane: false\n');
+  assert.equal(resolveConfig(await loadConfigFile(file)).dataPlane, false);
+  assert.throws(() => resolveConfig({ dataPlane: 'nowhere' }), ConfigError);
+});
