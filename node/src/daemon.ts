@@ -186,6 +186,9 @@ export class ShoalNode {
 
   #logTransfers(downloader: Downloader): void {
     const log = this.log.child({ component: 'swarm' });
+    downloader.addEventListener('transfer:start', ({ detail }) =>
+      log.info({ blob: detail.blob, size: detail.size, peers: detail.peers, resumedChunks: detail.chunksHeld }, 'fetching a blob from the mesh'),
+    );
     downloader.addEventListener('transfer:complete', ({ detail }) =>
       log.info({ blob: detail.blob, size: detail.size, sources: detail.sources, rate: detail.rate }, 'blob fetched from the mesh'),
     );

@@ -3,13 +3,12 @@ import {
   ChunkMismatchError,
   chunkIndexDigest,
   isCompleteIndex,
-  type BlobInfo,
   type ChunkIndex,
   type ContentStore,
   type PartialBlob,
 } from '@shoal/store';
 import { Transfer, type TransferInfo } from './transfer.ts';
-import type { Availability, ChunkTransport, Holding, ProviderDirectory } from './types.ts';
+import type { ChunkTransport, Holding, ProviderDirectory } from './types.ts';
 
 export interface DownloaderOptions {
   store: ContentStore;
@@ -53,6 +52,7 @@ export interface PeerBanned {
 }
 
 export interface DownloaderEvents {
+  /** Holders were found and chunks are being fetched. */
   'transfer:start': CustomEvent<TransferInfo>;
   'transfer:complete': CustomEvent<TransferInfo>;
   'transfer:failed': CustomEvent<TransferInfo & { error: string }>;
@@ -117,10 +117,11 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     const transfer = new Transfer(blob, this);
     this.#transfers.set(blob, transfer);
     transfer.done.then(
-      (info) => this.#ended(transfer, info),
-      (err: Error) => this.#ended(transfer, undefined, err),
+      () => this.#ended(transfer),
+      (err: Error) => this.#ended(transfer, err),
     );
     await transfer.begin(index);
+    this.dispatchEvent(new CustomEvent('transfer:start', { detail: transfer.info() }));
     return transfer;
   }
 
@@ -248,11 +249,10 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     return 'ok';
   }
 
-  #ended(transfer: Transfer, _info: BlobInfo | undefined, err?: Error): void {
+  #ended(transfer: Transfer, err?: Error): void {
     if (this.#transfers.get(transfer.blob) === transfer) this.#transfers.delete(transfer.blob);
     if (err) this.dispatchEvent(new CustomEvent('transfer:failed', { detail: { ...transfer.info(), error: err.message } }));
     else this.dispatchEvent(new CustomEvent('transfer:complete', { detail: transfer.info() }));
   }
 }
 
-export type { Availability };
