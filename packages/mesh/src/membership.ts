@@ -1,6 +1,6 @@
 import { arch, hostname, platform } from 'node:os';
 import { TopicValidatorResult, type Message } from '@libp2p/gossipsub';
-import { TypedEventEmitter, type Connection, type PeerId, type Stream } from '@libp2p/interface';
+import { TypedEventEmitter, type PeerId } from '@libp2p/interface';
 import { multiaddr } from '@multiformats/multiaddr';
 import {
   checkHost,
@@ -18,7 +18,7 @@ import {
   type ServiceRecord,
   type SyncedMember,
 } from './membership-codec.ts';
-import { readToEnd, sendAndClose } from './io.ts';
+import { TableExchange } from './table-exchange.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
 
 export const MEMBERSHIP_TOPIC = '/shoal/membership/1';
@@ -169,14 +169,13 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   readonly #options: ResolvedOptions;
   readonly #labels: Record<string, string>;
   readonly #rows = new Map<string, Row>();
-  readonly #syncing = new Set<string>();
+  readonly #exchange: TableExchange;
   readonly #services = new Map<string, OwnService>();
   #node: MeshNode | undefined;
   #self: MemberRecord | undefined;
   #stats: MemberStats = { usageBytes: 0, load: 0 };
   #heartbeatTimer: NodeJS.Timeout | undefined;
   #checkTimer: NodeJS.Timeout | undefined;
-  #stopping = new AbortController();
   #sending = false;
   /** A heartbeat was asked for while one was being sent; send another right after. */
   #announceAgain = false;
@@ -214,6 +213,16 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     if (!(0 < suspectAfterMs && suspectAfterMs < downAfterMs && downAfterMs < dropAfterMs)) {
       throw new RangeError('Membership needs 0 < suspectAfterMs < downAfterMs < dropAfterMs');
     }
+    this.#exchange = new TableExchange({
+      protocol: MEMBERSHIP_SYNC_PROTOCOL,
+      maxBytes: () => this.#maxSyncBytes,
+      timeoutMs: this.#options.syncTimeoutMs,
+      maxConcurrent: MAX_CONCURRENT_SYNCS,
+      table: () => this.#syncMessage(),
+      merge: (bytes, from) => this.#mergeSync(bytes, from),
+      name: 'membership sync',
+      log: this.#options.log,
+    });
   }
 
   /** Heartbeats that failed validation (malformed, oversized or claiming another peer's id) since start. */
@@ -226,11 +235,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     if (this.#node) return;
     const node = this.#host.node;
     const { topic, heartbeatIntervalMs, checkIntervalMs } = this.#options;
-    this.#stopping = new AbortController();
-    await node.handle(MEMBERSHIP_SYNC_PROTOCOL, (stream, connection) => this.#answerSync(stream, connection), {
-      maxInboundStreams: MAX_CONCURRENT_SYNCS,
-      maxOutboundStreams: MAX_CONCURRENT_SYNCS,
-    });
+    await this.#exchange.start(node);
     this.#node = node;
     // Seeded from the clock so a restarted node's heartbeats are newer than its earlier ones.
     this.#self = this.#selfRecord(Math.max((this.#self?.seq ?? 0) + 1, Date.now()));
@@ -242,7 +247,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     this.#heartbeatTimer = setInterval(() => void this.#heartbeat(), heartbeatIntervalMs);
     this.#checkTimer = setInterval(() => this.#check(), checkIntervalMs);
     void this.#heartbeat();
-    for (const peer of node.getPeers()) void this.#sync(peer);
+    for (const peer of node.getPeers()) void this.#exchange.with(peer);
   }
 
   /** Stops heartbeating and leaves the topic; the table is kept as it was. */
@@ -252,15 +257,12 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     this.#node = undefined;
     clearInterval(this.#heartbeatTimer);
     clearInterval(this.#checkTimer);
-    this.#stopping.abort(new Error('Membership stopped'));
     const { topic } = this.#options;
     node.removeEventListener('peer:connect', this.#onConnect);
     node.removeEventListener('peer:disconnect', this.#onDisconnect);
     node.services.pubsub.removeEventListener('message', this.#onMessage);
-    if (node.status === 'started') {
-      node.services.pubsub.unsubscribe(topic);
-      await node.unhandle(MEMBERSHIP_SYNC_PROTOCOL);
-    }
+    if (node.status === 'started') node.services.pubsub.unsubscribe(topic);
+    await this.#exchange.stop();
     node.services.pubsub.topicValidators.delete(topic);
   }
 
@@ -548,7 +550,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   };
 
   #onConnect = (evt: CustomEvent<PeerId>): void => {
-    void this.#sync(evt.detail);
+    void this.#exchange.with(evt.detail);
   };
 
   /** The table as a sync message: this node and every member with the age of its news. */
@@ -582,40 +584,6 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
 
   get #maxSyncBytes(): number {
     return (this.#options.maxMembers + 1) * (this.#options.maxHeartbeatBytes + SYNC_ENTRY_OVERHEAD_BYTES);
-  }
-
-  /** Sends our table to a newly connected peer and merges its answer. Failures only cost that stream. */
-  async #sync(peer: PeerId): Promise<void> {
-    const node = this.#node;
-    const key = peer.toString();
-    if (!node || this.#syncing.has(key) || this.#syncing.size >= MAX_CONCURRENT_SYNCS) return;
-    this.#syncing.add(key);
-    const signal = AbortSignal.any([this.#stopping.signal, AbortSignal.timeout(this.#options.syncTimeoutMs)]);
-    let stream: Stream | undefined;
-    try {
-      stream = await node.dialProtocol(peer, MEMBERSHIP_SYNC_PROTOCOL, { signal });
-      await sendAndClose(stream, this.#syncMessage(), signal);
-      this.#mergeSync(await readToEnd(stream, this.#maxSyncBytes, signal), peer);
-    } catch (err) {
-      stream?.abort(err as Error);
-      this.#options.log.debug({ peer: key, err }, 'membership sync failed');
-    } finally {
-      this.#syncing.delete(key);
-    }
-  }
-
-  async #answerSync(stream: Stream, connection: Connection): Promise<void> {
-    const signal = AbortSignal.any([this.#stopping.signal, AbortSignal.timeout(this.#options.syncTimeoutMs)]);
-    try {
-      const request = await readToEnd(stream, this.#maxSyncBytes, signal);
-      // Answer with the table as it was, so the asker's own record is not echoed back.
-      const answer = this.#syncMessage();
-      this.#mergeSync(request, connection.remotePeer);
-      await sendAndClose(stream, answer, signal);
-    } catch (err) {
-      stream.abort(err as Error);
-      this.#options.log.debug({ peer: connection.remotePeer.toString(), err }, 'membership sync request failed');
-    }
   }
 }
 

@@ -1,8 +1,9 @@
 import { readFile } from 'node:fs/promises';
 import { TopicValidatorResult, type Message } from '@libp2p/gossipsub';
-import { TypedEventEmitter, type Connection, type PeerId, type PrivateKey, type Stream } from '@libp2p/interface';
+import { TypedEventEmitter, type PeerId, type PrivateKey } from '@libp2p/interface';
 import { peerIdFromPrivateKey } from '@libp2p/peer-id';
-import { readToEnd, sendAndClose, writeFileAtomic } from './io.ts';
+import { writeFileAtomic } from './io.ts';
+import { TableExchange } from './table-exchange.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
 import {
   compareTagRecords,
@@ -67,11 +68,10 @@ export class TagDirectory extends TypedEventEmitter<TagDirectoryEvents> {
   readonly #options: ResolvedOptions;
   /** Current record per `repository:tag`. */
   readonly #records = new Map<string, TagRecord>();
-  readonly #syncing = new Set<string>();
+  readonly #exchange: TableExchange;
   #node: MeshNode | undefined;
   #loaded = false;
   #resyncTimer: NodeJS.Timeout | undefined;
-  #stopping = new AbortController();
   /** The file write under way; it writes again while #dirty, so writes never overlap. */
   #saving: Promise<void> | undefined;
   #dirty = false;
@@ -95,6 +95,16 @@ export class TagDirectory extends TypedEventEmitter<TagDirectoryEvents> {
     for (const key of ['maxRecordBytes', 'maxRecords', 'maxSyncBytes', 'syncTimeoutMs', 'resyncIntervalMs'] as const) {
       if (!(this.#options[key] > 0)) throw new RangeError(`TagDirectory ${key} must be positive`);
     }
+    this.#exchange = new TableExchange({
+      protocol: this.#options.syncProtocol,
+      maxBytes: () => this.#options.maxSyncBytes,
+      timeoutMs: this.#options.syncTimeoutMs,
+      maxConcurrent: MAX_CONCURRENT_SYNCS,
+      table: () => this.#syncMessage(),
+      merge: (bytes, from) => this.#mergeSync(bytes, from),
+      name: 'tag sync',
+      log: this.#options.log,
+    });
   }
 
   /** Records dropped as malformed, oversized or badly signed (gossip, sync or file) since construction. */
@@ -113,19 +123,15 @@ export class TagDirectory extends TypedEventEmitter<TagDirectoryEvents> {
       await this.#load();
       this.#loaded = true;
     }
-    const { topic, syncProtocol, resyncIntervalMs } = this.#options;
-    this.#stopping = new AbortController();
-    await node.handle(syncProtocol, (stream, connection) => this.#answerSync(stream, connection), {
-      maxInboundStreams: MAX_CONCURRENT_SYNCS,
-      maxOutboundStreams: MAX_CONCURRENT_SYNCS,
-    });
+    const { topic, resyncIntervalMs } = this.#options;
+    await this.#exchange.start(node);
     this.#node = node;
     node.services.pubsub.topicValidators.set(topic, this.#validate);
     node.services.pubsub.addEventListener('message', this.#onMessage);
     node.services.pubsub.subscribe(topic);
     node.addEventListener('peer:connect', this.#onConnect);
     this.#resyncTimer = setInterval(() => this.#resync(), resyncIntervalMs);
-    for (const peer of node.getPeers()) void this.#sync(peer);
+    for (const peer of node.getPeers()) void this.#exchange.with(peer);
   }
 
   /** Leaves the topic and stops serving syncs; resolves once the file holds the table. */
@@ -134,14 +140,11 @@ export class TagDirectory extends TypedEventEmitter<TagDirectoryEvents> {
     if (!node) return;
     this.#node = undefined;
     clearInterval(this.#resyncTimer);
-    this.#stopping.abort(new Error('TagDirectory stopped'));
-    const { topic, syncProtocol } = this.#options;
+    const { topic } = this.#options;
     node.removeEventListener('peer:connect', this.#onConnect);
     node.services.pubsub.removeEventListener('message', this.#onMessage);
-    if (node.status === 'started') {
-      node.services.pubsub.unsubscribe(topic);
-      await node.unhandle(syncProtocol);
-    }
+    if (node.status === 'started') node.services.pubsub.unsubscribe(topic);
+    await this.#exchange.stop();
     node.services.pubsub.topicValidators.delete(topic);
     await this.#saving;
   }
@@ -268,12 +271,12 @@ export class TagDirectory extends TypedEventEmitter<TagDirectoryEvents> {
   }
 
   #onConnect = (evt: CustomEvent<PeerId>): void => {
-    void this.#sync(evt.detail);
+    void this.#exchange.with(evt.detail);
   };
 
   #resync(): void {
     const peers = this.#node?.getPeers() ?? [];
-    if (peers.length > 0) void this.#sync(peers[Math.floor(Math.random() * peers.length)]);
+    if (peers.length > 0) void this.#exchange.with(peers[Math.floor(Math.random() * peers.length)]);
   }
 
   get #tableLimits() {
@@ -313,40 +316,6 @@ export class TagDirectory extends TypedEventEmitter<TagDirectoryEvents> {
     let applied = 0;
     for (const record of records) if (await this.#admit(record, from)) applied++;
     if (applied > 0) await this.#persist();
-  }
-
-  /** Sends our table to a peer and merges its answer. Failures only cost that stream. */
-  async #sync(peer: PeerId): Promise<void> {
-    const node = this.#node;
-    const key = peer.toString();
-    if (!node || this.#syncing.has(key) || this.#syncing.size >= MAX_CONCURRENT_SYNCS) return;
-    this.#syncing.add(key);
-    const signal = AbortSignal.any([this.#stopping.signal, AbortSignal.timeout(this.#options.syncTimeoutMs)]);
-    let stream: Stream | undefined;
-    try {
-      stream = await node.dialProtocol(peer, this.#options.syncProtocol, { signal });
-      await sendAndClose(stream, this.#syncMessage(), signal);
-      await this.#mergeSync(await readToEnd(stream, this.#options.maxSyncBytes, signal), peer);
-    } catch (err) {
-      stream?.abort(err as Error);
-      this.#options.log.debug({ peer: key, err }, 'tag sync failed');
-    } finally {
-      this.#syncing.delete(key);
-    }
-  }
-
-  async #answerSync(stream: Stream, connection: Connection): Promise<void> {
-    const signal = AbortSignal.any([this.#stopping.signal, AbortSignal.timeout(this.#options.syncTimeoutMs)]);
-    try {
-      const request = await readToEnd(stream, this.#options.maxSyncBytes, signal);
-      // Answer with the table as it was, so the asker's records are not echoed back.
-      const answer = this.#syncMessage();
-      await this.#mergeSync(request, connection.remotePeer);
-      await sendAndClose(stream, answer, signal);
-    } catch (err) {
-      stream.abort(err as Error);
-      this.#options.log.debug({ peer: connection.remotePeer.toString(), err }, 'tag sync request failed');
-    }
   }
 
   /** Reads the file into the table; a record in it that is malformed or badly signed is dropped. */
