@@ -66,6 +66,17 @@ export function isCompleteIndex(index: ChunkIndex): boolean {
   return index.chunks.length === chunkCount(index);
 }
 
+/**
+ * Two indexes of one blob agree when their geometry matches and the chunks both name are the
+ * same: a provisional index may name fewer, never other, chunks.
+ */
+export function indexesAgree(a: ChunkIndex, b: ChunkIndex): boolean {
+  if (a.blob !== b.blob || a.size !== b.size || a.chunkSize !== b.chunkSize) return false;
+  const common = Math.min(a.chunks.length, b.chunks.length);
+  for (let i = 0; i < common; i++) if (a.chunks[i] !== b.chunks[i]) return false;
+  return true;
+}
+
 /** Canonical bytes of a chunk index: fixed key order, no whitespace, so its digest is stable. */
 export function encodeChunkIndex(index: ChunkIndex): Buffer {
   return Buffer.from(

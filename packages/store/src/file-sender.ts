@@ -1,9 +1,9 @@
 import { once } from 'node:events';
 import type { FileHandle } from 'node:fs/promises';
+import type { Writable } from 'node:stream';
 
 /** Reads up to `buffer.byteLength` bytes at `position` into `buffer`; how many (0 only at an end). */
 export type PositionalRead = (buffer: Buffer, position: number) => Promise<number>;
-import type { Writable } from 'node:stream';
 
 export interface FileSendOptions {
   /** Bytes read per step (default 1 MiB). */

@@ -11,7 +11,7 @@ import { ChunkHasher, DEFAULT_CHUNK_SIZE, decodeChunkIndex, encodeChunkIndex } f
 import { DigestMismatchError, RangeNotSatisfiableError, UploadBusyError } from './errors.ts';
 import { sendFileRange } from './file-sender.ts';
 import { FsPartialBlob, readPartialIndex, type PartialBlob } from './partial-blob.ts';
-import { syncDir, syncFile, writeFileAtomic } from './fs-util.ts';
+import { readFully, syncDir, syncFile, writeFileAtomic } from './fs-util.ts';
 import type {
   BlobInfo,
   BlobReader,
@@ -132,13 +132,7 @@ export class FsContentStore extends EventEmitter<ContentStoreEvents> implements 
       throw err;
     }
     try {
-      let read = 0;
-      while (read < buffer.byteLength) {
-        const { bytesRead } = await fh.read(buffer, read, buffer.byteLength - read, position + read);
-        if (bytesRead === 0) break;
-        read += bytesRead;
-      }
-      return read;
+      return await readFully(fh, buffer, position);
     } finally {
       await fh.close();
     }
@@ -376,12 +370,7 @@ export class FsContentStore extends EventEmitter<ContentStoreEvents> implements 
   /** Bytes held in committed blobs (walks the layout: call it now and then, not per request). */
   async usageBytes(): Promise<number> {
     let total = 0;
-    const blobs = join(this.layoutDir, 'blobs');
-    for (const algorithm of await readdir(blobs)) {
-      for (const entry of await readdir(join(blobs, algorithm), { withFileTypes: true })) {
-        if (entry.isFile()) total += (await stat(join(blobs, algorithm, entry.name)).catch(() => ({ size: 0 }))).size;
-      }
-    }
+    for (const digest of await this.listBlobs()) total += (await stat(this.#blobPath(digest)).catch(() => ({ size: 0 }))).size;
     return total;
   }
 

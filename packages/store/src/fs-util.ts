@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { open, rename, rm } from 'node:fs/promises';
+import { type FileHandle, open, rename, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 
 /** fsyncs a directory so a rename inside it survives a crash. */
@@ -37,4 +37,15 @@ export async function writeFileAtomic(path: string, data: Uint8Array): Promise<v
   await fh.close();
   await rename(tmp, path);
   await syncDir(dir);
+}
+
+/** Reads into all of `buffer` from `position`, unless the file ends first; how many bytes were read. */
+export async function readFully(fh: FileHandle, buffer: Uint8Array, position: number): Promise<number> {
+  let read = 0;
+  while (read < buffer.byteLength) {
+    const { bytesRead } = await fh.read(buffer, read, buffer.byteLength - read, position + read);
+    if (bytesRead === 0) break;
+    read += bytesRead;
+  }
+  return read;
 }

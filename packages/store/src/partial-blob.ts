@@ -2,8 +2,9 @@ import { createHash } from 'node:crypto';
 import { type FileHandle, open, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { Digester, parseDigest } from '@shoal/oci';
 import { ChunkBitmap } from './chunk-bitmap.ts';
-import { chunkCount, decodeChunkIndex, encodeChunkIndex, isCompleteIndex } from './chunk-index.ts';
+import { chunkCount, decodeChunkIndex, encodeChunkIndex, indexesAgree, isCompleteIndex } from './chunk-index.ts';
 import { ChunkMismatchError, DigestMismatchError } from './errors.ts';
+import { readFully } from './fs-util.ts';
 import type { BlobInfo, ChunkIndex } from './types.ts';
 
 /**
@@ -27,8 +28,8 @@ export interface PartialBlob {
    * nothing) when `index` disagrees with the chunks already named.
    */
   learn(index: ChunkIndex): Promise<boolean>;
-  /** The bytes of chunk `i`, or undefined when it is not held. */
-  readChunk(i: number): Promise<Buffer | undefined>;
+  /** The bytes of chunk `i` (in `into` when given and big enough), or undefined when it is not held. */
+  readChunk(i: number, into?: Uint8Array): Promise<Uint8Array | undefined>;
   /** Reads held bytes at `position` into `buffer` (the caller checks `have` first). */
   read(buffer: Uint8Array, position: number): Promise<number>;
   /** Once every chunk is held: verifies the whole blob and makes it visible atomically. */
@@ -91,7 +92,7 @@ export class FsPartialBlob implements PartialBlob {
     try {
       // A saved index that agrees with this one (it may know more or fewer chunks) resumes.
       const savedIndex = decodeChunkIndex(await readFile(paths.index), { provisional: true });
-      if (agrees(savedIndex, index)) {
+      if (indexesAgree(savedIndex, index)) {
         saved = await readFile(paths.bitmap);
         if (savedIndex.chunks.length > index.chunks.length) index = savedIndex;
       }
@@ -145,7 +146,7 @@ export class FsPartialBlob implements PartialBlob {
   }
 
   async learn(index: ChunkIndex): Promise<boolean> {
-    if (!agrees(this.index, index)) return false;
+    if (!indexesAgree(this.index, index)) return false;
     if (index.chunks.length <= this.index.chunks.length) return true;
     this.index = { ...this.index, chunks: [...index.chunks] };
     if (!this.#closed) await writeFileReplacing(this.#paths.index, encodeChunkIndex(this.index));
@@ -180,9 +181,9 @@ export class FsPartialBlob implements PartialBlob {
       .finally(() => (this.#bitmapWrite = undefined));
   }
 
-  async readChunk(i: number): Promise<Buffer | undefined> {
+  async readChunk(i: number, into?: Uint8Array): Promise<Uint8Array | undefined> {
     if (this.#closed || !this.have.has(i)) return undefined;
-    return this.#readSpan(i);
+    return this.#readSpan(i, into);
   }
 
   #scratch(): Buffer {
@@ -190,16 +191,11 @@ export class FsPartialBlob implements PartialBlob {
     return this.#scratchBuffer;
   }
 
-  /** Chunk `i`'s bytes, in `into` when given (then valid only until its next use). */
-  async #readSpan(i: number, into?: Buffer): Promise<Buffer> {
+  /** Chunk `i`'s bytes, in `into` when it is big enough (then valid only until its next use). */
+  async #readSpan(i: number, into?: Uint8Array): Promise<Uint8Array> {
     const { offset, length } = chunkSpan(this.index, i);
-    const buffer = into ? into.subarray(0, length) : Buffer.allocUnsafe(length);
-    let read = 0;
-    while (read < length) {
-      const { bytesRead } = await this.#fh.read(buffer, read, length - read, offset + read);
-      if (bytesRead === 0) throw new Error(`partial blob ${this.digest} is shorter than chunk ${i}`);
-      read += bytesRead;
-    }
+    const buffer = into && into.byteLength >= length ? into.subarray(0, length) : Buffer.allocUnsafe(length);
+    if ((await readFully(this.#fh, buffer, offset)) < length) throw new Error(`partial blob ${this.digest} is shorter than chunk ${i}`);
     return buffer;
   }
 
@@ -242,17 +238,9 @@ export class FsPartialBlob implements PartialBlob {
     await this.#hashing;
     // A last bitmap write may have been skipped while closing: write the final state.
     await this.#bitmapWrite;
-    await writeFile(this.#paths.bitmap, this.have.toBytes()).catch(() => {});
+    await writeFileReplacing(this.#paths.bitmap, this.have.toBytes()).catch(() => {});
     await this.#fh.close();
   }
-}
-
-/** Two indexes of one blob agree when their geometry matches and the chunks both name are equal. */
-function agrees(a: ChunkIndex, b: ChunkIndex): boolean {
-  if (a.blob !== b.blob || a.size !== b.size || a.chunkSize !== b.chunkSize) return false;
-  const common = Math.min(a.chunks.length, b.chunks.length);
-  for (let i = 0; i < common; i++) if (a.chunks[i] !== b.chunks[i]) return false;
-  return true;
 }
 
 /** Replaces a small file by rename (no fsync: what it records is checked again on resume). */

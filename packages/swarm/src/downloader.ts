@@ -2,6 +2,7 @@ import { TypedEventEmitter } from '@libp2p/interface';
 import {
   ChunkMismatchError,
   chunkIndexDigest,
+  indexesAgree,
   isCompleteIndex,
   type ChunkIndex,
   type ContentStore,
@@ -184,13 +185,12 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
 
   /** Whether a holder's index may serve a transfer working from `ours`. */
   accepts(blob: string, ours: ChunkIndex, theirs: ChunkIndex): boolean {
-    if (isCompleteIndex(ours) && isCompleteIndex(theirs)) return chunkIndexDigest(ours) === chunkIndexDigest(theirs);
-    const trusted = this.options.trustedIndexDigest?.(blob);
-    if (trusted !== undefined && isCompleteIndex(theirs) && chunkIndexDigest(theirs) !== trusted) return false;
-    if (ours.size !== theirs.size || ours.chunkSize !== theirs.chunkSize) return false;
-    const common = Math.min(ours.chunks.length, theirs.chunks.length);
-    for (let i = 0; i < common; i++) if (ours.chunks[i] !== theirs.chunks[i]) return false;
-    return true;
+    // While ours is provisional, a complete index may only replace it if it is the vouched-for one.
+    if (!isCompleteIndex(ours) && isCompleteIndex(theirs)) {
+      const trusted = this.options.trustedIndexDigest?.(blob);
+      if (trusted !== undefined && chunkIndexDigest(theirs) !== trusted) return false;
+    }
+    return indexesAgree(ours, theirs);
   }
 
   /** Asks `peers` concurrently what they hold of `blob`; failures and non-holders are left out. */

@@ -65,6 +65,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
   readonly #gossiped = new Map<string, Map<string, number>>();
   readonly #lastPartial = new Map<string, { at: number; timer?: NodeJS.Timeout; have?: ChunkBitmap }>();
   #node: MeshNode | undefined;
+  #sweptAt = performance.now();
 
   constructor(host: MeshHost, options: MeshProviderDirectoryOptions = {}) {
     super();
@@ -188,6 +189,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     if (evt.detail.topic !== this.#options.topic) return;
     const update = this.#decode(evt.detail);
     if (!update || update.peer === this.#node?.peerId.toString()) return;
+    this.#forgetStale();
     const peers = this.#gossiped.get(update.blob) ?? new Map<string, number>();
     if (update.have) peers.set(update.peer, performance.now());
     else peers.delete(update.peer);
@@ -195,6 +197,18 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     else this.#gossiped.delete(update.blob);
     this.dispatchEvent(new CustomEvent('availability', { detail: update }));
   };
+
+  /** Drops gossiped holders past their TTL (at most once a TTL), so the table stays bounded. */
+  #forgetStale(): void {
+    const now = performance.now();
+    if (now - this.#sweptAt < this.#options.partialTtlMs) return;
+    this.#sweptAt = now;
+    const cutoff = now - this.#options.partialTtlMs;
+    for (const [blob, peers] of this.#gossiped) {
+      for (const [peer, at] of peers) if (at < cutoff) peers.delete(peer);
+      if (peers.size === 0) this.#gossiped.delete(blob);
+    }
+  }
 
   /** The update in a signed, well-formed message; undefined for anything else. */
   #decode(message: Message): AvailabilityUpdate | undefined {

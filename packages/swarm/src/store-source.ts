@@ -39,10 +39,9 @@ export class StoreChunkSource implements ChunkSource {
 
   async readChunk(blob: string, i: number, into?: Uint8Array): Promise<Uint8Array | undefined> {
     const partial = await this.#store.openedPartial(blob);
-    if (partial?.have.has(i)) {
-      const out = target(chunkSpan(partial.index, i).length, into);
-      if (await fill(out, chunkSpan(partial.index, i).offset, (b, p) => partial.read(b, p))) return out;
-    }
+    // Closed by a commit since it was looked up: the committed blob serves it below.
+    const fromPartial = await partial?.readChunk(i, into).catch(() => undefined);
+    if (fromPartial) return fromPartial;
     const index = await this.#committedIndex(blob);
     if (index) {
       if (i < 0 || i >= index.chunks.length) return undefined;

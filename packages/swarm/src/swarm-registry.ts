@@ -45,15 +45,13 @@ export class SwarmRegistry implements Registry {
   }
 
   async getManifest(repository: string, reference: string): Promise<StoredManifest | undefined> {
+    const local = await this.store.getManifest(repository, reference);
     const record = isDigest(reference) ? undefined : this.#tags.get(repository, reference);
-    if (record) {
-      // The mesh's word on a tag is newer than a local copy that still points elsewhere.
-      const local = await this.store.getManifest(repository, record.digest);
-      if (local && (await this.store.getManifest(repository, reference))?.digest === record.digest) return local;
+    // The mesh's word on a tag is newer than a local copy that still points elsewhere.
+    if (record && local?.digest !== record.digest) {
       const fetched = await this.#manifestFromMesh(repository, record.digest, reference);
       if (fetched) return fetched;
     }
-    const local = await this.store.getManifest(repository, reference);
     if (local) return local;
     if (isDigest(reference)) {
       const fetched = await this.#manifestFromMesh(repository, reference);
@@ -94,14 +92,14 @@ export class SwarmRegistry implements Registry {
 
   /** Fetches a manifest by digest from the mesh, checks it parses, and records it (tagged if asked). */
   async #manifestFromMesh(repository: string, digest: string, tag?: string): Promise<StoredManifest | undefined> {
-    if (!(await this.store.statBlob(digest))) {
+    let info = await this.store.statBlob(digest);
+    if (!info) {
       const transfer = await this.#transfer(digest);
       if (!transfer) return undefined;
-      await transfer.done;
+      info = await transfer.done;
     }
-    const info = await this.store.statBlob(digest);
     // Only something manifest-sized is read into memory.
-    if (!info || info.size > MAX_MANIFEST_BYTES) return undefined;
+    if (info.size > MAX_MANIFEST_BYTES) return undefined;
     const reader = await this.store.readBlob(digest);
     if (!reader) return undefined;
     const bytes = await buffer(reader.stream);

@@ -210,9 +210,19 @@ export class Transfer {
     if (fresh.length === 0) return;
     for (const p of fresh) this.#checking.add(p);
     try {
-      await this.#addHolders(await this.#downloader.holdings(this.blob, fresh, this.#abort.signal));
+      await this.#refresh(fresh);
     } finally {
       for (const p of fresh) this.#checking.delete(p);
+    }
+  }
+
+  /** Asks `peers` what they hold now, takes in the answers and fills the freed request slots. */
+  async #refresh(peers: Iterable<string>): Promise<void> {
+    try {
+      await this.#addHolders(await this.#downloader.holdings(this.blob, peers, this.#abort.signal));
+    } catch (err) {
+      this.#fail(err as Error);
+      return;
     }
     this.#pump();
   }
@@ -235,14 +245,7 @@ export class Transfer {
     const partial = this.#partial;
     if (!partial || this.#finished || this.#refreshing || isCompleteIndex(partial.index)) return;
     this.#refreshing = true;
-    void this.#downloader
-      .holdings(this.blob, this.#peers.keys(), this.#abort.signal)
-      .then((holdings) => this.#addHolders(holdings))
-      .then(
-        () => this.#pump(),
-        (err: Error) => this.#fail(err),
-      )
-      .finally(() => (this.#refreshing = false));
+    void this.#refresh([...this.#peers.keys()]).finally(() => (this.#refreshing = false));
   }
 
   #tick(): void {
@@ -259,15 +262,7 @@ export class Transfer {
     );
     // Partial holders' bitmaps grow; gossip is rate-limited, so ask them again now and then.
     const partialHolders = [...this.#peers].filter(([, s]) => s.have !== 'all').map(([p]) => p);
-    if (partialHolders.length > 0) {
-      void this.#downloader
-        .holdings(this.blob, partialHolders, this.#abort.signal)
-        .then((holdings) => this.#addHolders(holdings))
-        .then(
-          () => this.#pump(),
-          (err: Error) => this.#fail(err),
-        );
-    }
+    if (partialHolders.length > 0) void this.#refresh(partialHolders);
   }
 
   get #finished(): boolean {
