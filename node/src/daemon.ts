@@ -158,7 +158,7 @@ export class ShoalNode {
       trustedIndexDigest: (blob) => tags.chunkIndexDigest(blob),
       log: swarmLog,
     });
-    this.#logTransfers(this.#downloader);
+    this.#logTransfers(this.#downloader, swarmLog);
     this.#publisher = new MeshPublisher({ store, directory: this.#directory, tags, log: swarmLog });
     this.#publisher.start();
     return new SwarmRegistry({ fallback, downloader: this.#downloader, tags });
@@ -184,8 +184,7 @@ export class ShoalNode {
     }
   }
 
-  #logTransfers(downloader: Downloader): void {
-    const log = this.log.child({ component: 'swarm' });
+  #logTransfers(downloader: Downloader, log: Logger): void {
     downloader.addEventListener('transfer:start', ({ detail }) =>
       log.info({ blob: detail.blob, size: detail.size, peers: detail.peers, resumedChunks: detail.chunksHeld }, 'fetching a blob from the mesh'),
     );
@@ -195,7 +194,6 @@ export class ShoalNode {
     downloader.addEventListener('transfer:failed', ({ detail }) => log.warn({ blob: detail.blob, error: detail.error }, 'mesh transfer failed'));
     downloader.addEventListener('peer:banned', ({ detail }) => log.warn({ ...detail }, 'peer banned for a corrupt chunk'));
   }
-
 
   async #usageBytes(): Promise<number> {
     if (performance.now() - this.#usage.at > USAGE_REFRESH_MS) {
