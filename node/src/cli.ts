@@ -36,6 +36,7 @@ program
   .option('--label <key=value>', 'label shown to other devices (repeatable)', collect, [])
   .option('--data-plane <host:port>', 'where peers fetch chunks over HTTP (default 0.0.0.0:0, any port)')
   .option('--no-data-plane', 'move chunks only over encrypted libp2p streams (slower, more CPU)')
+  .option('--chunk-size <size>', 'chunk size for blobs pushed or pulled through here, e.g. 4MiB (default 1MiB)')
   .action(async (opts, command: Command) => {
     const fromFile: ConfigInput = opts.config ? await loadConfigFile(opts.config) : {};
     const config = resolveConfig(fromFile, {
@@ -55,6 +56,7 @@ program
       labels: opts.label,
       // As with --no-mdns, only a flag actually given may override the file.
       dataPlane: command.getOptionValueSource('dataPlane') === 'cli' ? opts.dataPlane : undefined,
+      chunkSize: opts.chunkSize,
     });
     const log = createLogger(config.logLevel, config.name);
     const node = new ShoalNode(config, log);

@@ -4,6 +4,8 @@ import { resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { isValidRegistry } from '@shoal/oci';
 import type { ServiceRegistration } from '@shoal/mesh';
+import { DEFAULT_CHUNK_SIZE } from '@shoal/store';
+import { MAX_CHUNK_BYTES } from '@shoal/swarm';
 
 /** Everything a node needs to run. Each field has a default, so an empty config runs. */
 export interface NodeConfig {
@@ -40,6 +42,8 @@ export interface NodeConfig {
    * hash), or false to move chunks only over encrypted libp2p streams (default 0.0.0.0, any port).
    */
   dataPlane: HostPort | false;
+  /** Chunk size of the chunk indexes this device makes for blobs pushed or pulled through to it (default 1 MiB). */
+  chunkSize: number;
   /**
    * Test-only fault switch (environment `SHOAL_FAULT_CORRUPT_CHUNKS=1`, never a flag or config
    * key): every chunk this node serves to peers is corrupted, to test that peers catch it.
@@ -65,7 +69,11 @@ export const DEFAULT_CONFIG: Readonly<Omit<NodeConfig, 'name'>> = {
   labels: {},
   services: [],
   dataPlane: { host: '0.0.0.0', port: 0 },
+  chunkSize: DEFAULT_CHUNK_SIZE,
 };
+
+/** Chunks must fit a chunk frame; below 64 KiB the per-chunk costs swamp the transfer. */
+const CHUNK_SIZE_RANGE = { min: 64 * 1024, max: MAX_CHUNK_BYTES };
 
 export class ConfigError extends Error {
   override name = 'ConfigError';
@@ -89,6 +97,8 @@ export interface ConfigInput {
   services?: ServiceRegistration[];
   /** HOST:PORT, or false. */
   dataPlane?: string | false;
+  /** Bytes, or a size such as `4MiB` or `512KiB`. */
+  chunkSize?: number | string;
 }
 
 /** Reads a YAML config file; unknown keys are an error so typos do not pass silently. */
@@ -103,7 +113,7 @@ export async function loadConfigFile(path: string): Promise<ConfigInput> {
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError(`${path}: top level must be a mapping`);
   const known = [
     'name', 'dataDir', 'gateway', 'api', 'defaultNamespace', 'upstreams', 'pushToken', 'logLevel',
-    'listen', 'bootstrap', 'mdns', 'swarmKey', 'labels', 'services', 'dataPlane',
+    'listen', 'bootstrap', 'mdns', 'swarmKey', 'labels', 'services', 'dataPlane', 'chunkSize',
   ];
   for (const key of Object.keys(doc)) {
     if (!known.includes(key)) throw new ConfigError(`${path}: unknown key "${key}" (known: ${known.join(', ')})`);
@@ -141,6 +151,7 @@ export function resolveConfig(...inputs: ConfigInput[]): NodeConfig {
     services: merged.services ?? [],
     dataPlane:
       merged.dataPlane === false ? false : merged.dataPlane ? parseHostPort(merged.dataPlane, 'dataPlane') : DEFAULT_CONFIG.dataPlane,
+    chunkSize: merged.chunkSize === undefined ? DEFAULT_CONFIG.chunkSize : parseChunkSize(merged.chunkSize),
   };
   if (!Array.isArray(config.services)) throw new ConfigError('services must be a list of {name, port | url, protocol?, meta?}');
   if (merged.pushToken) config.pushToken = merged.pushToken;
@@ -159,6 +170,16 @@ export function parseHostPort(value: string, what: string): HostPort {
   const port = m ? Number(m[3]) : NaN;
   if (!m || port > 65535) throw new ConfigError(`${what}: expected HOST:PORT, got "${value}"`);
   return { host: m[1] ?? (m[2] || '0.0.0.0'), port };
+}
+
+/** Bytes, or `<n>KiB` / `<n>MiB`, within CHUNK_SIZE_RANGE. */
+export function parseChunkSize(value: number | string): number {
+  const m = /^(\d+)\s*(KiB|MiB)?$/.exec(String(value).trim());
+  const bytes = m ? Number(m[1]) * (m[2] === 'MiB' ? 2 ** 20 : m[2] === 'KiB' ? 1024 : 1) : NaN;
+  if (!(bytes >= CHUNK_SIZE_RANGE.min && bytes <= CHUNK_SIZE_RANGE.max)) {
+    throw new ConfigError(`chunkSize: expected bytes or a size like 4MiB, from 64KiB to ${CHUNK_SIZE_RANGE.max / 2 ** 20}MiB, got "${value}"`);
+  }
+  return bytes;
 }
 
 /** `key=value` as flags spell pairs; the value may itself contain `=`. */

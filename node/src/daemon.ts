@@ -56,7 +56,7 @@ export class ShoalNode {
 
   async start(): Promise<void> {
     const { config, log } = this;
-    this.#store = await FsContentStore.open({ dir: config.dataDir });
+    this.#store = await FsContentStore.open({ dir: config.dataDir, chunkSize: config.chunkSize });
     const privateKey = await loadOrCreatePeerKey(config.dataDir);
     this.#mesh = new MeshHost({
       listen: config.listen,

@@ -70,3 +70,15 @@ test('the data plane listens on any port by default, can be placed, and can be s
   assert.equal(resolveConfig(await loadConfigFile(file)).dataPlane, false);
   assert.throws(() => resolveConfig({ dataPlane: 'nowhere' }), ConfigError);
 });
+
+test('the chunk size defaults to 1 MiB and takes bytes or KiB/MiB sizes within a chunk frame', async () => {
+  assert.equal(resolveConfig({}).chunkSize, 1024 * 1024);
+  assert.equal(resolveConfig({ chunkSize: '4MiB' }).chunkSize, 4 * 1024 * 1024);
+  assert.equal(resolveConfig({ chunkSize: '256KiB' }).chunkSize, 256 * 1024);
+  assert.equal(resolveConfig({ chunkSize: 2_097_152 }).chunkSize, 2_097_152);
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-config-'));
+  const file = join(dir, 'shoal.yaml');
+  await writeFile(file, 'chunkSize: 8MiB\n');
+  assert.equal(resolveConfig(await loadConfigFile(file)).chunkSize, 8 * 1024 * 1024);
+  for (const bad of ['1KiB', '32MiB', '4 GB', 'big', 0]) assert.throws(() => resolveConfig({ chunkSize: bad }), /chunkSize/);
+});
