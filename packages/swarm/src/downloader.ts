@@ -21,7 +21,10 @@ export interface DownloaderOptions {
    * whole-blob digest check is the guard.
    */
   trustedIndexDigest?: (blob: string) => string | undefined;
-  /** Chunk requests in flight to one peer. Default 4. */
+  /**
+   * Chunk requests in flight to one peer. Two keep a LAN link busy; more only queue at a
+   * holder many devices ask at once, until its answers pass chunkTimeoutMs. Default 2.
+   */
   maxInFlightPerPeer?: number;
   /** A chunk not received within this time is asked of another holder. Default 10 000 ms. */
   chunkTimeoutMs?: number;
@@ -29,7 +32,12 @@ export interface DownloaderOptions {
   holdingTimeoutMs?: number;
   /** A transfer with no usable holder for this long fails (its chunks stay on disk). Default 30 000 ms. */
   stallTimeoutMs?: number;
-  /** How often a running transfer looks for new holders. Default 2 000 ms. */
+  /**
+   * How often a running transfer looks up holders (DHT, gossip, members) and asks partial holders
+   * what they hold now. Availability gossip tells it of new holders and new chunks in between; a
+   * DHT query per transfer every few seconds on every device cost more CPU than the chunks.
+   * Default 10 000 ms.
+   */
   rediscoverMs?: number;
   /**
    * While only a provisional index is known (every holder is still pulling the blob from an
@@ -92,11 +100,11 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     super();
     const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as DownloaderOptions;
     this.options = {
-      maxInFlightPerPeer: 4,
+      maxInFlightPerPeer: 2,
       chunkTimeoutMs: 10_000,
       holdingTimeoutMs: 3_000,
       stallTimeoutMs: 30_000,
-      rediscoverMs: 2_000,
+      rediscoverMs: 10_000,
       growingRefreshMs: 250,
       banMs: 600_000,
       maxPeerFailures: 3,

@@ -14,7 +14,7 @@ const SHA256_CODE = 0x12;
 export interface MeshProviderDirectoryOptions {
   /** Gossipsub topic for availability. Default `/shoal/availability/1`. */
   topic?: string;
-  /** Least time between two partial-availability messages for one blob. Default 500 ms. */
+  /** Least time between two partial-availability messages for one blob; each reaches every device, so not more often. Default 1 000 ms. */
   partialIntervalMs?: number;
   /** How long findHolders waits for DHT providers. Default 2 000 ms. */
   findTimeoutMs?: number;
@@ -72,7 +72,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     this.#host = host;
     this.#options = {
       topic: AVAILABILITY_TOPIC,
-      partialIntervalMs: 500,
+      partialIntervalMs: 1_000,
       findTimeoutMs: 2_000,
       graceMs: 100,
       maxProviders: 32,

@@ -58,6 +58,8 @@ export class Transfer {
   #refreshing = false;
   #progress = Promise.withResolvers<void>();
   #finishing = false;
+  /** Where rarest-first starts looking (see #pick); set once the chunk count is known. */
+  #start = 0;
 
   constructor(blob: string, downloader: Downloader) {
     this.blob = blob;
@@ -84,6 +86,7 @@ export class Transfer {
       const chosen = index ?? this.#downloader.chooseIndex(this.blob, holdings);
       if (!chosen) throw new NoHolderError(this.blob);
       this.#partial = await this.#downloader.options.store.openPartial(chosen);
+      this.#start = Math.floor(Math.random() * this.#partial.have.length);
       await this.#addHolders(holdings);
     } catch (err) {
       this.#fail(err as Error);
@@ -300,22 +303,31 @@ export class Transfer {
     const named = partial.index.chunks.length;
     const holds = (i: number) => i < named && (state.have === 'all' || state.have.has(i));
     const open = (i: number) => !partial.have.has(i) && !this.#asked.get(i)?.size && holds(i);
-    for (const position of this.#readers.values()) {
-      for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i)) return i;
-    }
-    let best: number | undefined;
-    let bestCount = Infinity;
-    let ties = 0;
-    for (let i = 0; i < partial.have.length; i++) {
-      if (!open(i)) continue;
+    const holders = (i: number) => {
       let count = 0;
       for (const other of this.#peers.values()) if (other.have === 'all' || other.have.has(i)) count++;
+      return count;
+    };
+    // A reader's next chunks go first only when more than one peer can give them: when many
+    // devices stream the same blob at once, all their readers want the same chunks, and
+    // asking the one holder for them would make it send each chunk to everyone (a central
+    // registry again). Rarest-first spreads distinct chunks, which the devices then trade.
+    for (const position of this.#readers.values()) {
+      for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i) && holders(i) > 1) return i;
+    }
+    // Among the rarest, the first at or after this transfer's own starting point: devices that
+    // start together at random points take different runs of chunks from a single holder,
+    // where independent random picks would often ask it for the same ones.
+    const chunks = partial.have.length;
+    let best: number | undefined;
+    let bestCount = Infinity;
+    for (let step = 0; step < chunks; step++) {
+      const i = (this.#start + step) % chunks;
+      if (!open(i)) continue;
+      const count = holders(i);
       if (count < bestCount) {
         best = i;
         bestCount = count;
-        ties = 1;
-      } else if (count === bestCount && Math.random() * ++ties < 1) {
-        best = i;
       }
     }
     if (best !== undefined) return best;
