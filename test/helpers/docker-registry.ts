@@ -16,6 +16,8 @@ export interface DockerRegistryOptions {
    * processes in the namespace reach it. Default the test's own namespace.
    */
   netns?: string;
+  /** Address to listen on; default 127.0.0.1 (with `netns`, e.g. the device's address so other devices reach it). */
+  host?: string;
 }
 
 export interface DockerRegistry {
@@ -45,7 +47,7 @@ export async function startDockerRegistry(opts: DockerRegistryOptions = {}): Pro
   await mkdir(rootDir);
   // Free on the test's loopback; a namespace's own loopback has only what tests start there.
   const port = await freePort();
-  const host = `127.0.0.1:${port}`;
+  const host = `${opts.host ?? '127.0.0.1'}:${port}`;
   const config = {
     version: 0.1,
     log: { level: 'warn', accesslog: { disabled: true } },

@@ -105,7 +105,7 @@ export class TestNetwork {
     const tc = (args: string[]) => run('tc', ['-n', device.netns, ...args]);
     await tc(['qdisc', 'del', 'dev', DEVICE_INTERFACE, 'root']).catch(() => {}); // no limit set yet
     if (!to) {
-      await tc(['qdisc', 'add', 'dev', DEVICE_INTERFACE, 'root', 'tbf', 'rate', rate, 'burst', '256kb', 'latency', '100ms']);
+      await tc(['qdisc', 'add', 'dev', DEVICE_INTERFACE, 'root', ...tbf(rate)]);
       return;
     }
     // HTB sends what no filter classifies straight out, unlimited; the filter puts what goes to
@@ -113,6 +113,22 @@ export class TestNetwork {
     await tc(['qdisc', 'add', 'dev', DEVICE_INTERFACE, 'root', 'handle', '1:', 'htb']);
     await tc(['class', 'add', 'dev', DEVICE_INTERFACE, 'parent', '1:', 'classid', '1:1', 'htb', 'rate', rate, 'burst', '256kb']);
     await tc(['filter', 'add', 'dev', DEVICE_INTERFACE, 'parent', '1:', 'protocol', 'ip', 'prio', '1', 'u32', 'match', 'ip', 'dst', `${to.address}/32`, 'flowid', '1:1']);
+  }
+
+  /**
+   * Shapes `device`'s link to `rate` in both directions, as a switch port of that speed would:
+   * tbf on what it sends onto the bridge and on what the bridge sends it.
+   */
+  async shapeLink(device: TestDevice, rate: string): Promise<void> {
+    await this.limitRate(device, rate);
+    const bridgePort = `port${this.devices.indexOf(device)}`;
+    await run('tc', ['-n', this.#bridgeNetns, 'qdisc', 'replace', 'dev', bridgePort, 'root', ...tbf(rate)]);
+  }
+
+  /** Bytes `device`'s interface has sent so far (all traffic onto the bridge). */
+  async sentBytes(device: TestDevice): Promise<number> {
+    const { stdout } = await this.exec(device.netns, 'cat', [`/sys/class/net/${DEVICE_INTERFACE}/statistics/tx_bytes`]);
+    return Number(stdout.trim());
   }
 
   /** Runs `cmd args` inside namespace `netns` to completion (see run()). */
@@ -157,6 +173,11 @@ export class TestNetwork {
       }
     }
   }
+}
+
+/** A token bucket at `rate` whose burst and queue suit rates from a few to a few hundred Mbit/s. */
+function tbf(rate: string): string[] {
+  return ['tbf', 'rate', rate, 'burst', '256kb', 'latency', '100ms'];
 }
 
 function namespacePids(netns: string): number[] {

@@ -43,6 +43,10 @@ export interface ShoalNodeOptions {
   /** Gateway and control API host:port; default 127.0.0.1:0 each. */
   gateway?: string;
   api?: string;
+  /** Extra flags for the node runtime itself, e.g. `--cpu-prof`. */
+  runtimeFlags?: string[];
+  /** --chunk-size, e.g. `4MiB`. */
+  chunkSize?: string;
   /** Extra environment variables for the node (e.g. a test fault switch), on top of the test's own. */
   env?: NodeJS.ProcessEnv;
 }
@@ -143,7 +147,7 @@ async function waitForExit(child: ChildProcess, timeoutMs: number): Promise<bool
 export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<RunningShoalNode> {
   const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'shoal-node-')));
   // The same V8 flag as node/bin/shoal.js, so tests and benchmarks see the daemon users run.
-  const args = ['--max-semi-space-size=2', CLI, 'node', '--data-dir', dataDir];
+  const args = ['--max-semi-space-size=2', ...(options.runtimeFlags ?? []), CLI, 'node', '--data-dir', dataDir];
   args.push('--gateway', options.gateway ?? '127.0.0.1:0', '--api', options.api ?? '127.0.0.1:0');
   // Tests on one host: no fixed port 4001, no multicast on the default namespace's loopback.
   for (const addr of options.listen ?? ['/ip4/127.0.0.1/tcp/0']) args.push('--listen', addr);
@@ -157,6 +161,7 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
   if (options.defaultNamespace) args.push('--default-namespace', options.defaultNamespace);
   if (options.pushToken) args.push('--push-token', options.pushToken);
   if (options.logLevel) args.push('--log-level', options.logLevel);
+  if (options.chunkSize) args.push('--chunk-size', options.chunkSize);
 
   // process.execPath is Node 24 when the test runs under `npx node --test`. `ip netns exec`
   // execs the command in place, so the child's pid is the node's and signals reach it.
