@@ -303,17 +303,15 @@ export class Transfer {
     const named = partial.index.chunks.length;
     const holds = (i: number) => i < named && (state.have === 'all' || state.have.has(i));
     const open = (i: number) => !partial.have.has(i) && !this.#asked.get(i)?.size && holds(i);
-    const holders = (i: number) => {
-      let count = 0;
-      for (const other of this.#peers.values()) if (other.have === 'all' || other.have.has(i)) count++;
-      return count;
-    };
-    // A reader's next chunks go first only when more than one peer can give them: when many
-    // devices stream the same blob at once, all their readers want the same chunks, and
-    // asking the one holder for them would make it send each chunk to everyone (a central
-    // registry again). Rarest-first spreads distinct chunks, which the devices then trade.
-    for (const position of this.#readers.values()) {
-      for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i) && holders(i) > 1) return i;
+    // A reader's next chunks go first only while this transfer has a single source. With more,
+    // a swarm is at work: the devices streaming one blob at once all want the same next chunks,
+    // and asking for them would make the holder send every chunk to everyone (a central
+    // registry again). Rarest-first spreads distinct chunks, which the devices then trade; the
+    // blob is whole no later, and clients such as containerd unpack a layer only once it is.
+    if (this.#peers.size === 1) {
+      for (const position of this.#readers.values()) {
+        for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i)) return i;
+      }
     }
     // Among the rarest, the first at or after this transfer's own starting point: devices that
     // start together at random points take different runs of chunks from a single holder,
@@ -324,7 +322,8 @@ export class Transfer {
     for (let step = 0; step < chunks; step++) {
       const i = (this.#start + step) % chunks;
       if (!open(i)) continue;
-      const count = holders(i);
+      let count = 0;
+      for (const other of this.#peers.values()) if (other.have === 'all' || other.have.has(i)) count++;
       if (count < bestCount) {
         best = i;
         bestCount = count;
