@@ -43,6 +43,7 @@ test('speed-up compares the registry and Shoal at the same N and leaves out the 
     summarize(trial({ system: 'shoal', devices: 10, completionsMs: Array(9).fill(18_000) })),
     summarize(trial({ system: 'shoal', devices: 10, completionsMs: Array(9).fill(36_000), chunkSize: 4 * 2 ** 20, chunkSweep: true })),
     summarize(trial({ system: 'shoal', devices: 4, completionsMs: Array(3).fill(17_000) })),
+    summarize(trial({ system: 'shoal', devices: 10, completionsMs: Array(9).fill(20_000), chunkSize: 256 * 1024, chunkSweep: true })),
   ];
   assert.equal(speedUp(trials, 10), 8);
   assert.equal(speedUp(trials, 4), undefined);
@@ -52,6 +53,7 @@ test('speed-up compares the registry and Shoal at the same N and leaves out the 
   assert.match(markdown, /efficiency >= 0\.8: 0\.89, met/);
   assert.match(markdown, /speed-up over the central registry >= 7x: 8\.0x, met/);
   assert.match(markdown, /\| Shoal \| 10 \| 4 MiB \|/);
+  assert.match(markdown, /\| Shoal \| 10 \| 256 KiB \|/);
   const svg = svgPlot(trials, 'title');
   // Registry, Shoal makespan, Shoal p50 and the ideal: one line each; the sweep run is not plotted.
   assert.equal(svg.match(/<polyline/g)?.length, 4);

@@ -23,6 +23,8 @@ const MANIFEST_TYPES = [
 ];
 const INDEX_TYPES = new Set([MANIFEST_TYPES[1], MANIFEST_TYPES[3]]);
 const CONCURRENT_DOWNLOADS = 3;
+/** containerd's CRI plugin cancels a pull that makes no progress for 5 minutes (image_pull_progress_timeout). */
+const NO_PROGRESS_TIMEOUT_MS = 5 * 60_000;
 const MAX_ATTEMPTS = 5;
 
 export interface PullerResult {
@@ -46,7 +48,7 @@ interface Descriptor {
 class Pull {
   readonly #base: string;
   readonly #name: string;
-  readonly #dispatcher = new Agent({ connections: CONCURRENT_DOWNLOADS + 1, bodyTimeout: 120_000, headersTimeout: 120_000 });
+  readonly #dispatcher = new Agent({ connections: CONCURRENT_DOWNLOADS + 1, bodyTimeout: NO_PROGRESS_TIMEOUT_MS, headersTimeout: NO_PROGRESS_TIMEOUT_MS });
   readonly #start = performance.now();
   bytes = 0;
   resumes = 0;

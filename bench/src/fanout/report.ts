@@ -107,7 +107,7 @@ const SYSTEM_LABEL: Record<SystemName, string> = {
 };
 
 const seconds = (ms: number) => (Number.isFinite(ms) ? (ms / 1000).toFixed(1) : 'failed');
-const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(0)} MiB`;
+const binary = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(2)} MiB` : `${+(bytes / 1024).toFixed(2)} KiB`);
 
 export function markdownReport(report: FanoutReport): string {
   const { trials } = report;
@@ -131,7 +131,7 @@ export function markdownReport(report: FanoutReport): string {
   for (const t of trials) {
     const up = t.system === 'registry' ? '' : speedUp(trials, t.devices, t.system);
     lines.push(
-      `| ${SYSTEM_LABEL[t.system]} | ${t.devices} | ${t.chunkSize ? mib(t.chunkSize) : ''} | ${(t.imageBytes / 1e6).toFixed(0)} MB | ` +
+      `| ${SYSTEM_LABEL[t.system]} | ${t.devices} | ${t.chunkSize ? binary(t.chunkSize) : ''} | ${(t.imageBytes / 1e6).toFixed(0)} MB | ` +
         `${seconds(t.makespanMs)} | ${seconds(t.p50Ms)} | ${seconds(t.p99Ms)} | ${seconds(t.idealMs)} | ${t.efficiency.toFixed(2)} | ` +
         `${typeof up === 'number' && !t.chunkSweep ? `${up.toFixed(1)}x` : ''} | ${t.seederEgressRatio.toFixed(2)}x F | ` +
         `${t.cpuBusyPercent.toFixed(0)} %${t.cpuBound ? ' (CPU-bound)' : ''} | ${t.resumes} |`,

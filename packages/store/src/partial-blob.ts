@@ -69,6 +69,7 @@ export class FsPartialBlob implements PartialBlob {
   #scratchBuffer: Buffer | undefined;
   #hashing: Promise<void> = Promise.resolve();
   #bitmapWrite: Promise<void> | undefined;
+  #indexWrite: Promise<void> = Promise.resolve();
   #bitmapDirty = false;
   #closed = false;
 
@@ -149,8 +150,19 @@ export class FsPartialBlob implements PartialBlob {
     if (!indexesAgree(this.index, index)) return false;
     if (index.chunks.length <= this.index.chunks.length) return true;
     this.index = { ...this.index, chunks: [...index.chunks] };
-    if (!this.#closed) await writeFileReplacing(this.#paths.index, encodeChunkIndex(this.index));
+    await this.#saveIndex();
     return true;
+  }
+
+  /**
+   * Writes the index as it is by then, one write at a time: holders answer a growing blob's
+   * refresh and availability queries concurrently, and two writes at once raced on the
+   * temporary file (the second rename found it gone and failed the transfer).
+   */
+  #saveIndex(): Promise<void> {
+    const next = this.#indexWrite.then(() => (this.#closed ? undefined : writeFileReplacing(this.#paths.index, encodeChunkIndex(this.index))));
+    this.#indexWrite = next.catch(() => {});
+    return next;
   }
 
   /** Feeds newly contiguous chunks to the whole-blob hash, so commit need not read the blob again. */
@@ -238,6 +250,7 @@ export class FsPartialBlob implements PartialBlob {
     await this.#hashing;
     // A last bitmap write may have been skipped while closing: write the final state.
     await this.#bitmapWrite;
+    await this.#indexWrite;
     await writeFileReplacing(this.#paths.bitmap, this.have.toBytes()).catch(() => {});
     await this.#fh.close();
   }

@@ -101,3 +101,16 @@ test('a false chunk index fails the whole-blob check and leaves nothing behind',
     assert.equal(await store.statBlob(index.blob), undefined);
     assert.deepEqual(await readdir(join(dir, 'partial')), []);
   }));
+
+test('a growing index learned by many holders at once is written one at a time, ending at the longest', () =>
+  withStore(async (store, dir) => {
+    const { index } = blobOf(10 * CHUNK);
+    const partial = await store.openPartial({ ...index, chunks: index.chunks.slice(0, 2) });
+    const longer = (n: number) => partial.learn({ ...index, chunks: index.chunks.slice(0, n) });
+    // What holders' answers do when they arrive together; each used to race on one temporary file.
+    assert.deepEqual(await Promise.all([3, 5, 4, 7, 6, 8, 10, 9].map(longer)), Array(8).fill(true));
+    assert.equal(partial.index.chunks.length, 10);
+    const onDisk = JSON.parse(await readFile(join(dir, 'partial', `sha256-${index.blob.slice('sha256:'.length)}.index`), 'utf8')) as ChunkIndex;
+    assert.equal(onDisk.chunks.length, 10);
+    await partial.close();
+  }));
