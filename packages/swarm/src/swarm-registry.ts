@@ -1,4 +1,5 @@
 import { Readable } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { buffer } from 'node:stream/consumers';
 import { isDigest, parseManifest } from '@shoal/oci';
 import { DEFAULT_MAX_MANIFEST_BYTES as MAX_MANIFEST_BYTES, type Registry } from '@shoal/registry-gateway';
@@ -23,6 +24,14 @@ export interface SwarmRegistryOptions {
   fallback: Registry;
   downloader: Downloader;
   tags: TagLookup;
+  /**
+   * How often a manifest that a signed tag record names is asked of the mesh before the
+   * fallback: the record says a device holds it, so a miss is most likely a loaded or
+   * restarting holder. Default 3.
+   */
+  recordedManifestAttempts?: number;
+  /** Wait before the second attempt, doubling after. Default 1 000 ms. */
+  retryDelayMs?: number;
 }
 
 /**
@@ -36,12 +45,16 @@ export class SwarmRegistry implements Registry {
   readonly #fallback: Registry;
   readonly #downloader: Downloader;
   readonly #tags: TagLookup;
+  readonly #attempts: number;
+  readonly #retryDelayMs: number;
 
   constructor(options: SwarmRegistryOptions) {
     this.#fallback = options.fallback;
     this.store = options.fallback.store;
     this.#downloader = options.downloader;
     this.#tags = options.tags;
+    this.#attempts = options.recordedManifestAttempts ?? 3;
+    this.#retryDelayMs = options.retryDelayMs ?? 1_000;
   }
 
   async getManifest(repository: string, reference: string): Promise<StoredManifest | undefined> {
@@ -49,8 +62,11 @@ export class SwarmRegistry implements Registry {
     const record = isDigest(reference) ? undefined : this.#tags.get(repository, reference);
     // The mesh's word on a tag is newer than a local copy that still points elsewhere.
     if (record && local?.digest !== record.digest) {
-      const fetched = await this.#manifestFromMesh(repository, record.digest, reference);
-      if (fetched) return fetched;
+      for (let attempt = 1, wait = this.#retryDelayMs; attempt <= this.#attempts; attempt++, wait *= 2) {
+        const fetched = await this.#manifestFromMesh(repository, record.digest, reference);
+        if (fetched) return fetched;
+        if (attempt < this.#attempts) await sleep(wait);
+      }
     }
     if (local) return local;
     if (isDigest(reference)) {

@@ -73,3 +73,26 @@ test('a newer mesh record for a tag wins over the tag a device already holds', (
     assert.equal((await registry.getManifest(REPO, '1'))?.digest, fresh.manifest.digest);
     assert.equal((await d.store.getManifest(REPO, '1'))?.digest, fresh.manifest.digest);
   }));
+
+test('a manifest a tag record names is asked of the mesh again while its holder fails, before the fallback', () =>
+  withFixture(async (f) => {
+    const a = await f.device('a');
+    const { manifest } = await seedImage(f, a, randomBytes(10 * 1024));
+    const d = await f.device('d');
+    const registry = new SwarmRegistry({
+      fallback: new LocalRegistry(d.store),
+      downloader: d.downloader,
+      tags: tagTable({ [`${REPO}:1`]: manifest.digest }),
+      retryDelayMs: 100,
+    });
+    // The holder fails (a loaded device timing out) for the first attempt, then answers.
+    f.net.setFault('a', 'fail');
+    setTimeout(() => f.net.setFault('a', 'none'), 50);
+    assert.equal((await registry.getManifest(REPO, '1'))?.digest, manifest.digest);
+    // Holders that never answer (a, and d, which now holds it too): the tag misses after every attempt, as before.
+    f.net.setFault('a', 'fail');
+    f.net.setFault('d', 'fail');
+    const other = await f.device('e');
+    const failing = new SwarmRegistry({ fallback: new LocalRegistry(other.store), downloader: other.downloader, tags: tagTable({ [`${REPO}:1`]: manifest.digest }), retryDelayMs: 10 });
+    assert.equal(await failing.getManifest(REPO, '1'), undefined);
+  }));
