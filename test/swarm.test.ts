@@ -6,7 +6,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ChunkBitmap } from '@shoal/store';
 import type { TransferInfo } from '@shoal/swarm';
 import { PrivateContainerd } from './helpers/daemons.ts';
-import { Devices, eventually, meshPeerId } from './helpers/devices.ts';
+import { Devices, eventually, meshPeerId, waitForTagRecord } from './helpers/devices.ts';
 import { explainFailure } from './helpers/diagnostics.ts';
 import { startDockerRegistry, type DockerRegistry } from './helpers/docker-registry.ts';
 import { CommandError } from './helpers/exec.ts';
@@ -143,12 +143,8 @@ describe('the swarm: devices fetch images chunk by chunk from each other (networ
 
   /** Waits until device `index` knows the mesh-wide tag record of `repository:1`. */
   async function waitForTag(index: number, repository: string, image: TestImage): Promise<void> {
-    await eventually(`device-${index} knows docker.io/${repository}:1`, CONVERGE_WITHIN_MS, async () => {
-      const tags = await node(index).apiJson<{ repository: string; tag: string; digest: string }[]>('/api/tags');
-      const record = tags.find((t) => t.repository === `docker.io/${repository}` && t.tag === '1');
-      if (record?.digest === image.manifest.digest) return undefined;
-      return `tags: ${JSON.stringify(tags.map((t) => `${t.repository}:${t.tag}`))}`;
-    });
+    const record = { repository: `docker.io/${repository}`, tag: '1', digest: image.manifest.digest };
+    await waitForTagRecord(node(index), `device-${index}`, record, CONVERGE_WITHIN_MS);
   }
 
   /** Waits until every one of `indexes` sees every other one alive. */

@@ -9,6 +9,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
+import { meshPeerId } from '../../test/helpers/devices.ts';
 import { run } from '../../test/helpers/exec.ts';
 import { netnsGet, TestNetwork } from '../../test/helpers/netns.ts';
 import { REPO_ROOT, startShoalNode, type PeerRecord, type RunningShoalNode } from '../../test/helpers/node.ts';
@@ -79,19 +80,6 @@ async function untilEveryTable(
   return times.some((t) => t === null) ? null : Math.max(...(times as number[]));
 }
 
-async function interfaceCounters(netns: string): Promise<{ tx: number; rx: number }> {
-  const dir = '/sys/class/net/eth0/statistics';
-  const { stdout } = await run('ip', ['netns', 'exec', netns, 'cat', `${dir}/tx_bytes`, `${dir}/rx_bytes`]);
-  const [tx, rx] = stdout.trim().split(/\s+/).map(Number);
-  return { tx: tx!, rx: rx! };
-}
-
-function meshPeerId(node: RunningShoalNode): string {
-  const line = node.logs().find((entry) => entry.msg === 'mesh listening');
-  if (typeof line?.peerId !== 'string') throw new Error(`no "mesh listening" line with a peerId:\n${node.logText(30)}`);
-  return line.peerId;
-}
-
 async function measureMesh(count: number, scratch: Scratch, swarmKey: string): Promise<MeshResult> {
   const network = await TestNetwork.create({ devices: count });
   const nodes: RunningShoalNode[] = [];
@@ -120,6 +108,7 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     const cpuAfter = cpuJiffies();
     const startupCpuBusyPercent = busyPercent(cpuBefore, cpuAfter);
     const devices = started.map((node, i) => ({ netns: network.devices[i]!.netns, node }));
+    const counters = () => Promise.all(network.devices.map((device) => network.interfaceBytes(device)));
     const peerIds = started.map(meshPeerId);
 
     const fullViewMs = await untilEveryTable(devices, allListening, (peers) =>
@@ -128,16 +117,16 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     console.log(`N=${count}: full view ${fullViewMs === null ? 'not reached' : `${fullViewMs.toFixed(0)} ms`}`);
 
     // Quiet window: nothing polls the nodes, so the veth counters hold membership traffic only.
-    const before = await Promise.all(devices.map(({ netns }) => interfaceCounters(netns)));
+    const before = await counters();
     const windowStart = performance.now();
     const quietCpuBefore = cpuJiffies();
     await sleep(QUIET_MS);
     const quietCpuBusyPercent = busyPercent(quietCpuBefore, cpuJiffies());
-    const after = await Promise.all(devices.map(({ netns }) => interfaceCounters(netns)));
+    const after = await counters();
     const seconds = (performance.now() - windowStart) / 1000;
     const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
-    const meanTxBytesPerSecond = mean(after.map((a, i) => a.tx - before[i]!.tx)) / seconds;
-    const meanRxBytesPerSecond = mean(after.map((a, i) => a.rx - before[i]!.rx)) / seconds;
+    const meanTxBytesPerSecond = mean(after.map((a, i) => a.sent - before[i]!.sent)) / seconds;
+    const meanRxBytesPerSecond = mean(after.map((a, i) => a.received - before[i]!.received)) / seconds;
     const rss = started.map((node) => rssOf(node.pid));
 
     const victim = devices.at(-1)!;

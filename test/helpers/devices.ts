@@ -35,6 +35,22 @@ export async function eventually(
   assert.fail(`${what} within ${timeoutMs} ms; last seen: ${last}`);
 }
 
+/** Waits until `node` holds the mesh-wide tag record of `repository:tag` naming `digest`; `who` names it in a failure. */
+export async function waitForTagRecord(
+  node: RunningShoalNode,
+  who: string,
+  record: { repository: string; tag: string; digest: string },
+  timeoutMs: number,
+  pollMs?: number,
+): Promise<void> {
+  const { repository, tag, digest } = record;
+  await eventually(`${who} knows ${repository}:${tag}`, timeoutMs, async () => {
+    const tags = await node.apiJson<{ repository: string; tag: string; digest: string }[]>('/api/tags');
+    const known = tags.find((t) => t.repository === repository && t.tag === tag);
+    return known?.digest === digest ? undefined : `its tags: ${JSON.stringify(tags.map((t) => `${t.repository}:${t.tag}`))}`;
+  }, pollMs);
+}
+
 /** `shoal node` processes, one per device namespace of a TestNetwork, by device index. */
 export class Devices {
   readonly nodes: (RunningShoalNode | undefined)[] = [];

@@ -125,10 +125,12 @@ export class TestNetwork {
     await run('tc', ['-n', this.#bridgeNetns, 'qdisc', 'replace', 'dev', bridgePort, 'root', ...tbf(rate)]);
   }
 
-  /** Bytes `device`'s interface has sent so far (all traffic onto the bridge). */
-  async sentBytes(device: TestDevice): Promise<number> {
-    const { stdout } = await this.exec(device.netns, 'cat', [`/sys/class/net/${DEVICE_INTERFACE}/statistics/tx_bytes`]);
-    return Number(stdout.trim());
+  /** Bytes `device`'s interface has sent onto the bridge and received from it so far (all traffic). */
+  async interfaceBytes(device: TestDevice): Promise<{ sent: number; received: number }> {
+    const dir = `/sys/class/net/${DEVICE_INTERFACE}/statistics`;
+    const { stdout } = await this.exec(device.netns, 'cat', [`${dir}/tx_bytes`, `${dir}/rx_bytes`]);
+    const [sent, received] = stdout.trim().split(/\s+/).map(Number);
+    return { sent: sent!, received: received! };
   }
 
   /** Runs `cmd args` inside namespace `netns` to completion (see run()). */

@@ -10,7 +10,8 @@ import { netnsGet, type NetnsResponse } from './netns.ts';
 /** The repository root, from this file's place in test/helpers/. */
 export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
-const MAX_LOG_LINES = 5000;
+/** Log lines a RunningShoalNode keeps. */
+export const MAX_LOG_LINES = 5000;
 
 export interface ShoalNodeOptions {
   /** libp2p listen multiaddrs; default one random port on 127.0.0.1. */

@@ -7,9 +7,9 @@ import { basename, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { startDockerRegistry, type DockerRegistry } from '../../../test/helpers/docker-registry.ts';
-import { eventually } from '../../../test/helpers/devices.ts';
+import { eventually, waitForTagRecord } from '../../../test/helpers/devices.ts';
 import { TestNetwork, type TestDevice } from '../../../test/helpers/netns.ts';
-import { startShoalNode, type RunningShoalNode, type ShoalNodeOptions } from '../../../test/helpers/node.ts';
+import { MAX_LOG_LINES, startShoalNode, type RunningShoalNode, type ShoalNodeOptions } from '../../../test/helpers/node.ts';
 import { busyPercent, cpuJiffies } from '../shared.ts';
 import type { BenchImage } from './image.ts';
 import type { PullerResult } from './puller.ts';
@@ -23,8 +23,6 @@ const GATEWAY_PORT = 5000;
 const API_PORT = 7070;
 const MESH_PORT = 4001;
 const CONVERGE_MS = 60_000;
-/** As many log lines as the node helper keeps. */
-const MAX_LOG_LINES = 5000;
 /** A receiver that has not finished after this long has failed. */
 const PULL_TIMEOUT_MS = 15 * 60_000;
 
@@ -52,7 +50,6 @@ interface Completion {
 
 /** One receiver's puller process inside its namespace. */
 class Puller {
-  readonly device: TestDevice;
   readonly ready: Promise<void>;
   /** Resolves with ms from `go` to the last verified byte as this process saw it, or rejects. */
   readonly result: Promise<PullerResult>;
@@ -60,7 +57,6 @@ class Puller {
   #stderr = '';
 
   constructor(device: TestDevice, registryUrl: string) {
-    this.device = device;
     this.#child = spawn('ip', ['netns', 'exec', device.netns, process.execPath, PULLER, '--registry', registryUrl, '--image', `${REPOSITORY}:${TAG}`], {
       stdio: ['pipe', 'pipe', 'pipe'],
     });
@@ -148,7 +144,7 @@ export class FanoutLab {
   async shoalTrial(n: number, image: BenchImage, chunk: { size?: string; sweep?: boolean } = {}): Promise<Trial> {
     return this.#withNodes(n, { chunkSize: chunk.size }, {}, async (nodes) => {
       const seeder = this.#devices[0]!;
-      await this.#push(seeder, image, hostOf(nodes[0]!));
+      await this.#push(seeder, image, nodes[0]!.gatewayHost);
       await Promise.all(nodes.slice(1).map((node) => knowsTag(node, image)));
       const receivers = this.#devices.slice(1, n).map((d, i) => [d, nodes[i + 1]!.gatewayUrl] as const);
       const trial = await this.#race('shoal', n, image, seeder, receivers);
@@ -172,7 +168,7 @@ export class FanoutLab {
       await this.#push(upstreamDevice, image, registry.host);
       return await this.#withNodes(n, {}, { upstreams: { 'docker.io': registry.url } }, async (nodes) => {
         const seeder = this.#devices[0]!;
-        const upstreamBefore = await this.#network.sentBytes(upstreamDevice);
+        const upstreamBefore = (await this.#network.interfaceBytes(upstreamDevice)).sent;
         const seederPull = new Puller(seeder, nodes[0]!.gatewayUrl);
         const receivers = this.#devices.slice(1, n).map((d, i) => ({ device: d, node: nodes[i + 1]!, puller: new Puller(d, nodes[i + 1]!.gatewayUrl) }));
         try {
@@ -188,7 +184,7 @@ export class FanoutLab {
           });
           const trial = await measure.finish('shoal-cold', n, image, done);
           await seederPull.result.catch((error: Error) => trial.failures.push(`the seeder's own pull: ${error.message}`));
-          trial.upstreamTxBytes = (await this.#network.sentBytes(upstreamDevice)) - upstreamBefore;
+          trial.upstreamTxBytes = (await this.#network.interfaceBytes(upstreamDevice)).sent - upstreamBefore;
           return trial;
         } finally {
           for (const p of [seederPull, ...receivers.map((r) => r.puller)]) p.kill();
@@ -274,7 +270,7 @@ export class FanoutLab {
     let cpuBefore: [number, number] = [0, 0];
     return {
       start: async (): Promise<number> => {
-        txBefore = await this.#network.sentBytes(seeder);
+        txBefore = (await this.#network.interfaceBytes(seeder)).sent;
         cpuBefore = cpuJiffies();
         return performance.now();
       },
@@ -282,7 +278,7 @@ export class FanoutLab {
         const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('timed out')), PULL_TIMEOUT_MS).unref());
         const settled = await Promise.allSettled(completions.map((c) => Promise.race([c, timeout])));
         const cpu = busyPercent(cpuBefore, cpuJiffies());
-        const seederTxBytes = (await this.#network.sentBytes(seeder)) - txBefore;
+        const seederTxBytes = (await this.#network.interfaceBytes(seeder)).sent - txBefore;
         const finished = settled.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
         return {
           system,
@@ -300,18 +296,10 @@ export class FanoutLab {
   }
 }
 
-/** host:port of a node's gateway, as skopeo wants it. */
-function hostOf(node: RunningShoalNode): string {
-  return node.gatewayHost;
-}
-
 /** Waits until `node` has the mesh-wide tag record of the benchmark image. */
-async function knowsTag(node: RunningShoalNode, image: BenchImage, pollMs = 200): Promise<void> {
-  await eventually(`${node.gatewayHost} knows docker.io/${REPOSITORY}:${TAG}`, CONVERGE_MS, async () => {
-    const tags = await node.apiJson<{ repository: string; tag: string; digest: string }[]>('/api/tags');
-    const record = tags.find((t) => t.repository === `docker.io/${REPOSITORY}` && t.tag === TAG);
-    return record?.digest === image.manifestDigest ? undefined : `its tags: ${tags.map((t) => `${t.repository}:${t.tag}`).join(', ') || 'none'}`;
-  }, pollMs);
+function knowsTag(node: RunningShoalNode, image: BenchImage, pollMs = 200): Promise<void> {
+  const record = { repository: `docker.io/${REPOSITORY}`, tag: TAG, digest: image.manifestDigest };
+  return waitForTagRecord(node, node.gatewayHost, record, CONVERGE_MS, pollMs);
 }
 
 /** tc rate (`100mbit`, `1gbit`, `500kbit`) in bits per second. */
