@@ -3,7 +3,7 @@ import { peerIdFromString } from '@libp2p/peer-id';
 import { multiaddr } from '@multiformats/multiaddr';
 
 /** Wire format version of heartbeats and sync messages; a new format gets a new topic and protocol. */
-export const MEMBERSHIP_FORMAT_VERSION = 1;
+export const MEMBERSHIP_FORMAT_VERSION = 2;
 
 // Field limits: they keep one heartbeat well under the default 8 KiB message limit.
 export const MAX_ADDRESSES = 16;
@@ -36,7 +36,7 @@ export interface ServiceRecord {
   ttlMs?: number;
 }
 
-/** What a node announces about itself in every heartbeat. */
+/** What a node announces about itself: sent when it changes, and in every table sync. */
 export interface MemberRecord {
   peerId: string;
   /** Device name. */
@@ -54,7 +54,10 @@ export interface MemberRecord {
   usageBytes: number;
   /** A non-negative load figure (e.g. load average or active transfers); higher is busier. */
   load: number;
-  /** Grows with every heartbeat of the sender, across restarts; newer wins. */
+  /**
+   * The sender's sequence number when this description was last changed; it shares one counter
+   * with the sender's beats, grows across restarts, and the newer record wins.
+   */
   seq: number;
   /** Sender's clock (ms since the epoch) when sent; informational, liveness uses the receiver's clock. */
   ts: number;
@@ -73,14 +76,45 @@ export class MembershipFormatError extends Error {
   override name = 'MembershipFormatError';
 }
 
+/**
+ * The small heartbeat a node sends while its record is unchanged: the signer is the member, so
+ * it carries no peer id, only liveness, the changing figures and which record is current.
+ */
+export interface Beat {
+  /** The sender's sequence number (shared with its records); newer than every earlier one. */
+  seq: number;
+  /** `seq` of the sender's current record: a receiver holding an older one asks for it. */
+  recordSeq: number;
+  usageBytes: number;
+  load: number;
+}
+
+/** A message on the membership topic: the sender's whole record, or a beat. */
+export type Heartbeat = { record: MemberRecord; beat?: never } | { beat: Beat; record?: never };
+
+/** A heartbeat carrying the whole record (sent at start and whenever the record changes). */
 export function encodeHeartbeat(record: MemberRecord): Uint8Array {
   return new TextEncoder().encode(JSON.stringify({ v: MEMBERSHIP_FORMAT_VERSION, ...record }));
 }
 
+export function encodeBeat(beat: Beat): Uint8Array {
+  return new TextEncoder().encode(JSON.stringify({ v: MEMBERSHIP_FORMAT_VERSION, beat }));
+}
+
 /** Parses and schema-checks a heartbeat; throws MembershipFormatError for anything malformed or over maxBytes. */
-export function decodeHeartbeat(bytes: Uint8Array, maxBytes: number): MemberRecord {
+export function decodeHeartbeat(bytes: Uint8Array, maxBytes: number): Heartbeat {
   const message = parseVersionedJson(bytes, maxBytes, 'heartbeat');
-  return parseMemberRecord(message, 'heartbeat');
+  if (message.beat === undefined) return { record: parseMemberRecord(message, 'heartbeat') };
+  const { beat } = message;
+  if (!isPlainObject(beat)) throw new MembershipFormatError('heartbeat.beat is not an object');
+  return {
+    beat: {
+      seq: checkNumber(beat.seq, 'heartbeat.beat.seq', { integer: true }),
+      recordSeq: checkNumber(beat.recordSeq, 'heartbeat.beat.recordSeq', { integer: true }),
+      usageBytes: checkNumber(beat.usageBytes, 'heartbeat.beat.usageBytes', { integer: true }),
+      load: checkNumber(beat.load, 'heartbeat.beat.load', { integer: false }),
+    },
+  };
 }
 
 export function encodeSync(members: SyncedMember[]): Uint8Array {

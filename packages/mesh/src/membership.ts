@@ -10,10 +10,13 @@ import {
   checkUrl,
   decodeHeartbeat,
   decodeSync,
+  encodeBeat,
   encodeHeartbeat,
   encodeSync,
   MAX_ADDRESSES,
   MAX_SERVICES,
+  type Beat,
+  type Heartbeat,
   type MemberRecord,
   type ServiceRecord,
   type SyncedMember,
@@ -21,8 +24,8 @@ import {
 import { TableExchange } from './table-exchange.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
 
-export const MEMBERSHIP_TOPIC = '/shoal/membership/1';
-export const MEMBERSHIP_SYNC_PROTOCOL = '/shoal/membership/sync/1.0.0';
+export const MEMBERSHIP_TOPIC = '/shoal/membership/2';
+export const MEMBERSHIP_SYNC_PROTOCOL = '/shoal/membership/sync/2.0.0';
 
 export type MemberStatus = 'alive' | 'suspect' | 'down';
 
@@ -106,9 +109,13 @@ export interface MembershipOptions {
   stats?: () => MemberStats | Promise<MemberStats>;
   /** Gossipsub topic of the heartbeats. Default `/shoal/membership/1`. */
   topic?: string;
-  /** Default 1 000 ms. */
+  /**
+   * How often this node heartbeats. A heartbeat is a small beat (liveness, usage, load) unless
+   * the record changed; every member receives every heartbeat, so this paces the CPU and
+   * traffic of an idle mesh. Default 2 000 ms.
+   */
   heartbeatIntervalMs?: number;
-  /** A member not heard from for this long is suspect. Default 3 000 ms. */
+  /** A member not heard from for this long is suspect. Default 5 000 ms. */
   suspectAfterMs?: number;
   /** A member not heard from for this long is down. Default 8 000 ms. */
   downAfterMs?: number;
@@ -136,6 +143,8 @@ interface Row {
   heardAt: number;
   /** Highest seq the member itself authenticated (signed heartbeat or its own sync answer); -1 if none. */
   authenticatedSeq: number;
+  /** `seq` of the newest record the member itself sent (heartbeat or its own sync answer); -1 if none. */
+  ownRecordSeq: number;
   /** performance.now() when `record` was current at its source; service TTLs count from here. */
   recordAt: number;
 }
@@ -155,14 +164,15 @@ const silentLog: MeshLog = { debug() {}, warn() {} };
 const FALLBACK_SERVICE_HOST = '127.0.0.1';
 
 /**
- * Membership and liveness over a started MeshHost: every node heartbeats its description on a
- * gossipsub topic, keeps a table of the others with alive/suspect/down status from the time
- * since it last heard them, and exchanges tables with each newly connected peer so a joiner
- * sees everyone at once.
+ * Membership and liveness over a started MeshHost: every node heartbeats on a gossipsub topic
+ * (its whole record when that changed, else a small beat), keeps a table of the others with
+ * alive/suspect/down status from the time since it last heard them, and exchanges tables with
+ * each newly connected peer so a joiner sees everyone at once. A beat naming a record this node
+ * lacks makes it ask the sender for its table.
  *
  * Trust: heartbeats are signed by their sender (a heartbeat about another peer is rejected);
- * sync answers may relay third parties' records unsigned, so a member's own signed heartbeats
- * always override relayed information.
+ * sync answers may relay third parties' records unsigned, so a member's own word (its
+ * heartbeats and its own sync answers) always overrides relayed information.
  */
 export class Membership extends TypedEventEmitter<MembershipEvents> {
   readonly #host: MeshHost;
@@ -173,7 +183,13 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   readonly #services = new Map<string, OwnService>();
   #node: MeshNode | undefined;
   #self: MemberRecord | undefined;
+  /** This node's last seq, shared by its records and beats. */
+  #seq = 0;
+  /** The next heartbeat sends the whole record (at start, and after a registration change). */
+  #recordDue = true;
   #stats: MemberStats = { usageBytes: 0, load: 0 };
+  /** Heartbeats decoded by the validator, so the message handler does not parse them again. */
+  readonly #decoded = new WeakMap<Message, Heartbeat>();
   #heartbeatTimer: NodeJS.Timeout | undefined;
   #checkTimer: NodeJS.Timeout | undefined;
   #sending = false;
@@ -190,8 +206,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       version: '0.0.0',
       stats: () => ({ usageBytes: 0, load: 0 }),
       topic: MEMBERSHIP_TOPIC,
-      heartbeatIntervalMs: 1_000,
-      suspectAfterMs: 3_000,
+      heartbeatIntervalMs: 2_000,
+      suspectAfterMs: 5_000,
       downAfterMs: 8_000,
       dropAfterMs: 300_000,
       checkIntervalMs: 500,
@@ -237,8 +253,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const { topic, heartbeatIntervalMs, checkIntervalMs } = this.#options;
     await this.#exchange.start(node);
     this.#node = node;
-    // Seeded from the clock so a restarted node's heartbeats are newer than its earlier ones.
-    this.#self = this.#selfRecord(Math.max((this.#self?.seq ?? 0) + 1, Date.now()));
+    this.#self = this.#selfRecord(this.#nextSeq());
+    this.#recordDue = true;
     node.services.pubsub.topicValidators.set(topic, this.#validate);
     node.services.pubsub.addEventListener('message', this.#onMessage);
     node.services.pubsub.subscribe(topic);
@@ -273,7 +289,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const self = this.#self;
     if (!self) return members;
     const now = performance.now();
-    return [this.#member({ record: self, status: 'alive', heardAt: now, authenticatedSeq: self.seq, recordAt: now }, true), ...members];
+    return [this.#member({ record: self, status: 'alive', heardAt: now, authenticatedSeq: self.seq, ownRecordSeq: self.seq, recordAt: now }, true), ...members];
   }
 
   /**
@@ -347,12 +363,18 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     return instances;
   }
 
-  /** Makes this device's record current and sends it now rather than at the next interval. */
+  /** Sends this device's record now rather than at the next interval. */
   #announce(): void {
     if (!this.#self) return;
-    this.#self = this.#selfRecord(Math.max(this.#self.seq + 1, Date.now()));
+    this.#recordDue = true;
     if (this.#sending) this.#announceAgain = true;
     else void this.#heartbeat();
+  }
+
+  /** Seeded from the clock so a restarted node's heartbeats are newer than its earlier ones. */
+  #nextSeq(): number {
+    this.#seq = Math.max(this.#seq + 1, Date.now());
+    return this.#seq;
   }
 
   /** This device's unexpired services with the time they have left; expired ones are forgotten. */
@@ -392,13 +414,26 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     try {
       this.#stats = await this.#readStats();
       if (this.#node !== node) return;
-      this.#self = this.#selfRecord(Math.max(this.#self!.seq + 1, Date.now()));
-      const bytes = encodeHeartbeat(this.#self);
+      const previous = this.#self!;
+      const current = this.#selfRecord(previous.seq);
+      // Addresses can change under a running node, so the record is compared, not only flagged.
+      const sendRecord = this.#recordDue || describes(current, false) !== describes(previous, false);
+      this.#recordDue = false;
+      const seq = this.#nextSeq();
+      this.#self = sendRecord ? { ...current, seq } : current;
+      const { usageBytes, load } = this.#stats;
+      const bytes = sendRecord ? encodeHeartbeat(this.#self) : encodeBeat({ seq, recordSeq: current.seq, usageBytes, load });
       if (bytes.byteLength > this.#options.maxHeartbeatBytes) {
         this.#options.log.warn({ bytes: bytes.byteLength, max: this.#options.maxHeartbeatBytes }, 'heartbeat too large, not sent');
         return;
       }
-      await node.services.pubsub.publish(this.#options.topic, bytes);
+      try {
+        await node.services.pubsub.publish(this.#options.topic, bytes);
+      } catch (err) {
+        // A record nobody received goes out again with the next heartbeat.
+        if (sendRecord) this.#recordDue = true;
+        throw err;
+      }
     } catch (err) {
       // Alone on the topic is normal: the first node, or before subscriptions are exchanged.
       if ((err as Error).message === 'PublishError.NoPeersSubscribedToTopic') return;
@@ -433,34 +468,55 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
 
   /** Gossipsub topic validator: a rejected message is neither delivered nor forwarded. */
   #validate = (_propagationSource: PeerId, message: Message): TopicValidatorResult => {
-    const record = this.#authenticatedHeartbeat(message);
-    if (!record) {
+    const heartbeat = this.#authenticatedHeartbeat(message);
+    if (!heartbeat) {
       this.#rejected++;
       return TopicValidatorResult.Reject;
     }
-    const row = this.#rows.get(record.peerId);
+    this.#decoded.set(message, heartbeat);
+    const row = message.type === 'signed' ? this.#rows.get(message.from.toString()) : undefined;
+    const seq = heartbeat.record?.seq ?? heartbeat.beat!.seq;
     // Stale or replayed: drop quietly without penalising whoever forwarded it.
-    if (row && record.seq <= row.authenticatedSeq) return TopicValidatorResult.Ignore;
+    if (row && seq <= row.authenticatedSeq) return TopicValidatorResult.Ignore;
     return TopicValidatorResult.Accept;
   };
 
   #onMessage = (evt: CustomEvent<Message>): void => {
-    if (evt.detail.topic !== this.#options.topic) return;
-    const record = this.#authenticatedHeartbeat(evt.detail);
-    if (record) this.#merge(record, 0, true);
+    const message = evt.detail;
+    if (message.topic !== this.#options.topic || message.type !== 'signed') return;
+    const heartbeat = this.#decoded.get(message) ?? this.#authenticatedHeartbeat(message);
+    if (heartbeat?.record) this.#merge(heartbeat.record, 0, true);
+    else if (heartbeat?.beat) this.#onBeat(message.from, heartbeat.beat);
   };
 
-  /** The heartbeat in a signed message whose claimed peer id is its signer's; undefined otherwise. */
-  #authenticatedHeartbeat(message: Message): MemberRecord | undefined {
+  /** The heartbeat in a signed message, if a record then only about its signer; undefined otherwise. */
+  #authenticatedHeartbeat(message: Message): Heartbeat | undefined {
     if (message.type !== 'signed') return undefined;
     try {
-      const record = decodeHeartbeat(message.data, this.#options.maxHeartbeatBytes);
-      if (record.peerId === message.from.toString()) return record;
-      this.#options.log.warn({ from: message.from.toString(), claimed: record.peerId }, 'heartbeat claims another peer id');
+      const heartbeat = decodeHeartbeat(message.data, this.#options.maxHeartbeatBytes);
+      if (!heartbeat.record || heartbeat.record.peerId === message.from.toString()) return heartbeat;
+      this.#options.log.warn({ from: message.from.toString(), claimed: heartbeat.record.peerId }, 'heartbeat claims another peer id');
     } catch (err) {
       this.#options.log.debug({ from: message.from.toString(), err }, 'malformed heartbeat');
     }
     return undefined;
+  }
+
+  /**
+   * A member's beat: it is alive now, with these figures. A beat from a member not in the
+   * table, or naming a record newer than the member's own word this node holds, makes this
+   * node ask the member for its table (one exchange at a time; the next beat asks again).
+   */
+  #onBeat(from: PeerId, beat: Beat): void {
+    const row = this.#rows.get(from.toString());
+    if (!row || beat.recordSeq > row.ownRecordSeq || row.record.seq !== row.ownRecordSeq) void this.#exchange.with(from);
+    if (!row || beat.seq <= row.authenticatedSeq) return;
+    row.authenticatedSeq = beat.seq;
+    row.heardAt = performance.now();
+    const before = describes(row.record, true);
+    row.record = { ...row.record, usageBytes: beat.usageBytes, load: beat.load };
+    this.#refreshStatus(row);
+    if (describes(row.record, true) !== before) this.dispatchEvent(new CustomEvent('peer:updated', { detail: this.#member(row, false) }));
   }
 
   /**
@@ -483,24 +539,34 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
         status: this.#statusForAge(ageMs),
         heardAt,
         authenticatedSeq: authenticated ? record.seq : -1,
+        ownRecordSeq: authenticated ? record.seq : -1,
         recordAt: heardAt,
       };
       this.#rows.set(record.peerId, added);
       this.#emit(added);
       return;
     }
-    if (record.seq <= (authenticated ? row.authenticatedSeq : row.record.seq)) return;
-    const changed = describes(row.record) !== describes(record);
+    // Beats do not change record seqs, so the member's own word may repeat the seq of a record
+    // relayed for it (and must then replace it: the relay may have lied).
+    const newer = authenticated ? record.seq >= row.ownRecordSeq : record.seq > row.record.seq;
+    if (!newer) return;
+    const changed = describes(row.record, true) !== describes(record, true);
     row.record = record;
     row.recordAt = heardAt;
-    if (authenticated) row.authenticatedSeq = record.seq;
-    row.heardAt = Math.max(row.heardAt, heardAt);
-    const status = this.#statusForAge(performance.now() - row.heardAt);
-    if (status !== row.status) {
-      row.status = status;
-      this.#emit(row);
+    if (authenticated) {
+      row.ownRecordSeq = record.seq;
+      row.authenticatedSeq = Math.max(row.authenticatedSeq, record.seq);
     }
+    row.heardAt = Math.max(row.heardAt, heardAt);
+    this.#refreshStatus(row);
     if (changed) this.dispatchEvent(new CustomEvent('peer:updated', { detail: this.#member(row, false) }));
+  }
+
+  #refreshStatus(row: Row): void {
+    const status = this.#statusForAge(performance.now() - row.heardAt);
+    if (status === row.status) return;
+    row.status = status;
+    this.#emit(row);
   }
 
   /** Ages statuses; only news (#merge) makes a member alive again. */
@@ -587,9 +653,12 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   }
 }
 
-/** The announced information, for change detection (seq, ts and service TTLs change every heartbeat). */
-function describes({ seq: _seq, ts: _ts, services, ...info }: MemberRecord): string {
-  return JSON.stringify({ ...info, services: services?.map(({ ttlMs: _ttlMs, ...service }) => service) });
+/**
+ * The announced information, for change detection: without seq, ts and service TTLs, which
+ * change with every heartbeat, and with usage and load only if `withFigures` (beats carry them).
+ */
+function describes({ seq: _seq, ts: _ts, usageBytes, load, services, ...info }: MemberRecord, withFigures: boolean): string {
+  return JSON.stringify({ ...info, services: services?.map(({ ttlMs: _ttlMs, ...service }) => service), ...(withFigures && { usageBytes, load }) });
 }
 
 /** The `services` field of a record: absent when there are none, which keeps heartbeats small. */

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import type { Message } from '@libp2p/gossipsub';
 import type { Stream } from '@libp2p/interface';
 import {
+  encodeBeat,
   encodeHeartbeat,
   encodeSync,
   MEMBERSHIP_SYNC_PROTOCOL,
@@ -160,7 +161,10 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
       text('not json'),
       text('{"v":1,"peerId":"x"'),
       text(JSON.stringify({ v: 1, ...record(forger.id), name: 42 })),
-      text(JSON.stringify({ v: 2, ...record(forger.id) })),
+      text(JSON.stringify({ v: 1, ...record(forger.id) })), // the format before beats
+      text(JSON.stringify({ v: 2, beat: { seq: 1, recordSeq: 1, usageBytes: -1, load: 0 } })),
+      text(JSON.stringify({ v: 2, beat: { seq: 1, recordSeq: 'x', usageBytes: 0, load: 0 } })),
+      text(JSON.stringify({ v: 2, beat: [1, 1, 0, 0] })),
       encodeHeartbeat(record(forger.id, { labels: hugeLabels })), // schema-valid but over 8 KiB
       new Uint8Array([0xff, 0xfe, 0x00]),
     ];
@@ -172,10 +176,10 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
     await waitFor('a to accept the forger describing itself', () => statusOf(a, forger) === 'alive');
     assert.deepEqual([...names], ['honest-forger']);
 
-    // b's real heartbeats still arrive (its seq keeps growing) and b is still b.
-    const seqOfB = () => a.membership!.list().find((member) => member.peerId === b.id)!.seq;
-    const seqAfterForgery = seqOfB();
-    await waitFor('a to hear b again', () => seqOfB() > seqAfterForgery);
+    // b's real heartbeats still arrive (a hears it later than the forgery) and b is still b.
+    const lastSeenB = () => a.membership!.list().find((member) => member.peerId === b.id)!.lastSeen;
+    const heardAfterForgery = Date.now();
+    await waitFor('a to hear b again', () => lastSeenB() > heardAfterForgery);
     const seenB = a.membership!.list().find((member) => member.peerId === b.id)!;
     assert.equal(seenB.name, 'b');
     assert.equal(seenB.status, 'alive');
@@ -216,6 +220,58 @@ test('a malformed sync answer closes that stream only; the table takes nothing f
     // a still exchanges tables with an honest newcomer.
     const b = await mesh.device('b', HEARTBEAT_NEVER, [a]);
     await waitFor('a and b to exchange tables', () => allAlive(a, [a, b]) && allAlive(b, [a, b]));
+  } finally {
+    await mesh.stopAll();
+  }
+});
+
+test('a beat from an unknown member, or naming a newer record than the device holds, makes the device ask the member', async () => {
+  const mesh = new TestMesh();
+  try {
+    const a = await mesh.device('a', FAST);
+    // The beater runs no Membership: it answers the sync protocol with its own record and
+    // publishes beats only, so a can learn its record from nowhere but that answer.
+    const beater = await mesh.host([a]);
+    const own = (name: string, seq: number): MemberRecord =>
+      ({ peerId: beater.id, name, addresses: [], labels: {}, version: '1', usageBytes: 0, load: 0, seq, ts: Date.now() });
+    let record = own('beater', 10);
+    let asked = 0;
+    const pubsub = beater.host.node.services.pubsub;
+    pubsub.subscribe(MEMBERSHIP_TOPIC);
+    await waitFor('the beater and a to exchange subscriptions', () =>
+      pubsub.getSubscribers(MEMBERSHIP_TOPIC).some((id) => id.toString() === a.id) &&
+      a.host.node.services.pubsub.getSubscribers(MEMBERSHIP_TOPIC).some((id) => id.toString() === beater.id),
+    );
+    // Only now does the beater answer the sync protocol: a's exchange on connect found nothing.
+    await beater.host.node.handle(MEMBERSHIP_SYNC_PROTOCOL, async (stream: Stream) => {
+      asked++;
+      for await (const _chunk of stream); // read the request to its end
+      stream.send(encodeSync([{ ...record, ageMs: 0 }]));
+      await stream.close();
+    });
+    const member = () => a.membership!.list().find((m) => m.peerId === beater.id);
+    assert.equal(member(), undefined);
+    await pubsub.publish(MEMBERSHIP_TOPIC, encodeBeat({ seq: 50, recordSeq: 10, usageBytes: 0, load: 0 }));
+    await waitFor('a to ask the unknown beater for its record', () => member()?.name === 'beater');
+    assert.equal(asked, 1);
+
+    let seq = 100;
+    await pubsub.publish(MEMBERSHIP_TOPIC, encodeBeat({ seq: seq++, recordSeq: 10, usageBytes: 7, load: 0.25 }));
+    await waitFor('a to take the figures of the beat', () => member()?.usageBytes === 7 && member()?.load === 0.25);
+    assert.equal(asked, 1, 'a beat naming the record a holds asks nothing');
+
+    // The record changed, and its heartbeat never reached a: the next beat names it.
+    record = own('renamed', 200);
+    await pubsub.publish(MEMBERSHIP_TOPIC, encodeBeat({ seq: 201, recordSeq: 200, usageBytes: 8, load: 0 }));
+    await waitFor('a to ask the beater and take its new record', () => member()?.name === 'renamed');
+    assert.equal(member()!.seq, 200);
+    assert.equal(asked, 2);
+
+    // A replayed beat changes nothing.
+    await pubsub.publish(MEMBERSHIP_TOPIC, encodeBeat({ seq: 150, recordSeq: 10, usageBytes: 99, load: 0 }));
+    await pubsub.publish(MEMBERSHIP_TOPIC, encodeBeat({ seq: 202, recordSeq: 200, usageBytes: 9, load: 0 }));
+    await waitFor('a to take the newer beat', () => member()?.usageBytes === 9);
+    assert.equal(member()!.name, 'renamed');
   } finally {
     await mesh.stopAll();
   }
