@@ -27,6 +27,8 @@ export interface TableExchangeOptions {
 export class TableExchange {
   readonly #options: TableExchangeOptions;
   readonly #running = new Set<string>();
+  /** Peers waiting for a free slot, in order; a peer is in one of the two sets at most. */
+  readonly #waiting = new Map<string, PeerId>();
   #node: MeshNode | undefined;
   #stopping = new AbortController();
 
@@ -47,15 +49,24 @@ export class TableExchange {
   async stop(): Promise<void> {
     const node = this.#node;
     this.#node = undefined;
+    this.#waiting.clear();
     this.#stopping.abort(new Error(`${this.#options.name} stopped`));
     if (node?.status === 'started') await node.unhandle(this.#options.protocol);
   }
 
-  /** Swaps tables with `peer`, unless an exchange with it is running or too many are. */
+  /**
+   * Swaps tables with `peer`, unless an exchange with it is running or waiting. When too many
+   * run, it waits for a slot: a device that starts among many meets them all at once, and an
+   * exchange dropped then would leave both sides waiting for heartbeats to learn of each other.
+   */
   async with(peer: PeerId): Promise<void> {
     const node = this.#node;
     const key = peer.toString();
-    if (!node || this.#running.has(key) || this.#running.size >= this.#options.maxConcurrent) return;
+    if (!node || this.#running.has(key) || this.#waiting.has(key)) return;
+    if (this.#running.size >= this.#options.maxConcurrent) {
+      this.#waiting.set(key, peer);
+      return;
+    }
     this.#running.add(key);
     const signal = this.#signal();
     let stream: Stream | undefined;
@@ -68,6 +79,11 @@ export class TableExchange {
       this.#options.log.debug({ peer: key, err }, `${this.#options.name} failed`);
     } finally {
       this.#running.delete(key);
+      const [next] = this.#waiting.values();
+      if (next) {
+        this.#waiting.delete(next.toString());
+        void this.with(next);
+      }
     }
   }
 
