@@ -39,7 +39,7 @@ export interface MeshHostOptions {
   /**
    * mDNS query interval. A starting device queries at once and every device answers, so this
    * only paces finding devices again after a partition; each answer reaches every device and
-   * costs each a peer-store write, so a short interval burns CPU on every device. Default 10 000 ms.
+   * costs each a peer-store write: N devices cost N x N answers per interval. Default 30 000 ms.
    */
   mdnsIntervalMs?: number;
   /** mDNS service name; Shoal's own so other libp2p nodes on the LAN stay out. Default `_shoal._udp.local`. */
@@ -75,13 +75,21 @@ const silentLog: MeshLog = { debug() {}, warn() {} };
 // buffer passes maxReadBufferLength (4 MiB), so a paused fast stream would be killed.
 const STREAM_BUFFER_BYTES = 4 * 1024 * 1024;
 
+// Membership beats already tell whether a device is alive; libp2p's own ping of every connection
+// (from both ends, every 10 s by default, each a new negotiated stream) only has to find dead
+// connections, which can wait longer.
+const CONNECTION_PING_INTERVAL_MS = 30_000;
+const MDNS_DIAL_RETRIES = 3;
 /**
  * Gossipsub's defaults suit a public network of thousands; on a LAN of tens of devices nearly
  * every peer ends up in every mesh and flood publishing sends each message to all of them, so
  * one heartbeat turned into ~N x 6 encrypted sends. A smaller mesh still reaches everyone in a
- * few hops (milliseconds here) at about a third of the sends.
+ * few hops (milliseconds here) at about a third of the sends, and message ids go to two peers
+ * outside the mesh per gossip round rather than six. Degree 3 saved another quarter of the sends
+ * but slowed chunk availability between the devices of one transfer enough to show in the swarm
+ * tests.
  */
-const LAN_GOSSIP = { floodPublish: false, D: 4, Dlo: 3, Dhi: 8 };
+const LAN_GOSSIP = { floodPublish: false, D: 4, Dlo: 3, Dhi: 8, Dlazy: 2 };
 
 /**
  * Gossipsub checks a message's signature before it looks for it among those already seen, and
@@ -118,7 +126,7 @@ export class MeshHost {
       bootstrap: [],
       bootstrapRedialMs: 10_000,
       mdns: true,
-      mdnsIntervalMs: 10_000,
+      mdnsIntervalMs: 30_000,
       mdnsServiceTag: DEFAULT_MDNS_SERVICE_TAG,
       inboundConnectionThreshold: 100,
       log: silentLog,
@@ -177,6 +185,7 @@ export class MeshHost {
       ],
       connectionProtector: swarmKey ? preSharedKey({ psk: swarmKey }) : undefined,
       connectionManager: { inboundConnectionThreshold },
+      connectionMonitor: { pingInterval: CONNECTION_PING_INTERVAL_MS },
       services,
     });
     // libp2p 3 only reports mDNS finds; dialling them is ours. 'peer' fires on every answer,
@@ -216,7 +225,12 @@ export class MeshHost {
     );
   }
 
-  #onDiscovered(peer: PeerInfo): void {
+  /**
+   * Dials a device mDNS found. Devices that start together are all busy at once and dials time
+   * out, while the next answer may be a whole mDNS interval away, so a failed dial is tried again
+   * a few times, 1 s, 2 s and 4 s later.
+   */
+  #onDiscovered(peer: PeerInfo, attempt = 0): void {
     const node = this.#node;
     if (!node || peer.id.equals(node.peerId) || node.getConnections(peer.id).length > 0) return;
     node.peerStore
@@ -224,7 +238,10 @@ export class MeshHost {
       .then(() => node.dial(peer.id))
       .then(
         () => this.#options.log.debug({ peer: peer.id.toString() }, 'connected to mDNS peer'),
-        (err) => this.#options.log.debug({ peer: peer.id.toString(), err }, 'mDNS peer unreachable'),
+        (err) => {
+          this.#options.log.debug({ peer: peer.id.toString(), err, attempt }, 'mDNS peer unreachable');
+          if (attempt < MDNS_DIAL_RETRIES) setTimeout(() => this.#onDiscovered(peer, attempt + 1), 1_000 * 2 ** attempt).unref();
+        },
       );
   }
 }

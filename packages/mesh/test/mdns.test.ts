@@ -9,12 +9,21 @@ import { promisify } from 'node:util';
 const netnsSetup = 'ip link set lo up && ip link set lo multicast on && ip route add 224.0.0.0/4 dev lo';
 const canUnshare = spawnSync('unshare', ['-rn', 'sh', '-c', netnsSetup]).status === 0;
 
-test('two hosts on one LAN find and connect to each other by mDNS', { skip: !canUnshare && 'needs unshare -rn' }, async () => {
-  const fixture = fileURLToPath(new URL('./fixtures/mdns-pair.ts', import.meta.url));
+/** Runs a fixture in a private network namespace and returns the JSON of its last line. */
+async function inPrivateNetwork(fixtureName: string): Promise<unknown> {
+  const fixture = fileURLToPath(new URL(`./fixtures/${fixtureName}`, import.meta.url));
   const { stdout } = await promisify(execFile)(
     'unshare',
     ['-rn', 'sh', '-c', `${netnsSetup} && exec "$0" "$1"`, process.execPath, fixture],
     { timeout: 15_000 },
   );
-  assert.deepEqual(JSON.parse(stdout.trim().split('\n').at(-1)!), { connected: true, keptAlive: true });
+  return JSON.parse(stdout.trim().split('\n').at(-1)!);
+}
+
+test('two hosts on one LAN find and connect to each other by mDNS', { skip: !canUnshare && 'needs unshare -rn' }, async () => {
+  assert.deepEqual(await inPrivateNetwork('mdns-pair.ts'), { connected: true, keptAlive: true });
+});
+
+test('a device found by mDNS before it accepts connections is dialled again', { skip: !canUnshare && 'needs unshare -rn' }, async () => {
+  assert.deepEqual(await inPrivateNetwork('mdns-late-peer.ts'), { connected: true });
 });
