@@ -1,4 +1,4 @@
-// npm run bench:mesh [-- --devices 4,8,16 --quiet-s 10]
+// npm run bench:mesh [-- --devices 4,8,16 --settle-s 20 --quiet-s 10]
 //
 // For each N, starts N real `shoal node` processes at once, each in its own network namespace on
 // one bridge (mDNS only, one shared swarm key), and measures: time to full view, time until a
@@ -20,11 +20,15 @@ import { busyPercent, cpuJiffies } from './shared.ts';
 const { values } = parseArgs({
   options: {
     devices: { type: 'string', default: '4,8,16' },
+    'settle-s': { type: 'string', default: '20' },
     'quiet-s': { type: 'string', default: '10' },
     out: { type: 'string', default: new URL('../results/', import.meta.url).pathname },
   },
 });
 const DEVICE_COUNTS = values.devices!.split(',').map(Number);
+// After full view, devices still finish start-up work (DHT, identify, tag tables); the quiet
+// window measures the steady state after this long.
+const SETTLE_MS = Number(values['settle-s']) * 1000;
 const QUIET_MS = Number(values['quiet-s']) * 1000;
 const POLL_MS = 100;
 // Give up waiting for a state after this long; the figure is then reported as not reached.
@@ -116,6 +120,7 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     );
     console.log(`N=${count}: full view ${fullViewMs === null ? 'not reached' : `${fullViewMs.toFixed(0)} ms`}`);
 
+    await sleep(SETTLE_MS);
     // Quiet window: nothing polls the nodes, so the veth counters hold membership traffic only.
     const before = await counters();
     const windowStart = performance.now();
@@ -195,6 +200,7 @@ async function report(results: MeshResult[]): Promise<void> {
   ].join(' ');
   const parameters = {
     deviceCounts: DEVICE_COUNTS,
+    settleSeconds: SETTLE_MS / 1000,
     quietWindowSeconds: QUIET_MS / 1000,
     pollIntervalMs: POLL_MS,
     discovery: 'mDNS only, one shared swarm key',
@@ -208,7 +214,7 @@ async function report(results: MeshResult[]): Promise<void> {
     `Each device is a real \`shoal node\` in its own network namespace (veth to one bridge), mDNS only, one shared swarm key; all N launched at once. ` +
       `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled with curl every ${POLL_MS} ms. ` +
       `Down: from kill -9 of one device until every other device shows it down (membership defaults: suspect after 3 s, down after 8 s). ` +
-      `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window. CPU busy: whole machine, from /proc/stat.`,
+      `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s starting ${SETTLE_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window. CPU busy: whole machine, from /proc/stat.`,
     '',
     '| devices | full view | down after kill -9 | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup | CPU busy while idle |',
     '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
