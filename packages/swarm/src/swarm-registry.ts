@@ -17,6 +17,8 @@ import type { Transfer } from './transfer.ts';
 /** The mesh-wide tag table, as the registry needs it. */
 export interface TagLookup {
   get(repository: string, tag: string): { digest: string; mediaType: string } | undefined;
+  /** The chunk-index digest the newest signed record naming `blob` gives; undefined when no record names it. */
+  chunkIndexDigest(blob: string): string | undefined;
 }
 
 export interface SwarmRegistryOptions {
@@ -25,11 +27,11 @@ export interface SwarmRegistryOptions {
   downloader: Downloader;
   tags: TagLookup;
   /**
-   * How often a manifest that a signed tag record names is asked of the mesh before the
-   * fallback: the record says a device holds it, so a miss is most likely a loaded or
-   * restarting holder. Default 3.
+   * How often content a signed tag record names (a tag's manifest, a blob of it) is asked of the
+   * mesh before the fallback: the record says a device holds it, so a miss is most likely a
+   * loaded or restarting holder. Other content is asked once. Default 3.
    */
-  recordedManifestAttempts?: number;
+  recordedAttempts?: number;
   /** Wait before the second attempt, doubling after. Default 1 000 ms. */
   retryDelayMs?: number;
 }
@@ -53,7 +55,7 @@ export class SwarmRegistry implements Registry {
     this.store = options.fallback.store;
     this.#downloader = options.downloader;
     this.#tags = options.tags;
-    this.#attempts = options.recordedManifestAttempts ?? 3;
+    this.#attempts = options.recordedAttempts ?? 3;
     this.#retryDelayMs = options.retryDelayMs ?? 1_000;
   }
 
@@ -62,15 +64,12 @@ export class SwarmRegistry implements Registry {
     const record = isDigest(reference) ? undefined : this.#tags.get(repository, reference);
     // The mesh's word on a tag is newer than a local copy that still points elsewhere.
     if (record && local?.digest !== record.digest) {
-      for (let attempt = 1, wait = this.#retryDelayMs; attempt <= this.#attempts; attempt++, wait *= 2) {
-        const fetched = await this.#manifestFromMesh(repository, record.digest, reference);
-        if (fetched) return fetched;
-        if (attempt < this.#attempts) await sleep(wait);
-      }
+      const fetched = await this.#manifestFromMesh(repository, record.digest, true, reference);
+      if (fetched) return fetched;
     }
     if (local) return local;
     if (isDigest(reference)) {
-      const fetched = await this.#manifestFromMesh(repository, reference);
+      const fetched = await this.#manifestFromMesh(repository, reference, this.#named(reference));
       if (fetched) return fetched;
     }
     return this.#fallback.getManifest(repository, reference);
@@ -79,7 +78,7 @@ export class SwarmRegistry implements Registry {
   async statBlob(repository: string, digest: string): Promise<BlobInfo | undefined> {
     const local = await this.store.statBlob(digest);
     if (local) return local;
-    const transfer = await this.#transfer(digest);
+    const transfer = await this.#transfer(digest, this.#named(digest));
     if (transfer) return { digest, size: transfer.size! };
     return this.#fallback.statBlob(repository, digest);
   }
@@ -87,7 +86,7 @@ export class SwarmRegistry implements Registry {
   async readBlob(repository: string, digest: string, range?: ByteRange): Promise<BlobReader | undefined> {
     const local = await this.store.readBlob(digest, range);
     if (local) return local;
-    const transfer = await this.#transfer(digest);
+    const transfer = await this.#transfer(digest, this.#named(digest));
     if (!transfer) return this.#fallback.readBlob(repository, digest, range);
     const size = transfer.size!;
     if (size === 0) return { info: { digest, size }, stream: Readable.from([]) };
@@ -95,22 +94,34 @@ export class SwarmRegistry implements Registry {
     return transfer.read(range?.start ?? 0, range?.end ?? size - 1);
   }
 
-  /** The mesh transfer of `digest`, or undefined when no device in the mesh holds it. */
-  async #transfer(digest: string): Promise<Transfer | undefined> {
+  /** Whether a signed tag record names `digest`, so the mesh is asked for it more than once. */
+  #named(digest: string): boolean {
+    return this.#tags.chunkIndexDigest(digest) !== undefined;
+  }
+
+  /**
+   * The mesh transfer of `digest`, or undefined when no device in the mesh holds it; content a
+   * record names is asked again (1 s, then 2 s later by default) before that answer.
+   */
+  async #transfer(digest: string, named: boolean): Promise<Transfer | undefined> {
     if (!digest.startsWith('sha256:')) return undefined;
-    try {
-      return await this.#downloader.fetch(digest);
-    } catch (err) {
-      if (err instanceof NoHolderError) return undefined;
-      throw err;
+    const attempts = named ? this.#attempts : 1;
+    for (let attempt = 1, wait = this.#retryDelayMs; ; attempt++, wait *= 2) {
+      try {
+        return await this.#downloader.fetch(digest);
+      } catch (err) {
+        if (!(err instanceof NoHolderError)) throw err;
+        if (attempt >= attempts) return undefined;
+      }
+      await sleep(wait);
     }
   }
 
   /** Fetches a manifest by digest from the mesh, checks it parses, and records it (tagged if asked). */
-  async #manifestFromMesh(repository: string, digest: string, tag?: string): Promise<StoredManifest | undefined> {
+  async #manifestFromMesh(repository: string, digest: string, named: boolean, tag?: string): Promise<StoredManifest | undefined> {
     let info = await this.store.statBlob(digest);
     if (!info) {
-      const transfer = await this.#transfer(digest);
+      const transfer = await this.#transfer(digest, named);
       if (!transfer) return undefined;
       info = await transfer.done;
     }

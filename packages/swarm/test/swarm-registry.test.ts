@@ -28,12 +28,14 @@ async function seedImage(f: Fixture, device: Device, layer: Buffer) {
   return { manifest, layerDigest };
 }
 
-function tagTable(entries: Record<string, string>): TagLookup {
+/** A tag table with these tags, whose records name the blobs in `named` (with a made-up chunk-index digest). */
+function tagTable(entries: Record<string, string>, named: string[] = []): TagLookup {
   return {
     get: (repository, tag) => {
       const digest = entries[`${repository}:${tag}`];
       return digest ? { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json' } : undefined;
     },
+    chunkIndexDigest: (blob) => (named.includes(blob) ? sha256Of(`index of ${blob}`) : undefined),
   };
 }
 
@@ -95,4 +97,32 @@ test('a manifest a tag record names is asked of the mesh again while its holder 
     const other = await f.device('e');
     const failing = new SwarmRegistry({ fallback: new LocalRegistry(other.store), downloader: other.downloader, tags: tagTable({ [`${REPO}:1`]: manifest.digest }), retryDelayMs: 10 });
     assert.equal(await failing.getManifest(REPO, '1'), undefined);
+  }));
+
+test('a blob a tag record names is asked of the mesh again while its holder fails; another is asked once', () =>
+  withFixture(async (f) => {
+    const a = await f.device('a');
+    const { manifest, layerDigest } = await seedImage(f, a, randomBytes(10 * 1024));
+    const d = await f.device('d');
+    let fetches = 0;
+    // d's downloader, counting the mesh fetches the registry starts.
+    const downloader = new Proxy(d.downloader, {
+      get(target, property) {
+        if (property === 'fetch') return (blob: string) => (fetches++, target.fetch(blob));
+        const value = Reflect.get(target, property, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    const registry = (named: string[]) =>
+      new SwarmRegistry({ fallback: new LocalRegistry(d.store), downloader, tags: tagTable({ [`${REPO}:1`]: manifest.digest }, named), retryDelayMs: 100 });
+
+    f.net.setFault('a', 'fail');
+    assert.equal(await registry([]).statBlob(REPO, layerDigest), undefined);
+    assert.equal(fetches, 1, 'a blob no record names is asked once');
+
+    // The holder fails (a loaded device timing out) for the first attempt, then answers.
+    fetches = 0;
+    setTimeout(() => f.net.setFault('a', 'none'), 50);
+    assert.deepEqual(await registry([layerDigest]).statBlob(REPO, layerDigest), { digest: layerDigest, size: 10 * 1024 });
+    assert.ok(fetches > 1, `a named blob was asked ${fetches} time(s)`);
   }));
