@@ -8,13 +8,19 @@ import * as raw from 'multiformats/codecs/raw';
 import { create as createDigest } from 'multiformats/hashes/digest';
 import type { Availability, AvailabilityUpdate, ProviderDirectory, ProviderDirectoryEvents } from './types.ts';
 
-export const AVAILABILITY_TOPIC = '/shoal/availability/1';
+export const AVAILABILITY_TOPIC = '/shoal/availability/2';
+/** Most blobs one availability message speaks for. */
+const MAX_ENTRIES = 64;
 const SHA256_CODE = 0x12;
 
 export interface MeshProviderDirectoryOptions {
-  /** Gossipsub topic for availability. Default `/shoal/availability/1`. */
+  /** Gossipsub topic for availability. Default `/shoal/availability/2`. */
   topic?: string;
-  /** Least time between two partial-availability messages for one blob; each reaches every device, so not more often. Default 1 000 ms. */
+  /**
+   * Least time between two partial-availability messages of this device; one message carries
+   * every blob whose bitmap grew since the last. Each reaches every device, so not more often.
+   * Default 1 000 ms.
+   */
   partialIntervalMs?: number;
   /** How long findHolders waits for DHT providers. Default 2 000 ms. */
   findTimeoutMs?: number;
@@ -36,11 +42,14 @@ export interface MeshProviderDirectoryOptions {
   log?: MeshLog;
 }
 
+/** One availability message: what its signer holds of each blob named. */
 interface WireAvailability {
-  blob: string;
-  /** 'all', a base64 bitmap, or null for "no longer held". */
-  have: string | null;
-  chunks?: number;
+  blobs: {
+    blob: string;
+    /** 'all', a base64 bitmap, or null for "no longer held". */
+    have: string | null;
+    chunks?: number;
+  }[];
 }
 
 const silentLog: MeshLog = { debug() {}, warn() {} };
@@ -63,9 +72,16 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     Pick<MeshProviderDirectoryOptions, 'isUsable' | 'fallbackCandidates'>;
   /** blob -> peer -> when last heard (performance.now()). */
   readonly #gossiped = new Map<string, Map<string, number>>();
-  readonly #lastPartial = new Map<string, { at: number; timer?: NodeJS.Timeout; have?: ChunkBitmap }>();
+  /** Partial blobs whose bitmap grew since this device last said so, with the bitmap. */
+  readonly #pendingPartial = new Map<string, ChunkBitmap>();
+  /** Partial blobs this device has said it holds some of (until it announces or withdraws them). */
+  readonly #saidPartial = new Set<string>();
+  #lastPartialAt = -Infinity;
+  #partialTimer: NodeJS.Timeout | undefined;
   #node: MeshNode | undefined;
   #sweptAt = performance.now();
+  /** Messages decoded by the validator, so the message handler does not parse them again. */
+  readonly #decoded = new WeakMap<Message, AvailabilityUpdate[]>();
 
   constructor(host: MeshHost, options: MeshProviderDirectoryOptions = {}) {
     super();
@@ -95,7 +111,10 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     const node = this.#node;
     if (!node) return;
     this.#node = undefined;
-    for (const state of this.#lastPartial.values()) clearTimeout(state.timer);
+    clearTimeout(this.#partialTimer);
+    this.#partialTimer = undefined;
+    this.#pendingPartial.clear();
+    this.#saidPartial.clear();
     node.services.pubsub.removeEventListener('message', this.#onMessage);
     node.services.pubsub.unsubscribe(this.#options.topic);
     node.services.pubsub.topicValidators.delete(this.#options.topic);
@@ -138,64 +157,96 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
   }
 
   async announce(blob: string): Promise<void> {
-    this.#forgetPartial(blob);
-    await this.#publish({ blob, have: 'all' });
+    this.#pendingPartial.delete(blob);
+    this.#saidPartial.delete(blob);
+    await this.#publish([{ blob, have: 'all' }]);
     await this.#node?.contentRouting.provide(blobCid(blob), { signal: AbortSignal.timeout(30_000) });
   }
 
   async withdraw(blob: string): Promise<void> {
-    this.#forgetPartial(blob);
-    await this.#publish({ blob, have: null });
+    this.#pendingPartial.delete(blob);
+    this.#saidPartial.delete(blob);
+    await this.#publish([{ blob, have: null }]);
     await this.#node?.contentRouting.cancelReprovide(blobCid(blob)).catch(() => {});
   }
 
+  /**
+   * Says (at most once a partialIntervalMs, for every blob whose bitmap grew meanwhile) which
+   * chunks of `blob` this device holds: a device fetching several layers at once sends one
+   * message, not one per layer. The first word on a blob goes at once (with whatever else
+   * waits): a new source matters to the others' transfers more than a grown bitmap does.
+   */
   announcePartial(blob: string, have: ChunkBitmap): void {
-    const state = this.#lastPartial.get(blob) ?? { at: -Infinity };
-    this.#lastPartial.set(blob, state);
-    state.have = have;
-    if (state.timer) return;
-    const wait = state.at + this.#options.partialIntervalMs - performance.now();
-    const send = () => {
-      state.timer = undefined;
-      state.at = performance.now();
-      const bitmap = state.have;
-      if (!bitmap || this.#lastPartial.get(blob) !== state) return;
-      void this.#publish({ blob, have: Buffer.from(bitmap.toBytes()).toString('base64'), chunks: bitmap.length });
-    };
-    if (wait <= 0) send();
-    else state.timer = setTimeout(send, wait);
+    if (!this.#node) return;
+    this.#pendingPartial.set(blob, have);
+    if (!this.#saidPartial.has(blob)) {
+      this.#saidPartial.add(blob);
+      clearTimeout(this.#partialTimer);
+      this.#sendPartial();
+      return;
+    }
+    if (this.#partialTimer) return;
+    const wait = this.#lastPartialAt + this.#options.partialIntervalMs - performance.now();
+    if (wait <= 0) this.#sendPartial();
+    else this.#partialTimer = setTimeout(() => this.#sendPartial(), wait);
   }
 
-  #forgetPartial(blob: string): void {
-    clearTimeout(this.#lastPartial.get(blob)?.timer);
-    this.#lastPartial.delete(blob);
+  #sendPartial(): void {
+    this.#partialTimer = undefined;
+    this.#lastPartialAt = performance.now();
+    const entries = [...this.#pendingPartial].map(([blob, bitmap]) => ({
+      blob,
+      have: Buffer.from(bitmap.toBytes()).toString('base64'),
+      chunks: bitmap.length,
+    }));
+    this.#pendingPartial.clear();
+    // Split so that no message exceeds what receivers accept (a few huge blobs' bitmaps).
+    let batch: WireAvailability['blobs'] = [];
+    let bytes = 0;
+    for (const entry of entries) {
+      const size = entry.blob.length + entry.have.length + 64;
+      if (batch.length > 0 && (batch.length >= MAX_ENTRIES || bytes + size > this.#options.maxMessageBytes)) {
+        void this.#publish(batch);
+        batch = [];
+        bytes = 0;
+      }
+      batch.push(entry);
+      bytes += size;
+    }
+    if (batch.length > 0) void this.#publish(batch);
   }
 
-  async #publish(message: WireAvailability): Promise<void> {
+  async #publish(blobs: WireAvailability['blobs']): Promise<void> {
     const node = this.#node;
     if (!node) return;
     try {
-      await node.services.pubsub.publish(this.#options.topic, Buffer.from(JSON.stringify(message)));
+      await node.services.pubsub.publish(this.#options.topic, Buffer.from(JSON.stringify({ blobs } satisfies WireAvailability)));
     } catch (err) {
       // No subscribers yet: the DHT record and holding queries still find this device.
-      this.#options.log.debug({ blob: message.blob, err }, 'availability not gossiped');
+      this.#options.log.debug({ blobs: blobs.map((entry) => entry.blob), err }, 'availability not gossiped');
     }
   }
 
-  #validate = (_from: PeerId, message: Message): TopicValidatorResult =>
-    this.#decode(message) ? TopicValidatorResult.Accept : TopicValidatorResult.Reject;
+  #validate = (_from: PeerId, message: Message): TopicValidatorResult => {
+    const updates = this.#decode(message);
+    if (!updates) return TopicValidatorResult.Reject;
+    this.#decoded.set(message, updates);
+    return TopicValidatorResult.Accept;
+  };
 
   #onMessage = (evt: CustomEvent<Message>): void => {
     if (evt.detail.topic !== this.#options.topic) return;
-    const update = this.#decode(evt.detail);
-    if (!update || update.peer === this.#node?.peerId.toString()) return;
+    const updates = this.#decoded.get(evt.detail) ?? this.#decode(evt.detail);
+    if (!updates || updates[0]?.peer === this.#node?.peerId.toString()) return;
     this.#forgetStale();
-    const peers = this.#gossiped.get(update.blob) ?? new Map<string, number>();
-    if (update.have) peers.set(update.peer, performance.now());
-    else peers.delete(update.peer);
-    if (peers.size > 0) this.#gossiped.set(update.blob, peers);
-    else this.#gossiped.delete(update.blob);
-    this.dispatchEvent(new CustomEvent('availability', { detail: update }));
+    for (const update of updates) {
+      const peers = this.#gossiped.get(update.blob) ?? new Map<string, number>();
+      if (update.have) peers.set(update.peer, performance.now());
+      else peers.delete(update.peer);
+      if (peers.size > 0) this.#gossiped.set(update.blob, peers);
+      else this.#gossiped.delete(update.blob);
+      this.dispatchEvent(new CustomEvent('availability', { detail: update }));
+    }
   };
 
   /** Drops gossiped holders past their TTL (at most once a TTL), so the table stays bounded. */
@@ -210,20 +261,26 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     }
   }
 
-  /** The update in a signed, well-formed message; undefined for anything else. */
-  #decode(message: Message): AvailabilityUpdate | undefined {
+  /** The updates in a signed, well-formed message; undefined for anything else (one bad entry spoils it). */
+  #decode(message: Message): AvailabilityUpdate[] | undefined {
     if (message.type !== 'signed' || message.topic !== this.#options.topic) return undefined;
     if (message.data.byteLength > this.#options.maxMessageBytes) return undefined;
+    const peer = message.from.toString();
     try {
-      const wire = JSON.parse(Buffer.from(message.data).toString('utf8')) as WireAvailability;
-      if (typeof wire.blob !== 'string' || !isDigest(wire.blob) || !wire.blob.startsWith('sha256:')) return undefined;
-      let have: Availability | undefined;
-      if (wire.have === null) have = undefined;
-      else if (wire.have === 'all') have = 'all';
-      else if (typeof wire.have === 'string' && Number.isInteger(wire.chunks) && wire.chunks! >= 0) {
-        have = new ChunkBitmap(wire.chunks!, Buffer.from(wire.have, 'base64'));
-      } else return undefined;
-      return { peer: message.from.toString(), blob: wire.blob, have };
+      const { blobs } = JSON.parse(Buffer.from(message.data).toString('utf8')) as WireAvailability;
+      if (!Array.isArray(blobs) || blobs.length === 0 || blobs.length > MAX_ENTRIES) return undefined;
+      const updates: AvailabilityUpdate[] = [];
+      for (const wire of blobs) {
+        if (typeof wire?.blob !== 'string' || !isDigest(wire.blob) || !wire.blob.startsWith('sha256:')) return undefined;
+        let have: Availability | undefined;
+        if (wire.have === null) have = undefined;
+        else if (wire.have === 'all') have = 'all';
+        else if (typeof wire.have === 'string' && Number.isInteger(wire.chunks) && wire.chunks! >= 0) {
+          have = new ChunkBitmap(wire.chunks!, Buffer.from(wire.have, 'base64'));
+        } else return undefined;
+        updates.push({ peer, blob: wire.blob, have });
+      }
+      return updates;
     } catch {
       return undefined;
     }
