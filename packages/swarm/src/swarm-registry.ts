@@ -1,7 +1,7 @@
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { buffer } from 'node:stream/consumers';
-import { isDigest, parseManifest } from '@shoal/oci';
+import { isDigest, parseManifest, referencedBlobs, type ParsedManifest } from '@shoal/oci';
 import { DEFAULT_MAX_MANIFEST_BYTES as MAX_MANIFEST_BYTES, type Registry } from '@shoal/registry-gateway';
 import {
   RangeNotSatisfiableError,
@@ -13,6 +13,9 @@ import {
 } from '@shoal/store';
 import { NoHolderError, type Downloader } from './downloader.ts';
 import type { Transfer } from './transfer.ts';
+
+const REFERENCED_TTL_MS = 10 * 60_000;
+const MAX_REFERENCED = 4096;
 
 /** The mesh-wide tag table, as the registry needs it. */
 export interface TagLookup {
@@ -27,9 +30,10 @@ export interface SwarmRegistryOptions {
   downloader: Downloader;
   tags: TagLookup;
   /**
-   * How often content a signed tag record names (a tag's manifest, a blob of it) is asked of the
-   * mesh before the fallback: the record says a device holds it, so a miss is most likely a
-   * loaded or restarting holder. Other content is asked once. Default 3.
+   * How often content a signed tag record names (a tag's manifest, a blob it gives a chunk index
+   * for, and what a manifest it named references) is asked of the mesh before the fallback: the
+   * record says the mesh has it, so a miss is most likely a loaded or restarting holder, or one
+   * still pulling it through. Other content is asked once. Default 3.
    */
   recordedAttempts?: number;
   /** Wait before the second attempt, doubling after. Default 1 000 ms. */
@@ -49,6 +53,12 @@ export class SwarmRegistry implements Registry {
   readonly #tags: TagLookup;
   readonly #attempts: number;
   readonly #retryDelayMs: number;
+  /**
+   * Content that manifests named by records reference, until when (performance.now()): a
+   * record made while its publisher was still pulling the image through carries no chunk
+   * index for blobs it did not hold yet. Bounded; the oldest go first.
+   */
+  readonly #referenced = new Map<string, number>();
 
   constructor(options: SwarmRegistryOptions) {
     this.#fallback = options.fallback;
@@ -96,7 +106,21 @@ export class SwarmRegistry implements Registry {
 
   /** Whether a signed tag record names `digest`, so the mesh is asked for it more than once. */
   #named(digest: string): boolean {
-    return this.#tags.chunkIndexDigest(digest) !== undefined;
+    if (this.#tags.chunkIndexDigest(digest) !== undefined) return true;
+    const until = this.#referenced.get(digest);
+    return until !== undefined && until > performance.now();
+  }
+
+  #expectReferences(manifest: ParsedManifest): void {
+    const until = performance.now() + REFERENCED_TTL_MS;
+    for (const { digest } of [...referencedBlobs(manifest), ...manifest.manifests]) {
+      this.#referenced.delete(digest);
+      this.#referenced.set(digest, until);
+    }
+    for (const digest of this.#referenced.keys()) {
+      if (this.#referenced.size <= MAX_REFERENCED) break;
+      this.#referenced.delete(digest);
+    }
   }
 
   /**
@@ -131,6 +155,7 @@ export class SwarmRegistry implements Registry {
     if (!reader) return undefined;
     const bytes = await buffer(reader.stream);
     const manifest = parseManifest(bytes);
+    if (named) this.#expectReferences(manifest);
     await this.store.putManifest(repository, manifest, tag);
     return { digest: manifest.digest, mediaType: manifest.mediaType, size: bytes.byteLength, bytes };
   }

@@ -126,3 +126,17 @@ test('a blob a tag record names is asked of the mesh again while its holder fail
     assert.deepEqual(await registry([layerDigest]).statBlob(REPO, layerDigest), { digest: layerDigest, size: 10 * 1024 });
     assert.ok(fetches > 1, `a named blob was asked ${fetches} time(s)`);
   }));
+
+test('what a manifest named by a record references is asked again too, though the record gives it no chunk index', () =>
+  withFixture(async (f) => {
+    // The publisher was still pulling the image through when it made the record: the record
+    // names the manifest, and no chunk index for the layer.
+    const a = await f.device('a');
+    const { manifest, layerDigest } = await seedImage(f, a, randomBytes(10 * 1024));
+    const d = await f.device('d');
+    const registry = new SwarmRegistry({ fallback: new LocalRegistry(d.store), downloader: d.downloader, tags: tagTable({ [`${REPO}:1`]: manifest.digest }), retryDelayMs: 100 });
+    assert.equal((await registry.getManifest(REPO, '1'))?.digest, manifest.digest);
+    f.net.setFault('a', 'fail');
+    setTimeout(() => f.net.setFault('a', 'none'), 50);
+    assert.deepEqual(await registry.statBlob(REPO, layerDigest), { digest: layerDigest, size: 10 * 1024 });
+  }));
