@@ -107,7 +107,7 @@ export interface MembershipOptions {
    * than one heartbeat interval keeps the previous figures. Default both 0.
    */
   stats?: () => MemberStats | Promise<MemberStats>;
-  /** Gossipsub topic of the heartbeats. Default `/shoal/membership/1`. */
+  /** Gossipsub topic of the heartbeats. Default `/shoal/membership/2`. */
   topic?: string;
   /**
    * How often this node heartbeats. A heartbeat is a small beat (liveness, usage, load) unless
@@ -513,10 +513,11 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     if (!row || beat.seq <= row.authenticatedSeq) return;
     row.authenticatedSeq = beat.seq;
     row.heardAt = performance.now();
-    const before = describes(row.record, true);
-    row.record = { ...row.record, usageBytes: beat.usageBytes, load: beat.load };
+    // A beat changes only the figures, so only they need comparing.
+    const changed = row.record.usageBytes !== beat.usageBytes || row.record.load !== beat.load;
+    if (changed) row.record = { ...row.record, usageBytes: beat.usageBytes, load: beat.load };
     this.#refreshStatus(row);
-    if (describes(row.record, true) !== before) this.dispatchEvent(new CustomEvent('peer:updated', { detail: this.#member(row, false) }));
+    if (changed) this.dispatchEvent(new CustomEvent('peer:updated', { detail: this.#member(row, false) }));
   }
 
   /**
