@@ -2,7 +2,7 @@
 // both directions, and the three kinds of trial (central registry, Shoal seeded by a push, Shoal
 // with the seeder pulling through from an upstream) run on the first N devices.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -236,7 +236,10 @@ export class FanoutLab {
     } finally {
       await Promise.allSettled(nodes.map((node) => node.stop()));
       const { logDir } = this.#options;
-      if (logDir) await Promise.all(nodes.map((node, i) => writeFile(join(logDir, `${basename(dir)}-device-${i}.log`), node.logText(MAX_LOG_LINES))));
+      if (logDir) {
+        await mkdir(logDir, { recursive: true });
+        await Promise.all(nodes.map((node, i) => writeFile(join(logDir, `${basename(dir)}-device-${i}.log`), node.logText(MAX_LOG_LINES))));
+      }
       await rm(dir, { recursive: true, force: true, maxRetries: 5 });
     }
   }
