@@ -28,6 +28,25 @@ export interface GatewayOptions {
   pushToken?: string;
   /** Largest manifest accepted, in bytes; default 4 MiB. Larger -> 413 SIZE_INVALID. */
   maxManifestBytes?: number;
+  /** Told of every response once it ends, for metrics; the gateway itself keeps no counts. */
+  observer?: GatewayObserver;
+}
+
+/** One answered gateway request, as a GatewayObserver sees it. */
+export interface GatewayResponse {
+  /** The endpoint; 'unknown' for a path that names none. */
+  kind: Endpoint['kind'] | 'unknown';
+  method: string;
+  status: number;
+  /**
+   * Bytes written to the client's connection for this response, headers included; less than
+   * the body's length when the client went away early.
+   */
+  bytes: number;
+}
+
+export interface GatewayObserver {
+  onResponse(response: GatewayResponse): void;
 }
 
 export const DEFAULT_NAMESPACE = 'docker.io';
@@ -62,8 +81,9 @@ export async function registryGateway(app: FastifyInstance, opts: GatewayOptions
   app.removeAllContentTypeParsers();
   app.addContentTypeParser('*', (_request, _payload, done) => done(null, undefined));
 
-  app.addHook('onRequest', async (_request, reply) => {
+  app.addHook('onRequest', async (request, reply) => {
     reply.header('docker-distribution-api-version', 'registry/2.0');
+    if (opts.observer) observe(request, reply, opts.observer);
   });
 
   app.setErrorHandler((err, request, reply) => {
@@ -134,6 +154,25 @@ export async function registryGateway(app: FastifyInstance, opts: GatewayOptions
   const methods: HTTPMethods[] = ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE'];
   app.route({ method: methods, url: '/v2', exposeHeadRoute: false, handler });
   app.route({ method: methods, url: '/v2/*', exposeHeadRoute: false, handler });
+}
+
+/**
+ * Reports the response once its connection is done with it ('close' also fires when the client
+ * aborts, where fastify's onResponse does not). Counting on the socket sees every byte, however
+ * the reply was sent (hijacked blob senders included); clients do not pipeline requests, so
+ * the socket carries only this response meanwhile.
+ */
+function observe(request: FastifyRequest, reply: FastifyReply, observer: GatewayObserver): void {
+  const socket = request.raw.socket;
+  const before = socket.bytesWritten;
+  reply.raw.once('close', () =>
+    observer.onResponse({
+      kind: parseEndpoint(pathOf(request.url))?.kind ?? 'unknown',
+      method: request.method,
+      status: reply.raw.statusCode,
+      bytes: socket.bytesWritten - before,
+    }),
+  );
 }
 
 /** The namespace a request chose with `?ns=` (what containerd appends), else the default. */

@@ -1,5 +1,5 @@
 export * from './registry.ts';
-export { createGateway, registryGateway, DEFAULT_MAX_MANIFEST_BYTES, DEFAULT_NAMESPACE, type GatewayOptions } from './gateway.ts';
+export { createGateway, registryGateway, DEFAULT_MAX_MANIFEST_BYTES, DEFAULT_NAMESPACE, type GatewayObserver, type GatewayOptions, type GatewayResponse } from './gateway.ts';
 export { errorBody, OciError, type OciErrorBody, type OciErrorCode } from './errors.ts';
 export { UpstreamClient, UpstreamError, parseChallenge, type UpstreamBlob, type UpstreamClientOptions } from './upstream.ts';
 export {
