@@ -45,7 +45,7 @@ export class ShoalNode {
   #transport?: Libp2pChunkTransport;
   #downloader?: Downloader;
   #publisher?: MeshPublisher;
-  #usage = { bytes: 0, at: -Infinity };
+  #usage = { blobs: 0, bytes: 0, at: -Infinity };
   gatewayUrl = '';
   apiUrl = '';
 
@@ -111,7 +111,7 @@ export class ShoalNode {
       apiUrl: this.apiUrl,
       labels: config.labels,
       version: VERSION,
-      stats: async () => ({ usageBytes: await this.#usageBytes(), load: loadavg()[0]! }),
+      stats: async () => ({ usageBytes: (await this.#storeUsage()).bytes, load: loadavg()[0]! }),
       log: log.child({ component: 'membership' }),
     });
     for (const event of ['peer:alive', 'peer:suspect', 'peer:down'] as const) {
@@ -195,11 +195,11 @@ export class ShoalNode {
     downloader.addEventListener('peer:banned', ({ detail }) => log.warn({ ...detail }, 'peer banned for a corrupt chunk'));
   }
 
-  async #usageBytes(): Promise<number> {
+  async #storeUsage(): Promise<{ blobs: number; bytes: number }> {
     if (performance.now() - this.#usage.at > USAGE_REFRESH_MS) {
-      this.#usage = { bytes: await this.#store!.usageBytes(), at: performance.now() };
+      this.#usage = { ...(await this.#store!.usage()), at: performance.now() };
     }
-    return this.#usage.bytes;
+    return this.#usage;
   }
 
   #registry(store: FsContentStore): Registry {

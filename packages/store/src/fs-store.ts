@@ -367,11 +367,12 @@ export class FsContentStore extends EventEmitter<ContentStoreEvents> implements 
     return out;
   }
 
-  /** Bytes held in committed blobs (walks the layout: call it now and then, not per request). */
-  async usageBytes(): Promise<number> {
-    let total = 0;
-    for (const digest of await this.listBlobs()) total += (await stat(this.#blobPath(digest)).catch(() => ({ size: 0 }))).size;
-    return total;
+  /** Committed blobs and the bytes they hold (walks the layout: call it now and then, not per request). */
+  async usage(): Promise<{ blobs: number; bytes: number }> {
+    const digests = await this.listBlobs();
+    let bytes = 0;
+    for (const digest of digests) bytes += (await stat(this.#blobPath(digest)).catch(() => ({ size: 0 }))).size;
+    return { blobs: digests.length, bytes };
   }
 
   /** Files in the uploads directory, for tests that check nothing half-written is left. */

@@ -110,13 +110,13 @@ test('manifests and tags live per repository and survive a reopen as index.json'
   }
 });
 
-test('usageBytes counts committed blobs only', () =>
+test('usage counts committed blobs only', () =>
   withStore(async (store) => {
-    assert.equal(await store.usageBytes(), 0);
+    assert.deepEqual(await store.usage(), { blobs: 0, bytes: 0 });
     const w = await store.createWriter();
     await w.append([Buffer.alloc(100)]);
-    assert.equal(await store.usageBytes(), 0);
+    assert.deepEqual(await store.usage(), { blobs: 0, bytes: 0 });
     await w.commit(sha256Of(Buffer.alloc(100)));
     await store.putBlob(sha256Of('abc'), [Buffer.from('abc')]);
-    assert.equal(await store.usageBytes(), 103);
+    assert.deepEqual(await store.usage(), { blobs: 2, bytes: 103 });
   }));

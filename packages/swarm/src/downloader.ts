@@ -70,6 +70,19 @@ export interface DownloaderEvents {
   'peer:banned': CustomEvent<PeerBanned>;
 }
 
+/** Running totals since the downloader started, read by the node's metrics. */
+export interface DownloaderStats {
+  /** Chunks that matched their hash and were written. */
+  chunksVerified: number;
+  bytesVerified: number;
+  /** Chunks that failed verification (each bans its sender). */
+  chunksRejected: number;
+  peersBanned: number;
+  transfersCompleted: number;
+  /** Failed transfers, including blobs no device in the mesh held. */
+  transfersFailed: number;
+}
+
 /** Nobody in the mesh holds the blob (or nobody answered). */
 export class NoHolderError extends Error {
   override name = 'NoHolderError';
@@ -94,6 +107,14 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
   readonly options: Resolved;
   readonly #transfers = new Map<string, Transfer>();
   readonly #banned = new Map<string, number>();
+  readonly #stats: DownloaderStats = {
+    chunksVerified: 0,
+    bytesVerified: 0,
+    chunksRejected: 0,
+    peersBanned: 0,
+    transfersCompleted: 0,
+    transfersFailed: 0,
+  };
   #stopped = false;
 
   constructor(options: DownloaderOptions) {
@@ -134,6 +155,10 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     return transfer;
   }
 
+  get stats(): Readonly<DownloaderStats> {
+    return { ...this.#stats };
+  }
+
   /** The transfer of `blob` if one is running. */
   get(blob: string): Transfer | undefined {
     return this.#transfers.get(blob);
@@ -164,6 +189,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     if (this.isBanned(peer)) return;
     const until = Date.now() + this.options.banMs;
     this.#banned.set(peer, until);
+    this.#stats.peersBanned++;
     this.options.log.warn({ peer, blob, chunk }, 'peer sent a chunk that failed verification: banned');
     this.dispatchEvent(new CustomEvent('peer:banned', { detail: { peer, blob, chunk, until } }));
   }
@@ -248,19 +274,27 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       if (partial.have.has(index)) return 'ok';
       await partial.writeChunk(index, bytes);
     } catch (err) {
-      if (err instanceof ChunkMismatchError) return 'bad';
-      throw err;
+      if (!(err instanceof ChunkMismatchError)) throw err;
+      this.#stats.chunksRejected++;
+      return 'bad';
     } finally {
       this.options.transport.release?.(bytes);
     }
+    this.#stats.chunksVerified++;
+    this.#stats.bytesVerified += length;
     this.dispatchEvent(new CustomEvent('chunk', { detail: { blob: partial.digest, peer, index, bytes: length } }));
     return 'ok';
   }
 
   #ended(transfer: Transfer, err?: Error): void {
     if (this.#transfers.get(transfer.blob) === transfer) this.#transfers.delete(transfer.blob);
-    if (err) this.dispatchEvent(new CustomEvent('transfer:failed', { detail: { ...transfer.info(), error: err.message } }));
-    else this.dispatchEvent(new CustomEvent('transfer:complete', { detail: transfer.info() }));
+    if (err) {
+      this.#stats.transfersFailed++;
+      this.dispatchEvent(new CustomEvent('transfer:failed', { detail: { ...transfer.info(), error: err.message } }));
+    } else {
+      this.#stats.transfersCompleted++;
+      this.dispatchEvent(new CustomEvent('transfer:complete', { detail: transfer.info() }));
+    }
   }
 }
 

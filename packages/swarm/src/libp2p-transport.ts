@@ -64,6 +64,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
   /** Chunk buffers handed back by release(), and the pooled buffer behind each view handed out. */
   readonly #free: Buffer[] = [];
   readonly #pooled = new WeakMap<Uint8Array, Buffer>();
+  readonly #bytesReceived = { dataPlane: 0, libp2p: 0 };
 
   constructor(host: MeshHost, options: Libp2pChunkTransportOptions = {}) {
     this.#host = host;
@@ -91,6 +92,11 @@ export class Libp2pChunkTransport implements ChunkTransport {
     return result;
   }
 
+  /** Chunk payload bytes received, by path, before the downloader verifies them. */
+  get bytesReceived(): Readonly<{ dataPlane: number; libp2p: number }> {
+    return { ...this.#bytesReceived };
+  }
+
   /** Closes the data plane's pooled HTTP connections. */
   async close(): Promise<void> {
     await this.#http.close();
@@ -113,7 +119,10 @@ export class Libp2pChunkTransport implements ChunkTransport {
     const plane = this.#dataPlanes.get(peer);
     if (plane && expected !== null) {
       const fetched = await this.#fetchOverDataPlane(peer, plane, blob, index, expected, signal);
-      if (fetched !== FALL_BACK) return fetched;
+      if (fetched !== FALL_BACK) {
+        this.#bytesReceived.dataPlane += fetched?.byteLength ?? 0;
+        return fetched;
+      }
     }
     const { payload } = await this.#request(peer, { op: 'chunk', blob, index }, signal, MAX_PAYLOAD_HEADER_FRAME_BYTES, (frame) => {
       const length = decodePayloadHeader(frame, MAX_CHUNK_BYTES);
@@ -124,6 +133,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
       }
       return { result: undefined, payload: length };
     });
+    this.#bytesReceived.libp2p += payload?.byteLength ?? 0;
     return payload;
   }
 

@@ -537,6 +537,7 @@ test('with a data plane, chunks travel over HTTP with a ticket from the holding 
       }
       assert.equal(dataPlane.bytesServed, blob.data.length, 'every chunk came over the data plane');
       assert.equal(chunkServer.chunksServed, 0);
+      assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length, libp2p: 0 });
       assert.equal(await transport!.fetchChunk(serverId, UNKNOWN, 0, signal()), undefined, 'a 404 is not-found');
 
       // A request without a valid ticket is refused; the transport falls back to the stream.
@@ -546,6 +547,7 @@ test('with a data plane, chunks travel over HTTP with a ticket from the holding 
       const again = await transport!.fetchChunk(serverId, blob.index.blob, 1, signal());
       assert.equal(sha256Hex(again!), blob.index.chunks[1]);
       assert.equal(chunkServer.chunksServed, 1, 'served over the libp2p stream once the data plane was gone');
+      assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length, libp2p: MiB });
     });
   } finally {
     await dataPlane.stop();

@@ -41,6 +41,13 @@ test('a peer that sends a corrupt chunk is banned and the blob still arrives int
     assert.ok(d.downloader.isBanned('evil'));
     assert.equal(transfer.info().sources.evil, undefined, 'no byte from the corrupt peer counted');
     assert.ok((await stored(d.store, digest)).equals(bytes));
+    const stats = d.downloader.stats;
+    assert.equal(stats.peersBanned, 1);
+    // Chunks already in flight to the peer when the first failed may fail too.
+    assert.ok(stats.chunksRejected >= 1 && stats.chunksRejected <= d.downloader.options.maxInFlightPerPeer, `${stats.chunksRejected} rejected`);
+    // An endgame duplicate is verified too, though only one copy is written.
+    assert.ok(stats.chunksVerified >= 30 && stats.bytesVerified >= bytes.length, JSON.stringify(stats));
+    assert.deepEqual([stats.transfersCompleted, stats.transfersFailed], [1, 0]);
   }));
 
 test('a peer that stalls or dies mid-transfer is replaced by the other holders', () =>
@@ -67,6 +74,7 @@ test('nobody holding the blob is a NoHolderError', () =>
     const d = await f.device('d');
     await assert.rejects(d.downloader.fetch(sha256Of('nothing')), NoHolderError);
     assert.equal(d.downloader.list().length, 0);
+    assert.equal(d.downloader.stats.transfersFailed, 1);
   }));
 
 test('a device serves the chunks it has while it is still downloading', () =>
