@@ -2,38 +2,13 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { sha256Of } from '@shoal/oci';
 import { CommandError, run } from './helpers/exec.ts';
 import { REPO_ROOT, startShoalNode, type RunningShoalNode } from './helpers/node.ts';
+import { pushImage } from './helpers/push.ts';
 import { Scratch } from './helpers/scratch.ts';
 
 const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
 const shoal = (args: string[]) => run(process.execPath, [CLI, ...args], { cwd: REPO_ROOT });
-
-/** Pushes a small image (config + one layer + manifest) with plain HTTP, as any client would. */
-async function pushImage(gateway: string, name: string, tag: string): Promise<string> {
-  const config = Buffer.from('{"architecture":"amd64","os":"linux"}');
-  const layer = Buffer.from('not really a tarball, but a blob all the same');
-  for (const blob of [config, layer]) {
-    const res = await fetch(`${gateway}/v2/${name}/blobs/uploads/?digest=${sha256Of(blob)}`, { method: 'POST', body: blob });
-    assert.equal(res.status, 201, await res.text());
-  }
-  const manifest = Buffer.from(
-    JSON.stringify({
-      schemaVersion: 2,
-      mediaType: 'application/vnd.oci.image.manifest.v1+json',
-      config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: sha256Of(config), size: config.length },
-      layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar', digest: sha256Of(layer), size: layer.length }],
-    }),
-  );
-  const res = await fetch(`${gateway}/v2/${name}/manifests/${tag}`, {
-    method: 'PUT',
-    headers: { 'content-type': 'application/vnd.oci.image.manifest.v1+json' },
-    body: manifest,
-  });
-  assert.equal(res.status, 201, await res.text());
-  return sha256Of(manifest);
-}
 
 describe('shoal node --config and shoal images', () => {
   let scratch: Scratch;
@@ -48,7 +23,7 @@ describe('shoal node --config and shoal images', () => {
       'name: edge-07\ndefaultNamespace: registry.lan:5000\nservices:\n  - { name: web, port: 8080, protocol: http, meta: { tier: front } }\n',
     );
     node = await startShoalNode({ dataDir: await scratch.dir('node'), configFile });
-    digest = await pushImage(node.gatewayUrl, 'lib/app', '1.2');
+    ({ digest } = await pushImage(node.gatewayUrl, 'lib/app', '1.2'));
   });
 
   after(async () => {

@@ -4,6 +4,8 @@ import type { TransferInfo } from '@shoal/swarm';
 import type { PullEvent } from './puller.ts';
 import { MembershipFormatError, type Membership, type ServiceRegistration, type TagRecord } from '@shoal/mesh';
 import type { ContentStore } from '@shoal/store';
+import { NodeMetrics } from './metrics.ts';
+import type { NodeStats } from './stats.ts';
 
 export interface ControlApiDeps {
   store: ContentStore;
@@ -13,6 +15,8 @@ export interface ControlApiDeps {
   transfers: () => TransferInfo[];
   /** The mesh-wide tag table. */
   tags: () => TagRecord[];
+  /** The figures a user watches, for /api/stats and /metrics. */
+  stats: () => Promise<NodeStats>;
   /** Prefetches an image, yielding progress. */
   pull: (image: string) => AsyncGenerator<PullEvent>;
   /** Static facts about this node, shown by /healthz. */
@@ -26,6 +30,11 @@ export function createControlApi(deps: ControlApiDeps): Hono {
   app.get('/healthz', (c) => c.json({ status: 'ok', name: deps.node.name, version: deps.node.version }));
 
   app.get('/api/images', async (c) => c.json(await deps.store.listImages()));
+
+  app.get('/api/stats', async (c) => c.json(await deps.stats()));
+
+  const metrics = new NodeMetrics(deps.stats);
+  app.get('/metrics', async (c) => c.body(await metrics.text(), 200, { 'content-type': metrics.contentType }));
 
   app.get('/api/transfers', (c) => c.json(deps.transfers()));
 

@@ -23,6 +23,7 @@ import { createControlApi } from './control-api.ts';
 import { Puller } from './puller.ts';
 import { isLoopback, type HostPort, type NodeConfig } from './config.ts';
 import type { Logger } from './logger.ts';
+import { GatewayTraffic, type NodeStats } from './stats.ts';
 import { VERSION } from './version.ts';
 
 /** Store usage is a directory walk: refresh it this often, not per heartbeat. */
@@ -46,6 +47,9 @@ export class ShoalNode {
   #downloader?: Downloader;
   #publisher?: MeshPublisher;
   #usage = { blobs: 0, bytes: 0, at: -Infinity };
+  readonly #traffic = new GatewayTraffic();
+  #upstreamBytes = 0;
+  #startedAt = 0;
   gatewayUrl = '';
   apiUrl = '';
 
@@ -56,6 +60,7 @@ export class ShoalNode {
 
   async start(): Promise<void> {
     const { config, log } = this;
+    this.#startedAt = Date.now();
     this.#store = await FsContentStore.open({ dir: config.dataDir, chunkSize: config.chunkSize });
     const privateKey = await loadOrCreatePeerKey(config.dataDir);
     this.#mesh = new MeshHost({
@@ -84,6 +89,7 @@ export class ShoalNode {
       registry,
       defaultNamespace: config.defaultNamespace,
       ...(config.pushToken ? { pushToken: config.pushToken } : {}),
+      observer: this.#traffic,
       loggerInstance: log.child({ component: 'gateway' }),
     });
     await this.#gateway.listen({ host: config.gateway.host, port: config.gateway.port });
@@ -97,6 +103,7 @@ export class ShoalNode {
       tags: () => this.#tags?.list() ?? [],
       pull: (image) => puller.pull(image),
       membership: () => this.#membership,
+      stats: () => this.stats(),
       node: { name: config.name, version: VERSION },
     });
     this.#api = serve({ fetch: app.fetch, hostname: config.api.host, port: config.api.port }) as Server;
@@ -122,6 +129,38 @@ export class ShoalNode {
     await this.#membership.start();
     for (const service of config.services) this.#membership.registerService(service);
     void this.#announceAndResume();
+  }
+
+  /** The figures GET /api/stats and /metrics report; valid once start() has resolved. */
+  async stats(): Promise<NodeStats> {
+    const store = this.#store!;
+    const downloader = this.#downloader!;
+    const peers = { alive: 0, suspect: 0, down: 0 };
+    for (const member of this.#membership?.list() ?? []) if (!member.self) peers[member.status]++;
+    const repositories = await store.repositories();
+    let tags = 0;
+    for (const repository of repositories) tags += (await store.tags(repository))?.length ?? 0;
+    const { blobs, bytes } = await this.#storeUsage();
+    return {
+      node: {
+        name: this.config.name,
+        version: VERSION,
+        peerId: this.#mesh!.peerId.toString(),
+        gatewayUrl: this.gatewayUrl,
+        apiUrl: this.apiUrl,
+        startedAt: this.#startedAt,
+      },
+      gateway: this.#traffic.stats(),
+      store: { blobs, bytes, repositories: repositories.length, tags },
+      mesh: { peers, connections: this.#mesh!.node.getConnections().length, tagRecords: this.#tags!.list().length },
+      swarm: {
+        ...downloader.stats,
+        activeTransfers: downloader.list().length,
+        bytesReceived: this.#transport!.bytesReceived,
+        bytesUploaded: { dataPlane: this.#dataPlane?.bytesServed ?? 0, libp2p: this.#chunkServer!.bytesServed },
+      },
+      upstream: { bytesReceived: this.#upstreamBytes },
+    };
   }
 
   /** Tags, who-holds-what, the chunk server and the downloader, behind the gateway's registry. */
@@ -215,6 +254,8 @@ export class ShoalNode {
       if (size === undefined || !digest.startsWith('sha256:')) return;
       this.#directory?.announcePartial(digest, new ChunkBitmap(chunkCount({ size, chunkSize })));
     });
+    registry.on('pull-through:complete', ({ bytes }) => (this.#upstreamBytes += bytes));
+    registry.on('pull-through:error', ({ bytes }) => (this.#upstreamBytes += bytes));
     return registry;
   }
 
