@@ -1,4 +1,5 @@
-import { Hono } from 'hono';
+import { readFileSync } from 'node:fs';
+import { Hono, type Context } from 'hono';
 import { stream } from 'hono/streaming';
 import type { TransferInfo } from '@shoal/swarm';
 import type { PullEvent } from './puller.ts';
@@ -23,9 +24,21 @@ export interface ControlApiDeps {
   node: { name: string; version: string };
 }
 
+/** The dashboard: one page, its script and its style, shipped in node/dashboard (no build step). */
+const DASHBOARD = Object.fromEntries(
+  (['index.html', 'dashboard.js', 'dashboard.css'] as const).map((file) => [file, readFileSync(new URL(`../dashboard/${file}`, import.meta.url), 'utf8')]),
+) as Record<'index.html' | 'dashboard.js' | 'dashboard.css', string>;
+
 /** The control API: small hono handlers over the node's parts. */
 export function createControlApi(deps: ControlApiDeps): Hono {
   const app = new Hono();
+
+  // The page loads only its own script and style: no inline code for a peer's string to become.
+  const page = (c: Context) => c.html(DASHBOARD['index.html'], 200, { 'content-security-policy': "default-src 'self'" });
+  app.get('/', page);
+  app.get('/dashboard', page);
+  app.get('/dashboard.js', (c) => c.body(DASHBOARD['dashboard.js'], 200, { 'content-type': 'text/javascript; charset=utf-8' }));
+  app.get('/dashboard.css', (c) => c.body(DASHBOARD['dashboard.css'], 200, { 'content-type': 'text/css; charset=utf-8' }));
 
   app.get('/healthz', (c) => c.json({ status: 'ok', name: deps.node.name, version: deps.node.version }));
 

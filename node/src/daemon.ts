@@ -149,6 +149,7 @@ export class ShoalNode {
         gatewayUrl: this.gatewayUrl,
         apiUrl: this.apiUrl,
         startedAt: this.#startedAt,
+        now: Date.now(),
       },
       gateway: this.#traffic.stats(),
       store: { blobs, bytes, repositories: repositories.length, tags },

@@ -16,7 +16,16 @@ export interface BytesByPath {
  * Counters count since the node started.
  */
 export interface NodeStats {
-  node: { name: string; version: string; peerId: string; gatewayUrl: string; apiUrl: string; startedAt: number };
+  node: {
+    name: string;
+    version: string;
+    peerId: string;
+    gatewayUrl: string;
+    apiUrl: string;
+    startedAt: number;
+    /** The node's clock (ms since the epoch), so a browser whose clock differs can show ages. */
+    now: number;
+  };
   gateway: GatewayTrafficStats;
   /** `blobs` and `bytes` come from a walk of the layout, refreshed every 30 s. */
   store: { blobs: number; bytes: number; repositories: number; tags: number };
