@@ -87,6 +87,6 @@ describe('the dashboard in a real browser', gate.options, () => {
     await selfRow.waitFor({ timeout: 10_000 });
     assert.ok((await selfRow.textContent())!.includes(`note=${HOSTILE_LABEL}`));
     assert.equal(await page.locator('#peers img').count(), 0);
-    assert.equal(await page.evaluate(() => (window as unknown as { pwned?: number }).pwned), undefined);
+    assert.equal(await page.evaluate(() => (globalThis as { pwned?: number }).pwned), undefined);
   });
 });

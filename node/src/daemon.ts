@@ -26,8 +26,8 @@ import type { Logger } from './logger.ts';
 import { GatewayTraffic, type NodeStats } from './stats.ts';
 import { VERSION } from './version.ts';
 
-/** Store usage is a directory walk: refresh it this often, not per heartbeat. */
-const USAGE_REFRESH_MS = 30_000;
+/** Store usage is a directory walk: done again only once the store changed, and at most this often. */
+const USAGE_REFRESH_MS = 5_000;
 
 /** One Shoal node: the content store, the mesh, the registry gateway and the control API, wired. */
 export class ShoalNode {
@@ -46,7 +46,7 @@ export class ShoalNode {
   #transport?: Libp2pChunkTransport;
   #downloader?: Downloader;
   #publisher?: MeshPublisher;
-  #usage = { blobs: 0, bytes: 0, at: -Infinity };
+  #usage = { blobs: 0, bytes: 0, at: -Infinity, stale: true };
   readonly #traffic = new GatewayTraffic();
   #upstreamBytes = 0;
   #startedAt = 0;
@@ -62,6 +62,8 @@ export class ShoalNode {
     const { config, log } = this;
     this.#startedAt = Date.now();
     this.#store = await FsContentStore.open({ dir: config.dataDir, chunkSize: config.chunkSize });
+    const usageChanged = () => (this.#usage.stale = true);
+    this.#store.on('blob:committed', usageChanged).on('blob:deleted', usageChanged);
     const privateKey = await loadOrCreatePeerKey(config.dataDir);
     this.#mesh = new MeshHost({
       listen: config.listen,
@@ -236,10 +238,19 @@ export class ShoalNode {
   }
 
   async #storeUsage(): Promise<{ blobs: number; bytes: number }> {
-    if (performance.now() - this.#usage.at > USAGE_REFRESH_MS) {
-      this.#usage = { ...(await this.#store!.usage()), at: performance.now() };
+    const usage = this.#usage;
+    if (usage.stale && performance.now() - usage.at > USAGE_REFRESH_MS) {
+      // Cleared before the walk, so a blob committed during it makes the next call walk again.
+      usage.stale = false;
+      usage.at = performance.now();
+      try {
+        Object.assign(usage, await this.#store!.usage());
+      } catch (err) {
+        usage.stale = true;
+        throw err;
+      }
     }
-    return this.#usage;
+    return usage;
   }
 
   #registry(store: FsContentStore): Registry {

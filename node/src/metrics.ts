@@ -30,8 +30,8 @@ export class NodeMetrics {
       Object.entries(s.gateway.bytesSent).map(([kind, bytes]) => [{ kind }, bytes]),
     );
 
-    this.#gauge('shoal_store_blobs', 'Committed blobs in the content store (refreshed every 30 s).', [], (s) => [[{}, s.store.blobs]]);
-    this.#gauge('shoal_store_bytes', 'Bytes of committed blobs in the content store (refreshed every 30 s).', [], (s) => [[{}, s.store.bytes]]);
+    this.#gauge('shoal_store_blobs', 'Committed blobs in the content store (up to 5 s behind).', [], (s) => [[{}, s.store.blobs]]);
+    this.#gauge('shoal_store_bytes', 'Bytes of committed blobs in the content store (up to 5 s behind).', [], (s) => [[{}, s.store.bytes]]);
     this.#gauge('shoal_store_repositories', 'Repositories in the content store.', [], (s) => [[{}, s.store.repositories]]);
     this.#gauge('shoal_store_tags', 'Tags in the content store (the images it lists).', [], (s) => [[{}, s.store.tags]]);
 

@@ -27,7 +27,7 @@ export interface NodeStats {
     now: number;
   };
   gateway: GatewayTrafficStats;
-  /** `blobs` and `bytes` come from a walk of the layout, refreshed every 30 s. */
+  /** `blobs` and `bytes` come from a walk of the layout, done again at most every 5 s once the store changed. */
   store: { blobs: number; bytes: number; repositories: number; tags: number };
   mesh: {
     /** Other devices in the membership table, by status. */

@@ -145,6 +145,9 @@ describe('/metrics and /api/stats of two nodes in one process', () => {
     assert.equal(valueOf(after, 'shoal_store_repositories'), 1);
     assert.equal(valueOf(after, 'shoal_store_tags'), 1);
     assert.equal(valueOf(after, 'shoal_mesh_tag_records'), 1);
+    // Config, layer and manifest, once the store's usage is walked again after the push.
+    await until('the store counts the pushed blobs', async () => valueOf((after = await scrape(a)), 'shoal_store_blobs') === 3);
+    assert.ok(valueOf(after, 'shoal_store_bytes')! > layer.length);
   });
 
   it('counts what the mesh moved: bytes received and verified on one side, uploaded on the other', async () => {
