@@ -149,7 +149,6 @@ export class ShoalNode {
         version: VERSION,
         peerId: this.#mesh!.peerId.toString(),
         gatewayUrl: this.gatewayUrl,
-        apiUrl: this.apiUrl,
         startedAt: this.#startedAt,
         now: Date.now(),
       },

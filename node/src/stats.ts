@@ -21,7 +21,6 @@ export interface NodeStats {
     version: string;
     peerId: string;
     gatewayUrl: string;
-    apiUrl: string;
     startedAt: number;
     /** The node's clock (ms since the epoch), so a browser whose clock differs can show ages. */
     now: number;
