@@ -18,6 +18,7 @@ import {
   MeshPublisher,
   StoreChunkSource,
   SwarmRegistry,
+  UploadLedger,
 } from '@shoal/swarm';
 import { createControlApi } from './control-api.ts';
 import { Puller } from './puller.ts';
@@ -185,12 +186,14 @@ export class ShoalNode {
     const source = new StoreChunkSource(store, { growing: (blob) => this.#mirror?.pulling(blob) });
     const corrupt = config.faultCorruptChunks ? () => true : undefined;
     if (corrupt) log.warn('test fault switch on: this node corrupts every chunk it serves');
+    // Both serving paths count into one ledger, so a pick knows every chunk this device has sent.
+    const ledger = new UploadLedger();
     if (config.dataPlane) {
-      this.#dataPlane = new ChunkDataPlane(source, { ...config.dataPlane, corrupt, log: swarmLog });
+      this.#dataPlane = new ChunkDataPlane(source, { ...config.dataPlane, corrupt, ledger, log: swarmLog });
       await this.#dataPlane.start();
       log.info({ address: `${config.dataPlane.host}:${this.#dataPlane.port}` }, 'chunk data plane listening');
     }
-    this.#chunkServer = new ChunkServer(mesh, source, { log: swarmLog, corrupt, dataPlane: this.#dataPlane });
+    this.#chunkServer = new ChunkServer(mesh, source, { log: swarmLog, corrupt, ledger, dataPlane: this.#dataPlane });
     await this.#chunkServer.start();
     this.#downloader = new Downloader({
       store,

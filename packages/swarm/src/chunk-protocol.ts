@@ -15,14 +15,20 @@ import type { DataPlaneTicket, Holding } from './types.ts';
  *   {"op":"holding","blob":D}                → {"status":"ok","index":{blob,size,chunkSize,chunks},"have":"all"|base64}
  *   {"op":"chunk","blob":D,"index":N}        → {"status":"ok","length":L} + L bytes
  *   {"op":"range","blob":D,"offset":O,"length":L} → {"status":"ok","length":L} + L bytes
+ *   {"op":"pick","blob":D,"want":base64}     → {"status":"ok","index":N,"length":L} + L bytes
  *   any                                      → {"status":"not-found"} | {"status":"error","message":M}
  *
- * Unknown fields are ignored (room to grow); anything else malformed resets the stream.
+ * `pick` lets the holder choose: of the chunks set in the bitmap `want`, it sends one it holds
+ * and has sent least (see UploadLedger). Unknown fields are ignored (room to grow); anything else
+ * malformed resets the stream.
  */
 export const CHUNK_PROTOCOL = '/shoal/chunks/1.0.0';
 
-/** A request is a digest and two integers; 1 KiB leaves room and stops junk early. */
-export const MAX_REQUEST_FRAME_BYTES = 1024;
+/**
+ * A request is a digest and two integers, or a pick's bitmap of wanted chunks: 24 KiB holds one
+ * for ~147 000 chunks, more than a holding answer can describe, and still stops junk early.
+ */
+export const MAX_REQUEST_FRAME_BYTES = 24 * 1024;
 /** A holding header carries the chunk index: 67 bytes per chunk, so 8 MiB covers ~125 000 chunks. */
 export const MAX_HEADER_FRAME_BYTES = 8 * 1024 * 1024;
 /** The largest chunk size accepted in an index, hence the largest chunk payload. */
@@ -46,7 +52,9 @@ const BASE64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$
 export type ChunkRequest =
   | { op: 'holding'; blob: string }
   | { op: 'chunk'; blob: string; index: number }
-  | { op: 'range'; blob: string; offset: number; length: number };
+  | { op: 'range'; blob: string; offset: number; length: number }
+  /** `want`: a base64 chunk bitmap, checked against the blob's chunk count by the server. */
+  | { op: 'pick'; blob: string; want: string };
 
 export type HoldingHeader =
   | { status: 'ok'; index: ChunkIndex; have: 'all' | string; dataPlane?: DataPlaneTicket }
@@ -153,6 +161,9 @@ export function decodeRequest(frame: Uint8Array): ChunkRequest {
       if (!Number.isSafeInteger((offset as number) + (length as number))) throw new ChunkProtocolError('range end out of bounds');
       return { op, blob, offset: offset as number, length: length as number };
     }
+    case 'pick':
+      if (typeof doc.want !== 'string' || !BASE64.test(doc.want)) throw new ChunkProtocolError('pick request has no valid bitmap');
+      return { op, blob, want: doc.want };
     default:
       throw new ChunkProtocolError('unknown request op');
   }
@@ -160,7 +171,7 @@ export function decodeRequest(frame: Uint8Array): ChunkRequest {
 
 export function holdingHeader(holding: Holding, dataPlane?: DataPlaneTicket): HoldingHeader {
   const { blob, size, chunkSize, chunks } = holding.index;
-  const have = holding.have === 'all' || holding.have.complete ? 'all' : Buffer.from(holding.have.toBytes()).toString('base64');
+  const have = holding.have === 'all' || holding.have.complete ? 'all' : encodeBitmap(holding.have);
   return { status: 'ok', index: { blob, size, chunkSize, chunks }, have, ...(dataPlane ? { dataPlane } : {}) };
 }
 
@@ -193,17 +204,35 @@ export function decodeHoldingHeader(frame: Uint8Array, blob: string): Holding | 
     if (!isCompleteIndex(index)) throw new ChunkProtocolError('holding answer claims all chunks of a provisional index');
     return { index, have: 'all' };
   }
-  if (typeof doc.have !== 'string' || !BASE64.test(doc.have)) throw new ChunkProtocolError('holding answer has no valid availability');
-  let have: ChunkBitmap;
-  try {
-    have = new ChunkBitmap(chunkCount(index), Buffer.from(doc.have, 'base64'));
-  } catch (err) {
-    throw new ChunkProtocolError(`holding answer has a bad bitmap: ${(err as Error).message}`);
-  }
+  if (typeof doc.have !== 'string') throw new ChunkProtocolError('holding answer has no valid availability');
+  const have = decodeBitmap(doc.have, chunkCount(index), 'holding answer');
   for (let i = index.chunks.length; i < have.length; i++) {
     if (have.has(i)) throw new ChunkProtocolError('holding answer holds a chunk its provisional index does not name');
   }
   return { index, have };
+}
+
+export function encodeBitmap(bitmap: ChunkBitmap): string {
+  return Buffer.from(bitmap.toBytes()).toString('base64');
+}
+
+/** A base64 bitmap of `chunks` chunks from the wire (a holding answer's, a pick's); throws ChunkProtocolError. */
+export function decodeBitmap(base64: string, chunks: number, what: string): ChunkBitmap {
+  if (!BASE64.test(base64)) throw new ChunkProtocolError(`${what} has a bitmap that is not base64`);
+  try {
+    return new ChunkBitmap(chunks, Buffer.from(base64, 'base64'));
+  } catch (err) {
+    throw new ChunkProtocolError(`${what} has a bad bitmap: ${(err as Error).message}`);
+  }
+}
+
+/** Parses the header of a pick answer: the chunk the holder chose and its length, undefined for not-found. */
+export function decodePickHeader(frame: Uint8Array, maxLength: number): { index: number; length: number } | undefined {
+  const length = decodePayloadHeader(frame, maxLength);
+  if (length === undefined) return undefined;
+  const { index } = parseObject(frame);
+  if (!isIndex(index)) throw new ChunkProtocolError('pick answer names no valid chunk');
+  return { index, length };
 }
 
 /** Parses the header of a chunk or range answer: the payload length, undefined for not-found. */

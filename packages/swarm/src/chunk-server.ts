@@ -8,6 +8,7 @@ import {
   ChunkStallError,
   chunkLength,
   corrupted,
+  decodeBitmap,
   decodeRequest,
   encodeFrame,
   errorHeader,
@@ -23,6 +24,7 @@ import {
 } from './chunk-protocol.ts';
 import type { ChunkDataPlane } from './data-plane.ts';
 import type { ChunkSource } from './types.ts';
+import { UploadLedger } from './upload-ledger.ts';
 
 export interface ChunkServerOptions {
   /** Default `/shoal/chunks/1.0.0`. */
@@ -48,6 +50,11 @@ export interface ChunkServerOptions {
    * there instead of over this protocol. Default none.
    */
   dataPlane?: ChunkDataPlane;
+  /**
+   * What this device has sent, for `pick` requests; share one with the data plane so both paths
+   * count. Default a ledger of its own.
+   */
+  ledger?: UploadLedger;
   /**
    * TEST ONLY: flip a byte in served chunk payloads (all of them, or those the predicate picks),
    * to play a malicious or broken peer. Default false.
@@ -99,6 +106,7 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
       maxInboundStreams: 64,
       requestTimeoutMs: 10_000,
       log: silentLog,
+      ledger: new UploadLedger(),
       ...withoutUndefined(rest),
       corrupt: typeof corrupt === 'function' ? corrupt : () => corrupt === true,
     };
@@ -174,7 +182,12 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
       case 'holding':
         return this.#answerHolding(peer, request.blob, stream, stall);
       case 'chunk':
-        return this.#withSlot(peer, stream, stall, () => this.#answerChunk(peer, request.blob, request.index, stream, stall));
+        return this.#withSlot(peer, stream, stall, () => {
+          this.#options.ledger.record(request.blob, request.index);
+          return this.#answerChunk(peer, request.blob, request.index, stream, stall);
+        });
+      case 'pick':
+        return this.#withSlot(peer, stream, stall, () => this.#answerPick(peer, request, stream, stall));
       case 'range':
         return this.#withSlot(peer, stream, stall, () => this.#answerRange(request, stream, stall));
     }
@@ -198,7 +211,20 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
     await this.#close(stream, stall);
   }
 
-  async #answerChunk(peer: string, blob: string, index: number, stream: Stream, stall: StallTimer): Promise<void> {
+  /** The holder's choice among the wanted chunks; a bitmap of the wrong size breaks the protocol. */
+  async #answerPick(peer: string, request: Extract<ChunkRequest, { op: 'pick' }>, stream: Stream, stall: StallTimer): Promise<void> {
+    const { blob } = request;
+    const holding = await this.#fromSource(stall, 'holding', blob, () => this.#source.holding(blob));
+    if (holding === failed) return this.#sendHeader(stream, stall, errorHeader('holding unavailable'));
+    if (!holding) return this.#sendHeader(stream, stall, { status: 'not-found' });
+    const want = decodeBitmap(request.want, chunkCount(holding.index), 'pick request');
+    const index = this.#options.ledger.pick(blob, want, holding.have);
+    if (index === undefined) return this.#sendHeader(stream, stall, { status: 'not-found' });
+    return this.#answerChunk(peer, blob, index, stream, stall, { index });
+  }
+
+  /** Sends chunk `index`; `named` goes into the header (a pick answer says which chunk it is). */
+  async #answerChunk(peer: string, blob: string, index: number, stream: Stream, stall: StallTimer, named: { index?: number } = {}): Promise<void> {
     const data = await this.#fromSource(stall, 'chunk', blob, () => this.#source.readChunk(blob, index));
     if (data === failed) return this.#sendHeader(stream, stall, errorHeader('chunk unavailable'));
     if (!data) return this.#sendHeader(stream, stall, { status: 'not-found' });
@@ -207,7 +233,7 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
       return this.#sendHeader(stream, stall, errorHeader('chunk unavailable'));
     }
     const payload = this.#options.corrupt(blob, index) ? corrupted(data) : data;
-    await sendBytes(stream, encodeFrame({ status: 'ok', length: payload.byteLength }), () => stall.touch());
+    await sendBytes(stream, encodeFrame({ status: 'ok', ...named, length: payload.byteLength }), () => stall.touch());
     await sendBytes(stream, payload, () => stall.touch());
     await this.#close(stream, stall);
     this.#bytesServed += payload.byteLength;

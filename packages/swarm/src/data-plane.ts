@@ -4,8 +4,10 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import type { MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
-import { corrupted } from './chunk-protocol.ts';
+import { chunkCount } from '@shoal/store';
+import { ChunkProtocolError, corrupted, decodeBitmap } from './chunk-protocol.ts';
 import type { ChunkSource, DataPlaneTicket } from './types.ts';
+import { UploadLedger } from './upload-ledger.ts';
 
 export interface ChunkDataPlaneOptions {
   /** Address to listen on; peers reach it at the address of their libp2p connection. Default `0.0.0.0`. */
@@ -16,13 +18,21 @@ export interface ChunkDataPlaneOptions {
   ticketTtlMs?: number;
   /** Requests served at once; more get 503 and the peer uses the libp2p path. Default 64. */
   maxConcurrent?: number;
+  /** What this device has sent, for pick requests (share the chunk server's). Default a ledger of its own. */
+  ledger?: UploadLedger;
   /** TEST ONLY: flip a byte in the chunks it picks, as ChunkServer's switch does. Default none. */
   corrupt?: (blob: string, index: number) => boolean;
   log?: MeshLog;
 }
 
-/** `GET /v1/chunks/<digest>/<index>`: the only route. */
-const ROUTE = /^\/v1\/chunks\/([a-z0-9]+:[a-f0-9]+)\/(\d{1,10})$/;
+/**
+ * `GET /v1/chunks/<digest>/<index>`, and `GET /v1/chunks/<digest>/pick` with the wanted chunks'
+ * bitmap (base64) in `shoal-want`: the holder sends the one it has sent least and names it in
+ * `shoal-chunk`, as `/shoal/chunks/1.0.0`'s pick does.
+ */
+const ROUTE = /^\/v1\/chunks\/([a-z0-9]+:[a-f0-9]+)\/(\d{1,10}|pick)$/;
+/** A pick's bitmap rides in a header: room for ~147 000 chunks, as on the libp2p path. */
+const MAX_HEADER_BYTES = 32 * 1024;
 const silentLog: MeshLog = { debug() {}, warn() {} };
 /** Chunks of the default size fit; a larger chunk gets a buffer of its own. */
 const POOLED_BUFFER_BYTES = 1024 * 1024;
@@ -55,6 +65,7 @@ export class ChunkDataPlane {
       ticketTtlMs: 600_000,
       maxConcurrent: 64,
       log: silentLog,
+      ledger: new UploadLedger(),
       ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
     };
   }
@@ -69,7 +80,7 @@ export class ChunkDataPlane {
 
   async start(): Promise<void> {
     if (this.#server) return;
-    const server = createServer({ keepAliveTimeout: 30_000 }, (req, res) => void this.#handle(req, res));
+    const server = createServer({ keepAliveTimeout: 30_000, maxHeaderSize: MAX_HEADER_BYTES }, (req, res) => void this.#handle(req, res));
     server.listen(this.#options.port, this.#options.host);
     await once(server, 'listening');
     this.#server = server;
@@ -107,6 +118,14 @@ export class ChunkDataPlane {
     }
   }
 
+  /** The chunk a pick request gets, undefined when none of the wanted ones is held; ChunkProtocolError for a bad bitmap. */
+  async #pick(blob: string, want: string | string[] | undefined): Promise<number | undefined> {
+    if (typeof want !== 'string') throw new ChunkProtocolError('pick request without a shoal-want bitmap');
+    const holding = await this.#source.holding(blob);
+    if (!holding) return undefined;
+    return this.#options.ledger.pick(blob, decodeBitmap(want, chunkCount(holding.index), 'pick request'), holding.have);
+  }
+
   async #handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const route = req.method === 'GET' ? ROUTE.exec(req.url ?? '') : null;
     if (!route || !isDigest(route[1]!)) return void res.writeHead(400).end();
@@ -114,15 +133,19 @@ export class ChunkDataPlane {
     const entry = auth ? this.#tickets.get(auth[1]!) : undefined;
     if (!entry || entry.expires <= Date.now()) return void res.writeHead(401).end();
     if (this.#active >= this.#options.maxConcurrent) return void res.writeHead(503).end();
-    const [blob, index] = [route[1]!, Number(route[2])];
+    const blob = route[1]!;
     this.#active++;
     const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES);
     let reusable = true;
+    let index: number | undefined;
     try {
+      index = route[2] === 'pick' ? await this.#pick(blob, req.headers['shoal-want']) : Number(route[2]);
+      if (index === undefined) return void res.writeHead(404).end();
+      if (route[2] !== 'pick') this.#options.ledger.record(blob, index);
       const data = await this.#source.readChunk(blob, index, buffer);
       if (!data) return void res.writeHead(404).end();
       const payload = this.#options.corrupt?.(blob, index) ? corrupted(data) : data;
-      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': payload.byteLength });
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': payload.byteLength, 'shoal-chunk': index });
       res.end(payload);
       // The socket may still hold the bytes: the buffer is free again once they are written.
       reusable = false;
@@ -131,7 +154,7 @@ export class ChunkDataPlane {
       this.#bytesServed += payload.byteLength;
     } catch (err) {
       this.#options.log.debug({ peer: entry.peer, blob, index, err }, 'data plane request failed');
-      if (!res.headersSent) res.writeHead(500);
+      if (!res.headersSent) res.writeHead(err instanceof ChunkProtocolError ? 400 : 500);
       res.end();
     } finally {
       this.#active--;

@@ -4,6 +4,7 @@ import {
   chunkIndexDigest,
   indexesAgree,
   isCompleteIndex,
+  type ChunkBitmap,
   type ChunkIndex,
   type ContentStore,
   type PartialBlob,
@@ -82,6 +83,9 @@ export interface DownloaderStats {
   /** Failed transfers, including blobs no device in the mesh held. */
   transfersFailed: number;
 }
+
+/** What became of one chunk request; `index` is the chunk that arrived (a pick's choice). */
+export type ChunkOutcome = { outcome: 'ok' | 'bad'; index: number } | { outcome: 'missing' | 'failed' | 'aborted' };
 
 /** Nobody in the mesh holds the blob (or nobody answered). */
 export class NoHolderError extends Error {
@@ -248,42 +252,48 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     return out;
   }
 
-  /** Fetches one chunk from `peer` and writes it; what happened, for the transfer to act on. */
+  /**
+   * Fetches one chunk from `peer` (chunk `ask`, or the peer's pick among the chunks set in `ask`,
+   * which `onPicked` hears of as soon as the peer names it) and writes it; what happened, and to
+   * which chunk, for the transfer to act on.
+   */
   async fetchChunk(
     partial: PartialBlob,
     peer: string,
-    index: number,
+    ask: number | ChunkBitmap,
     signal: AbortSignal,
-  ): Promise<'ok' | 'missing' | 'bad' | 'failed' | 'aborted'> {
-    let bytes: Uint8Array | undefined;
+    onPicked?: (index: number) => void,
+  ): Promise<ChunkOutcome> {
+    const { transport } = this.options;
+    const limited = AbortSignal.any([signal, AbortSignal.timeout(this.options.chunkTimeoutMs)]);
+    let fetched: { index: number; bytes: Uint8Array } | undefined;
     try {
-      bytes = await this.options.transport.fetchChunk(
-        peer,
-        partial.digest,
-        index,
-        AbortSignal.any([signal, AbortSignal.timeout(this.options.chunkTimeoutMs)]),
-      );
+      fetched =
+        typeof ask === 'number'
+          ? await transport.fetchChunk(peer, partial.digest, ask, limited).then((bytes) => bytes && { index: ask, bytes })
+          : await transport.pickChunk(peer, partial.digest, ask, limited, onPicked);
     } catch (err) {
-      if (signal.aborted) return 'aborted';
-      this.options.log.debug({ peer, blob: partial.digest, chunk: index, err }, 'chunk request failed');
-      return 'failed';
+      if (signal.aborted) return { outcome: 'aborted' };
+      this.options.log.debug({ peer, blob: partial.digest, chunk: ask, err }, 'chunk request failed');
+      return { outcome: 'failed' };
     }
-    if (!bytes) return 'missing';
+    if (!fetched) return { outcome: 'missing' };
+    const { index, bytes } = fetched;
     const length = bytes.byteLength;
     try {
-      if (partial.have.has(index)) return 'ok';
+      if (partial.have.has(index)) return { outcome: 'ok', index };
       await partial.writeChunk(index, bytes);
     } catch (err) {
       if (!(err instanceof ChunkMismatchError)) throw err;
       this.#stats.chunksRejected++;
-      return 'bad';
+      return { outcome: 'bad', index };
     } finally {
-      this.options.transport.release?.(bytes);
+      transport.release?.(bytes);
     }
     this.#stats.chunksVerified++;
     this.#stats.bytesVerified += length;
     this.dispatchEvent(new CustomEvent('chunk', { detail: { blob: partial.digest, peer, index, bytes: length } }));
-    return 'ok';
+    return { outcome: 'ok', index };
   }
 
   #ended(transfer: Transfer, err?: Error): void {

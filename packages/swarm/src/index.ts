@@ -21,3 +21,4 @@ export {
 export * from './chunk-server.ts';
 export * from './libp2p-transport.ts';
 export * from './data-plane.ts';
+export * from './upload-ledger.ts';

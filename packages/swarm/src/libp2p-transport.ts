@@ -2,6 +2,7 @@ import type { Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/inter
 import { peerIdFromString } from '@libp2p/peer-id';
 import type { MeshHost, MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
+import type { ChunkBitmap } from '@shoal/store';
 import { Agent, request as httpRequest } from 'undici';
 import {
   CHUNK_PROTOCOL,
@@ -11,6 +12,8 @@ import {
   decodeDataPlaneTicket,
   decodeHoldingHeader,
   decodePayloadHeader,
+  decodePickHeader,
+  encodeBitmap,
   encodeRequest,
   FrameReader,
   MAX_CHUNK_BYTES,
@@ -113,28 +116,79 @@ export class Libp2pChunkTransport implements ChunkTransport {
     if (expectedLength !== undefined && !(Number.isInteger(expectedLength) && expectedLength > 0 && expectedLength <= MAX_CHUNK_BYTES)) {
       throw new RangeError(`bad expected chunk length ${expectedLength}`);
     }
-    const geometry = this.#geometry.get(key(peer, blob));
-    // null: the peer's own index has no such chunk, so any bytes it sends break the protocol.
-    const expected = expectedLength ?? (geometry ? (chunkLength(geometry, index) ?? null) : undefined);
+    const check = (got: number, length: number): void => {
+      if (got !== index) throw new ChunkProtocolError(`peer sent chunk ${got} when asked for chunk ${index}`);
+      this.#checkLength(peer, blob, index, length, expectedLength);
+    };
+    return (await this.#fetch(peer, blob, index, check, signal))?.bytes;
+  }
+
+  /**
+   * A chunk of `blob` that `peer` chooses among those set in `want` (the one it has sent least),
+   * or undefined when it holds none of them. The chunk must be one of `want`, of the length the
+   * peer's last holding answer implies; `onPicked` hears which it is once the answer's header is in.
+   */
+  async pickChunk(
+    peer: string,
+    blob: string,
+    want: ChunkBitmap,
+    signal: AbortSignal,
+    onPicked?: (index: number) => void,
+  ): Promise<{ index: number; bytes: Uint8Array } | undefined> {
+    checkDigest(blob);
+    const check = (index: number, length: number): void => {
+      if (!want.has(index)) throw new ChunkProtocolError(`peer picked chunk ${index}, which was not asked for`);
+      this.#checkLength(peer, blob, index, length);
+      onPicked?.(index);
+    };
+    return this.#fetch(peer, blob, want, check, signal);
+  }
+
+  /**
+   * A chunk by index or by the peer's pick: over its data plane when it offers one, else over a
+   * stream. `check` sees the chunk's index and length before its bytes are read, and throws if
+   * they are wrong.
+   */
+  async #fetch(
+    peer: string,
+    blob: string,
+    ask: number | ChunkBitmap,
+    check: (index: number, length: number) => void,
+    signal: AbortSignal,
+  ): Promise<{ index: number; bytes: Buffer } | undefined> {
     const plane = this.#dataPlanes.get(peer);
-    if (plane && expected !== null) {
-      const fetched = await this.#fetchOverDataPlane(peer, plane, blob, index, expected, signal);
+    if (plane) {
+      const fetched = await this.#fetchOverDataPlane(peer, plane, blob, ask, check, signal);
       if (fetched !== FALL_BACK) {
-        this.#bytesReceived.dataPlane += fetched?.byteLength ?? 0;
+        this.#bytesReceived.dataPlane += fetched?.bytes.byteLength ?? 0;
         return fetched;
       }
     }
-    const { payload } = await this.#request(peer, { op: 'chunk', blob, index }, signal, MAX_PAYLOAD_HEADER_FRAME_BYTES, (frame) => {
-      const length = decodePayloadHeader(frame, MAX_CHUNK_BYTES);
-      if (length === undefined) return { result: undefined };
-      if (expected === null) throw new ChunkProtocolError(`peer sent chunk ${index}, past the end of its own index`);
-      if (length !== (expected ?? length) || length === 0) {
-        throw new ChunkProtocolError(`peer announced ${length} bytes for chunk ${index}, expected ${expected ?? 'at least 1'}`);
-      }
-      return { result: undefined, payload: length };
+    const request: ChunkRequest = typeof ask === 'number' ? { op: 'chunk', blob, index: ask } : { op: 'pick', blob, want: encodeBitmap(ask) };
+    const { result, payload } = await this.#request(peer, request, signal, MAX_PAYLOAD_HEADER_FRAME_BYTES, (frame) => {
+      const answer = typeof ask === 'number' ? decodePayloadHeader(frame, MAX_CHUNK_BYTES) : decodePickHeader(frame, MAX_CHUNK_BYTES);
+      if (answer === undefined) return { result: undefined };
+      const [index, length] = typeof answer === 'number' ? [ask as number, answer] : [answer.index, answer.length];
+      check(index, length);
+      return { result: index, payload: length };
     });
-    this.#bytesReceived.libp2p += payload?.byteLength ?? 0;
-    return payload;
+    if (result === undefined || !payload) return undefined;
+    this.#bytesReceived.libp2p += payload.byteLength;
+    return { index: result, bytes: payload };
+  }
+
+  /**
+   * Throws ChunkProtocolError unless `length` is what chunk `index` must be: `expected` if given,
+   * else what the peer's last holding answer implies (nothing past its own index), else 1 byte
+   * to MAX_CHUNK_BYTES.
+   */
+  #checkLength(peer: string, blob: string, index: number, length: number, expected?: number): void {
+    const geometry = this.#geometry.get(key(peer, blob));
+    const required = expected ?? (geometry ? chunkLength(geometry, index) : undefined);
+    if (geometry && required === undefined) throw new ChunkProtocolError(`peer sent chunk ${index}, past the end of its own index`);
+    if (length === 0 || length > MAX_CHUNK_BYTES || (required !== undefined && length !== required)) {
+      throw new ChunkProtocolError(`peer announced ${length} bytes for chunk ${index}, expected ${required ?? 'at most 16 MiB'}`);
+    }
   }
 
   /** `length` bytes of `blob` from `offset` (length at most MAX_RANGE_BYTES), or undefined when the peer lacks some. */
@@ -153,21 +207,22 @@ export class Libp2pChunkTransport implements ChunkTransport {
 
   /**
    * A chunk over the peer's HTTP data plane; FALL_BACK when that path is unusable (refused,
-   * ticket rejected, overloaded), so the libp2p stream is tried. Length checks as for a stream.
+   * ticket rejected, overloaded), so the libp2p stream is tried. Checks as for a stream.
    */
   async #fetchOverDataPlane(
     peer: string,
     plane: { origin: string; ticket: string },
     blob: string,
-    index: number,
-    expected: number | undefined,
+    ask: number | ChunkBitmap,
+    check: (index: number, length: number) => void,
     signal: AbortSignal,
-  ): Promise<Uint8Array | undefined | typeof FALL_BACK> {
+  ): Promise<{ index: number; bytes: Buffer } | undefined | typeof FALL_BACK> {
     let res: Awaited<ReturnType<typeof httpRequest>>;
+    const picking = typeof ask !== 'number';
     try {
-      res = await httpRequest(`${plane.origin}/v1/chunks/${blob}/${index}`, {
+      res = await httpRequest(`${plane.origin}/v1/chunks/${blob}/${picking ? 'pick' : ask}`, {
         dispatcher: this.#http,
-        headers: { authorization: `Bearer ${plane.ticket}` },
+        headers: { authorization: `Bearer ${plane.ticket}`, ...(picking ? { 'shoal-want': encodeBitmap(ask) } : {}) },
         signal,
         headersTimeout: this.#options.stallTimeoutMs,
         bodyTimeout: this.#options.stallTimeoutMs,
@@ -188,10 +243,15 @@ export class Libp2pChunkTransport implements ChunkTransport {
       if (res.statusCode === 401) this.#dataPlanes.delete(peer);
       return FALL_BACK;
     }
+    const index = picking ? Number(res.headers['shoal-chunk']) : ask;
     const length = Number(res.headers['content-length']);
-    if (!Number.isInteger(length) || length <= 0 || length > MAX_CHUNK_BYTES || (expected !== undefined && length !== expected)) {
+    try {
+      if (!Number.isInteger(index) || index < 0) throw new ChunkProtocolError(`peer's data plane named no valid chunk (${String(res.headers['shoal-chunk'])})`);
+      if (!Number.isInteger(length)) throw new ChunkProtocolError(`peer's data plane announced no valid length for chunk ${index}`);
+      check(index, length);
+    } catch (err) {
       res.body.destroy();
-      throw new ChunkProtocolError(`peer's data plane announced ${res.headers['content-length']} bytes for chunk ${index}, expected ${expected ?? 'at most 16 MiB'}`);
+      throw err;
     }
     const out = this.#buffer(length);
     let filled = 0;
@@ -204,7 +264,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
       filled += piece.byteLength;
     }
     if (filled !== length) throw new ChunkProtocolError(`peer's data plane sent ${filled} of ${length} bytes`);
-    return out;
+    return { index, bytes: out };
   }
 
   /**

@@ -1,6 +1,7 @@
 import { TypedEventEmitter } from '@libp2p/interface';
 import type { ChunkBitmap } from '@shoal/store';
 import type { AvailabilityUpdate, ChunkSource, ChunkTransport, Holding, ProviderDirectory, ProviderDirectoryEvents } from './types.ts';
+import { UploadLedger } from './upload-ledger.ts';
 
 /** What a memory peer does when asked for a chunk: serve it, or misbehave. */
 export type Fault = 'none' | 'corrupt' | 'fail' | 'stall';
@@ -11,6 +12,7 @@ interface MemoryPeer {
   /** Delay before each answer, to let requests overlap. */
   delayMs: number;
   online: boolean;
+  ledger: UploadLedger;
 }
 
 /**
@@ -23,11 +25,17 @@ export class MemoryNetwork {
   readonly #providers = new Map<string, Set<string>>();
   readonly #partial = new Map<string, Set<string>>();
   readonly #directories = new Map<string, MemoryDirectory>();
-  /** Chunk requests served, by peer (for assertions on where bytes came from). */
-  readonly served = new Map<string, number>();
+  /** The chunks each peer served, in order (for assertions on where bytes came from). */
+  readonly served = new Map<string, number[]>();
+  readonly #gossipDelayMs: number;
+
+  /** `gossipDelayMs`: availability reaches the other devices this late, as gossip does. Default 0 (at once). */
+  constructor(options: { gossipDelayMs?: number } = {}) {
+    this.#gossipDelayMs = options.gossipDelayMs ?? 0;
+  }
 
   add(peer: string, source: ChunkSource, opts: { fault?: Fault; delayMs?: number } = {}): void {
-    this.#peers.set(peer, { source, fault: opts.fault ?? 'none', delayMs: opts.delayMs ?? 0, online: true });
+    this.#peers.set(peer, { source, fault: opts.fault ?? 'none', delayMs: opts.delayMs ?? 0, online: true, ledger: new UploadLedger() });
   }
 
   setFault(peer: string, fault: Fault): void {
@@ -43,7 +51,11 @@ export class MemoryNetwork {
     let directory = this.#directories.get(self);
     if (!directory) {
       directory = new MemoryDirectory(self, this.#providers, this.#partial, (update) => {
-        for (const [name, d] of this.#directories) if (name !== self) d.dispatchEvent(new CustomEvent('availability', { detail: update }));
+        const deliver = (): void => {
+          for (const [name, d] of this.#directories) if (name !== self) d.dispatchEvent(new CustomEvent('availability', { detail: update }));
+        };
+        if (this.#gossipDelayMs > 0) setTimeout(deliver, this.#gossipDelayMs);
+        else deliver();
       });
       this.#directories.set(self, directory);
     }
@@ -60,17 +72,30 @@ export class MemoryNetwork {
       signal.throwIfAborted();
       return fn(peer);
     };
+    const serve = async (name: string, p: MemoryPeer, blob: string, index: number): Promise<Uint8Array | undefined> => {
+      const bytes = await p.source.readChunk(blob, index);
+      if (!bytes) return undefined;
+      this.served.set(name, [...(this.served.get(name) ?? []), index]);
+      if (p.fault !== 'corrupt') return bytes;
+      const bad = Uint8Array.from(bytes);
+      bad[0] = bad[0]! ^ 0xff;
+      return bad;
+    };
     return {
       fetchHolding: (name, blob, signal) => call<Holding | undefined>(name, signal, (p) => p.source.holding(blob)),
       fetchChunk: (name, blob, index, signal) =>
+        call(name, signal, (p) => {
+          p.ledger.record(blob, index);
+          return serve(name, p, blob, index);
+        }),
+      pickChunk: (name, blob, want, signal, onPicked) =>
         call(name, signal, async (p) => {
-          const bytes = await p.source.readChunk(blob, index);
-          if (!bytes) return undefined;
-          this.served.set(name, (this.served.get(name) ?? 0) + 1);
-          if (p.fault !== 'corrupt') return bytes;
-          const bad = Uint8Array.from(bytes);
-          bad[0] = bad[0]! ^ 0xff;
-          return bad;
+          const holding = await p.source.holding(blob);
+          const index = holding && p.ledger.pick(blob, want, holding.have);
+          if (index === undefined) return undefined;
+          onPicked?.(index);
+          const bytes = await serve(name, p, blob, index);
+          return bytes && { index, bytes };
         }),
     };
   }

@@ -1,6 +1,6 @@
 import { Readable } from 'node:stream';
-import { chunkSpan, isCompleteIndex, sendRange, type BlobInfo, type BlobReader, type ChunkIndex, type PartialBlob } from '@shoal/store';
-import { NoHolderError, type Downloader } from './downloader.ts';
+import { ChunkBitmap, chunkSpan, isCompleteIndex, sendRange, type BlobInfo, type BlobReader, type ChunkIndex, type PartialBlob } from '@shoal/store';
+import { NoHolderError, type ChunkOutcome, type Downloader } from './downloader.ts';
 import type { Availability, AvailabilityUpdate, Holding } from './types.ts';
 
 export type TransferState = 'finding' | 'downloading' | 'verifying' | 'complete' | 'failed';
@@ -25,6 +25,7 @@ export interface TransferInfo {
 
 interface PeerState {
   have: Availability;
+  /** Requests by chunk; a pick (the chunk not known yet) under a negative key of its own. */
   inFlight: Map<number, AbortController>;
   failures: number;
 }
@@ -58,8 +59,8 @@ export class Transfer {
   #refreshing = false;
   #progress = Promise.withResolvers<void>();
   #finishing = false;
-  /** Where rarest-first starts looking (see #pick); set once the chunk count is known. */
-  #start = 0;
+  /** Keys of pending picks in PeerState.inFlight: -1, -2, ... */
+  #picks = 0;
 
   constructor(blob: string, downloader: Downloader) {
     this.blob = blob;
@@ -86,7 +87,6 @@ export class Transfer {
       const chosen = index ?? this.#downloader.chooseIndex(this.blob, holdings);
       if (!chosen) throw new NoHolderError(this.blob);
       this.#partial = await this.#downloader.options.store.openPartial(chosen);
-      this.#start = Math.floor(Math.random() * this.#partial.have.length);
       await this.#addHolders(holdings);
     } catch (err) {
       this.#fail(err as Error);
@@ -296,8 +296,11 @@ export class Transfer {
     }
   }
 
-  /** The chunk to ask `peer` for: one a reader waits for, else the rarest, else an endgame duplicate. */
-  #pick(peer: string, state: PeerState): number | undefined {
+  /**
+   * What to ask `peer` for: a chunk a reader waits for; else the rarest chunks, for the peer to
+   * pick from (or the one, when only one is rarest); else an endgame duplicate.
+   */
+  #pick(peer: string, state: PeerState): number | ChunkBitmap | undefined {
     const partial = this.#partial!;
     // Only chunks our index names can be verified, so only those are asked for.
     const named = partial.index.chunks.length;
@@ -313,23 +316,25 @@ export class Transfer {
         for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i)) return i;
       }
     }
-    // Among the rarest, the first at or after this transfer's own starting point: devices that
-    // start together at random points take different runs of chunks from a single holder,
-    // where independent random picks would often ask it for the same ones.
+    // The holder picks among the rarest: it alone knows at once which of them it has already
+    // sent to someone (gossip tells us a second late), so devices asking one holder at once
+    // get different chunks instead of the same ones.
     const chunks = partial.have.length;
-    let best: number | undefined;
-    let bestCount = Infinity;
-    for (let step = 0; step < chunks; step++) {
-      const i = (this.#start + step) % chunks;
+    let rarest: number[] = [];
+    let rarestCount = Infinity;
+    for (let i = 0; i < chunks; i++) {
       if (!open(i)) continue;
       let count = 0;
       for (const other of this.#peers.values()) if (other.have === 'all' || other.have.has(i)) count++;
-      if (count < bestCount) {
-        best = i;
-        bestCount = count;
-      }
+      if (count < rarestCount) [rarest, rarestCount] = [[i], count];
+      else if (count === rarestCount) rarest.push(i);
     }
-    if (best !== undefined) return best;
+    if (rarest.length === 1) return rarest[0];
+    if (rarest.length > 1) {
+      const want = new ChunkBitmap(chunks);
+      for (const i of rarest) want.set(i);
+      return want;
+    }
     // Endgame: every missing chunk is asked of someone; ask a second peer for the oldest.
     const { endgameDuplicates } = this.#downloader.options;
     for (const [i, askedPeers] of this.#asked) {
@@ -338,29 +343,40 @@ export class Transfer {
     return undefined;
   }
 
-  #request(peer: string, state: PeerState, chunk: number): void {
+  #request(peer: string, state: PeerState, ask: number | ChunkBitmap): void {
     const controller = new AbortController();
     const signal = AbortSignal.any([this.#abort.signal, controller.signal]);
-    state.inFlight.set(chunk, controller);
-    const asked = this.#asked.get(chunk) ?? new Set<string>();
-    asked.add(peer);
-    this.#asked.set(chunk, asked);
-    const partial = this.#partial!;
-    this.#downloader.fetchChunk(partial, peer, chunk, signal).then(
+    // A pick waits under a key of its own until the peer names its chunk, then counts as asked
+    // for it, so that chunk is neither asked of anyone else nor picked again.
+    let key = typeof ask === 'number' ? ask : -++this.#picks;
+    let asked: Set<string> | undefined;
+    const askedFor = (chunk: number): void => {
+      if (chunk !== key && state.inFlight.has(chunk)) return;
+      state.inFlight.delete(key);
+      state.inFlight.set((key = chunk), controller);
+      asked = this.#asked.get(chunk) ?? new Set<string>();
+      this.#asked.set(chunk, asked.add(peer));
+    };
+    state.inFlight.set(key, controller);
+    if (typeof ask === 'number') askedFor(ask);
+    this.#downloader.fetchChunk(this.#partial!, peer, ask, signal, askedFor).then(
       (result) => {
-        state.inFlight.delete(chunk);
-        asked.delete(peer);
-        if (asked.size === 0) this.#asked.delete(chunk);
-        this.#settled(peer, state, chunk, result);
+        state.inFlight.delete(key);
+        if (asked) {
+          asked.delete(peer);
+          if (asked.size === 0) this.#asked.delete(key);
+        }
+        this.#settled(peer, state, result);
       },
       (err: Error) => this.#fail(err),
     );
   }
 
-  #settled(peer: string, state: PeerState, chunk: number, result: Awaited<ReturnType<Downloader['fetchChunk']>>): void {
+  #settled(peer: string, state: PeerState, result: ChunkOutcome): void {
     const options = this.#downloader.options;
-    switch (result) {
+    switch (result.outcome) {
       case 'ok': {
+        const chunk = result.index;
         state.failures = 0;
         const { length } = chunkSpan(this.#partial!.index, chunk);
         this.#sources[peer] = (this.#sources[peer] ?? 0) + length;
@@ -378,7 +394,7 @@ export class Transfer {
       case 'bad':
         this.#peers.delete(peer);
         for (const controller of state.inFlight.values()) controller.abort();
-        this.#downloader.ban(peer, this.blob, chunk);
+        this.#downloader.ban(peer, this.blob, result.index);
         break;
       case 'failed':
         if (++state.failures >= options.maxPeerFailures) this.#peers.delete(peer);

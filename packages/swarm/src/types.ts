@@ -34,6 +34,18 @@ export interface ChunkSource {
 export interface ChunkTransport {
   fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined>;
   fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal): Promise<Uint8Array | undefined>;
+  /**
+   * A chunk that `peer` chooses among those set in `want`: the one it has sent least, so that
+   * receivers asking one holder at once get different chunks. Undefined when it holds none.
+   * `onPicked` hears which chunk it is as soon as the answer names it, before its bytes arrive.
+   */
+  pickChunk(
+    peer: string,
+    blob: string,
+    want: ChunkBitmap,
+    signal: AbortSignal,
+    onPicked?: (index: number) => void,
+  ): Promise<{ index: number; bytes: Uint8Array } | undefined>;
   /** Hands back a buffer fetchChunk returned, once its bytes are written, for reuse. */
   release?(bytes: Uint8Array): void;
 }

@@ -20,6 +20,7 @@ import {
   type ChunkSource,
   type Holding,
   type UploadEvent,
+  UploadLedger,
 } from '../src/index.ts';
 import { decodeRequest, encodeFrame, FrameReader } from '../src/chunk-protocol.ts';
 
@@ -301,7 +302,7 @@ test('malformed, oversized and silent requests reset only their own stream; the 
     const valid = (request: object) => encodeFrame(request);
     const bad: [string, RegExp, Uint8Array[], boolean?][] = [
       ['non-JSON body', /not JSON/, [Buffer.from([5, 0xff, 0xfe, 0, 1, 2])]],
-      ['oversized frame', /2000 bytes exceeds 1024/, [Buffer.from([0xd0, 0x0f]), randomBytes(2000)]],
+      ['oversized frame', /30000 bytes exceeds 24576/, [Buffer.from([0xb0, 0xea, 0x01]), randomBytes(100)]],
       ['overlong varint', /prefix too long/, [Buffer.from([0x80, 0x80, 0x80, 0x80, 0x01])]],
       ['JSON array', /not a JSON object/, [valid([1, 2, 3])]],
       ['unknown op', /unknown request op/, [valid({ op: 'delete', blob: index.blob })]],
@@ -312,6 +313,9 @@ test('malformed, oversized and silent requests reset only their own stream; the 
       ['string index', /valid index/, [valid({ op: 'chunk', blob: index.blob, index: '1' })]],
       ['range too long', /range length/, [valid({ op: 'range', blob: index.blob, offset: 0, length: 4 * MiB + 1 })]],
       ['negative offset', /valid offset/, [valid({ op: 'range', blob: index.blob, offset: -1, length: 1 })]],
+      ['pick without a bitmap', /valid bitmap/, [valid({ op: 'pick', blob: index.blob })]],
+      ['pick bitmap not base64', /valid bitmap/, [valid({ op: 'pick', blob: index.blob, want: '!!' })]],
+      ['pick bitmap of the wrong size', /bad bitmap/, [valid({ op: 'pick', blob: index.blob, want: 'AAAA' })]],
       ['data after the request', /data after the request/, [Buffer.concat([valid({ op: 'chunk', blob: index.blob, index: 0 }), Buffer.from([0])])]],
       ['truncated frame', /ended before a whole request/, [valid({ op: 'holding', blob: index.blob }).subarray(0, 20)]],
       ['nothing at all, stream left open', /stalled/, [], false],
@@ -437,7 +441,7 @@ test('the transport rejects a peer that breaks the protocol', async () => {
       ['chunk size over 16 MiB', { status: 'ok', index: { blob, size: 17 * MiB, chunkSize: 17 * MiB, chunks: hex(1) }, have: 'all' }, /bad chunk size/],
       ['bitmap of the wrong size', { status: 'ok', index, have: bitmap([0xe0, 0]) }, /2 bytes for 3 chunks/],
       ['bitmap with bits past the end', { status: 'ok', index, have: bitmap([0xf0]) }, /bits past its last chunk/],
-      ['bitmap not base64', { status: 'ok', index, have: '!!' }, /no valid availability/],
+      ['bitmap not base64', { status: 'ok', index, have: '!!' }, /not base64/],
       ['unknown status', { status: 'maybe' }, /unknown status/],
     ];
     for (const [what, header, message] of holdingCases) {
@@ -470,6 +474,21 @@ test('the transport rejects a peer that breaks the protocol', async () => {
     await assert.rejects(transport.fetchChunk(peer, blob, 2, signal(), 3), ChunkProtocolError);
     serve(encodeFrame({ status: 'ok', length: 5 }), Buffer.alloc(5));
     await assert.rejects(transport.fetchRange(peer, blob, 0, 4, signal()), ChunkProtocolError);
+    // A pick must name a chunk that was asked for, with that chunk's length.
+    const want = new ChunkBitmap(3);
+    want.set(1);
+    const pickCases: [string, Uint8Array[], RegExp][] = [
+      ['a chunk not asked for', [encodeFrame({ status: 'ok', index: 0, length: 4 }), Buffer.alloc(4)], /picked chunk 0, which was not asked for/],
+      ['no chunk named', [encodeFrame({ status: 'ok', length: 4 }), Buffer.alloc(4)], /names no valid chunk/],
+      ['the wrong length', [encodeFrame({ status: 'ok', index: 1, length: 2 }), Buffer.alloc(2)], /2 bytes for chunk 1, expected 4/],
+    ];
+    for (const [what, parts, message] of pickCases) {
+      serve(...parts);
+      await assert.rejects(transport.pickChunk(peer, blob, want, signal()), { name: 'ChunkProtocolError', message }, what);
+    }
+    serve(encodeFrame({ status: 'ok', index: 1, length: 4 }), Buffer.from([1, 2, 3, 4]));
+    assert.deepEqual(await transport.pickChunk(peer, blob, want, signal()), { index: 1, bytes: Buffer.from([1, 2, 3, 4]) });
+    assert.deepEqual(requests.at(-1), { op: 'pick', blob, want: Buffer.from([0x40]).toString('base64') });
 
     // A peer that announces a chunk and then goes quiet is cut off by the stall limit.
     answer = (stream) => {
@@ -548,6 +567,54 @@ test('with a data plane, chunks travel over HTTP with a ticket from the holding 
       assert.equal(sha256Hex(again!), blob.index.chunks[1]);
       assert.equal(chunkServer.chunksServed, 1, 'served over the libp2p stream once the data plane was gone');
       assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length, libp2p: MiB });
+    });
+  } finally {
+    await dataPlane.stop();
+  }
+});
+
+test('pick: the holder sends the wanted chunk it has sent least, over the data plane and the stream, counted in one ledger', async () => {
+  const ledger = new UploadLedger();
+  const source = new MemorySource();
+  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', ledger });
+  await dataPlane.start();
+  try {
+    await withRig({ server: { dataPlane, ledger } }, async ({ source: rigSource, chunkServer, serverId, transports: [transport] }) => {
+      // Chunk 5 is missing at the holder: it is never picked.
+      const blob = rigSource.add(6 * MiB + 5, MiB, (i) => i !== 5);
+      source.blobs.set(blob.index.blob, blob);
+      const digest = blob.index.blob;
+      await transport!.fetchHolding(serverId, digest, signal());
+      const want = ChunkBitmap.full(7);
+      want.clear(6);
+      const bytes = await transport!.fetchChunk(serverId, digest, 0, signal());
+      assert.equal(sha256Hex(bytes!), blob.index.chunks[0]);
+      const picked: number[] = [];
+      const heard: number[] = [];
+      const pick = async () => {
+        const got = await transport!.pickChunk(serverId, digest, want, signal(), (i) => heard.push(i));
+        assert.ok(got, 'a wanted chunk the holder has');
+        assert.equal(sha256Hex(got.bytes), blob.index.chunks[got.index], `chunk ${got.index} has its own bytes`);
+        picked.push(got.index);
+      };
+      await pick();
+      await pick();
+      assert.equal(dataPlane.bytesServed, 3 * MiB, 'over the data plane');
+      await dataPlane.stop();
+      await pick();
+      await pick();
+      assert.equal(chunkServer.chunksServed, 2, 'then over the stream');
+      assert.deepEqual(heard, picked, 'onPicked named each chunk');
+      assert.deepEqual(
+        [...picked].sort(),
+        [1, 2, 3, 4],
+        'the chunks never sent, each once: chunk 0 went out by index, chunk 5 is not held, chunk 6 not wanted',
+      );
+      await pick();
+      assert.ok([0, 1, 2, 3, 4].includes(picked.at(-1)!), 'then one sent once');
+      const none = new ChunkBitmap(7);
+      none.set(5);
+      assert.equal(await transport!.pickChunk(serverId, digest, none, signal()), undefined, 'none of the wanted chunks is held');
     });
   } finally {
     await dataPlane.stop();

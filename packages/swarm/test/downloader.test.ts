@@ -5,7 +5,7 @@ import { Writable } from 'node:stream';
 import { buffer } from 'node:stream/consumers';
 import { sha256Of } from '@shoal/oci';
 import { ChunkBitmap, chunkIndexDigest, chunkSpan } from '@shoal/store';
-import { NoHolderError } from '@shoal/swarm';
+import { MemoryNetwork, NoHolderError } from '@shoal/swarm';
 import { CHUNK, indexOf, stored, withFixture } from './fixtures/devices.ts';
 
 test('a blob is fetched from several holders at once, verified and announced', () =>
@@ -135,6 +135,24 @@ test('a stream and a pooled sender follow the download in order and hold the las
     assert.equal(transfer.info().state, 'complete');
   }));
 
+test('devices that start together get different chunks from one seeder: it sends each once before any twice', () =>
+  withFixture(
+    async (f) => {
+      const chunks = 48;
+      const bytes = randomBytes(chunks * CHUNK);
+      const digest = await f.seed(await f.device('seeder', { delayMs: 5 }), bytes);
+      const receivers = await Promise.all(['r1', 'r2', 'r3', 'r4', 'r5'].map((name) => f.device(name, { delayMs: 5 })));
+      const transfers = await Promise.all(receivers.map((r) => r.downloader.fetch(digest)));
+      await Promise.all(transfers.map((t) => t.done));
+      for (const r of receivers) assert.ok((await stored(r.store, digest)).equals(bytes), `${r.name} holds the blob`);
+      const sent = f.net.served.get('seeder')!;
+      // Availability reaches the others 50 ms late, so only the seeder knows what it has sent.
+      assert.equal(new Set(sent.slice(0, chunks)).size, Math.min(chunks, sent.length), `the seeder's first sends: ${sent.slice(0, chunks).join(' ')}`);
+      assert.ok(transfers.some((t) => Object.keys(t.info().sources).length > 1), 'receivers traded chunks');
+    },
+    new MemoryNetwork({ gossipDelayMs: 50 }),
+  ));
+
 test('a resumed download fetches only the chunks it lacks', () =>
   withFixture(async (f) => {
     const bytes = randomBytes(16 * CHUNK);
@@ -151,7 +169,8 @@ test('a resumed download fetches only the chunks it lacks', () =>
     const [resumable] = await d.store.partialBlobs();
     const transfer = await d.downloader.fetch(digest, resumable);
     await transfer.done;
-    assert.equal(f.net.served.get('a'), 6);
+    const served = f.net.served.get('a')!;
+    assert.equal(served.length, 6, `chunks served: ${served.join(' ')}`);
     assert.ok((await stored(d.store, digest)).equals(bytes));
   }));
 
