@@ -316,9 +316,11 @@ export class Transfer {
         for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i)) return i;
       }
     }
-    // The holder picks among the rarest: it alone knows at once which of them it has already
-    // sent to someone (gossip tells us a second late), so devices asking one holder at once
-    // get different chunks instead of the same ones.
+    // A holder of the whole blob picks among the rarest: it alone knows at once which of them it
+    // has already sent to someone (gossip tells us a second late), so devices asking one seeder at
+    // once get different chunks instead of the same ones. A partial holder is asked for one chunk
+    // by index: a pick is only named once its answer arrives, so picks sent to several partial
+    // holders at once would often bring the same chunk twice.
     const chunks = partial.have.length;
     let rarest: number[] = [];
     let rarestCount = Infinity;
@@ -329,8 +331,8 @@ export class Transfer {
       if (count < rarestCount) [rarest, rarestCount] = [[i], count];
       else if (count === rarestCount) rarest.push(i);
     }
-    if (rarest.length === 1) return rarest[0];
-    if (rarest.length > 1) {
+    if (rarest.length > 0) {
+      if (state.have !== 'all' || rarest.length === 1) return rarest[Math.floor(Math.random() * rarest.length)];
       const want = new ChunkBitmap(chunks);
       for (const i of rarest) want.set(i);
       return want;
