@@ -25,7 +25,7 @@ export class MemoryNetwork {
   readonly #providers = new Map<string, Set<string>>();
   readonly #partial = new Map<string, Set<string>>();
   readonly #directories = new Map<string, MemoryDirectory>();
-  /** The chunks each peer served, in order (for assertions on where bytes came from). */
+  /** The chunks each peer served, in the order it chose them (for assertions on where bytes came from). */
   readonly served = new Map<string, number[]>();
   readonly #gossipDelayMs: number;
 
@@ -73,9 +73,16 @@ export class MemoryNetwork {
       return fn(peer);
     };
     const serve = async (name: string, p: MemoryPeer, blob: string, index: number): Promise<Uint8Array | undefined> => {
+      // Logged when the peer commits to the chunk (as its ledger counts it), not when the read
+      // completes: reads finish out of order.
+      const log = this.served.get(name) ?? [];
+      this.served.set(name, log);
+      log.push(index);
       const bytes = await p.source.readChunk(blob, index);
-      if (!bytes) return undefined;
-      this.served.set(name, [...(this.served.get(name) ?? []), index]);
+      if (!bytes) {
+        log.splice(log.lastIndexOf(index), 1);
+        return undefined;
+      }
       if (p.fault !== 'corrupt') return bytes;
       const bad = Uint8Array.from(bytes);
       bad[0] = bad[0]! ^ 0xff;
