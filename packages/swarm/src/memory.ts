@@ -27,6 +27,8 @@ export class MemoryNetwork {
   readonly #directories = new Map<string, MemoryDirectory>();
   /** The chunks each peer served, in the order it chose them (for assertions on where bytes came from). */
   readonly served = new Map<string, number[]>();
+  /** Chunk requests each peer received, served or not (a duplicate cancelled on its way too). */
+  readonly requests = new Map<string, number>();
   readonly #gossipDelayMs: number;
 
   /** `gossipDelayMs`: availability reaches the other devices this late, as gossip does. Default 0 (at once). */
@@ -63,6 +65,7 @@ export class MemoryNetwork {
   }
 
   transport(): ChunkTransport {
+    const countRequest = (name: string): void => void this.requests.set(name, (this.requests.get(name) ?? 0) + 1);
     const call = async <T>(name: string, signal: AbortSignal, fn: (p: MemoryPeer) => Promise<T>): Promise<T> => {
       const peer = this.#peers.get(name);
       if (!peer || !peer.online) throw new Error(`${name} is unreachable`);
@@ -90,20 +93,24 @@ export class MemoryNetwork {
     };
     return {
       fetchHolding: (name, blob, signal) => call<Holding | undefined>(name, signal, (p) => p.source.holding(blob)),
-      fetchChunk: (name, blob, index, signal) =>
-        call(name, signal, (p) => {
+      fetchChunk: (name, blob, index, signal) => {
+        countRequest(name);
+        return call(name, signal, (p) => {
           p.ledger.record(blob, index);
           return serve(name, p, blob, index);
-        }),
-      pickChunk: (name, blob, want, signal, onPicked) =>
-        call(name, signal, async (p) => {
+        });
+      },
+      pickChunk: (name, blob, want, signal, onPicked) => {
+        countRequest(name);
+        return call(name, signal, async (p) => {
           const holding = await p.source.holding(blob);
           const index = holding && p.ledger.pick(blob, want, holding.have);
           if (index === undefined) return undefined;
           onPicked?.(index);
           const bytes = await serve(name, p, blob, index);
           return bytes && { index, bytes };
-        }),
+        });
+      },
     };
   }
 }

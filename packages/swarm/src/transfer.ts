@@ -34,6 +34,20 @@ interface PeerState {
 const READ_STEP = 256 * 1024;
 /** How many chunks past a waiting reader's position go before rarest-first. */
 const URGENT_WINDOW = 4;
+/**
+ * Endgame duplicates a request only once it is late: older than twice the transfer's typical
+ * chunk time, and at least this. Duplicating every outstanding request the moment slots freed up
+ * made a device with nine sources fetch the last ~18 chunks of each layer twice.
+ */
+const ENDGAME_MIN_WAIT_MS = 250;
+/** Weight of the newest chunk time in the transfer's running average. */
+const CHUNK_TIME_WEIGHT = 0.2;
+
+/** The peers asked for one chunk right now, and since when it has been asked. */
+interface AskedChunk {
+  peers: Set<string>;
+  since: number;
+}
 
 /** One blob being fetched from the mesh; created by Downloader.fetch. */
 export class Transfer {
@@ -43,8 +57,8 @@ export class Transfer {
   readonly #settle: PromiseWithResolvers<BlobInfo>;
   readonly #abort = new AbortController();
   readonly #peers = new Map<string, PeerState>();
-  /** Peers asked for each chunk right now. */
-  readonly #asked = new Map<number, Set<string>>();
+  /** Chunks asked for right now, oldest first. */
+  readonly #asked = new Map<number, AskedChunk>();
   readonly #sources: Record<string, number> = {};
   /** Chunk positions readers are waiting at. */
   readonly #readers = new Map<symbol, number>();
@@ -61,6 +75,11 @@ export class Transfer {
   #finishing = false;
   /** Keys of pending picks in PeerState.inFlight: -1, -2, ... */
   #picks = 0;
+  /** The chunks each pick not yet named may bring, by its key: not asked of anyone else meanwhile. */
+  readonly #unnamedPicks = new Map<number, ChunkBitmap>();
+  /** Running average of request-to-chunk time, ms; undefined until a chunk arrived. */
+  #chunkMs: number | undefined;
+  #endgameTimer: NodeJS.Timeout | undefined;
 
   constructor(blob: string, downloader: Downloader) {
     this.blob = blob;
@@ -305,7 +324,7 @@ export class Transfer {
     // Only chunks our index names can be verified, so only those are asked for.
     const named = partial.index.chunks.length;
     const holds = (i: number) => i < named && (state.have === 'all' || state.have.has(i));
-    const open = (i: number) => !partial.have.has(i) && !this.#asked.get(i)?.size && holds(i);
+    const open = (i: number) => !partial.have.has(i) && !this.#asked.get(i)?.peers.size && holds(i);
     // A reader's next chunks go first only while this transfer has a single source. With more,
     // a swarm is at work: the devices streaming one blob at once all want the same next chunks,
     // and asking for them would make the holder send every chunk to everyone (a central
@@ -331,18 +350,39 @@ export class Transfer {
       if (count < rarestCount) [rarest, rarestCount] = [[i], count];
       else if (count === rarestCount) rarest.push(i);
     }
+    if (rarest.length > 0 && state.have !== 'all') return rarest[Math.floor(Math.random() * rarest.length)];
     if (rarest.length > 0) {
-      if (state.have !== 'all' || rarest.length === 1) return rarest[Math.floor(Math.random() * rarest.length)];
+      // A pick is only named once its answer comes, so what it may bring is asked of no one
+      // else meanwhile, and whole holders asked at once each pick from a share of their own.
+      const holders = [...this.#peers].filter(([, s]) => s.have === 'all').map(([p]) => p).sort();
+      const share = rarest.filter((i) => i % holders.length === holders.indexOf(peer));
+      const from = (share.length > 0 ? share : rarest).filter((i) => ![...this.#unnamedPicks.values()].some((w) => w.has(i)));
+      if (from.length <= 1) return from[0];
       const want = new ChunkBitmap(chunks);
-      for (const i of rarest) want.set(i);
+      for (const i of from) want.set(i);
       return want;
     }
-    // Endgame: every missing chunk is asked of someone; ask a second peer for the oldest.
+    // Endgame: every missing chunk is asked of someone; ask a second peer for the oldest late one.
     const { endgameDuplicates } = this.#downloader.options;
-    for (const [i, askedPeers] of this.#asked) {
-      if (!partial.have.has(i) && holds(i) && !askedPeers.has(peer) && askedPeers.size < endgameDuplicates) return i;
+    const late = performance.now() - Math.max(ENDGAME_MIN_WAIT_MS, 2 * (this.#chunkMs ?? 0));
+    let nextLate = Infinity;
+    for (const [i, asked] of this.#asked) {
+      if (partial.have.has(i) || !holds(i) || asked.peers.has(peer) || asked.peers.size >= endgameDuplicates) continue;
+      if (asked.since <= late) return i;
+      nextLate = Math.min(nextLate, asked.since - late);
     }
+    if (nextLate < Infinity) this.#pumpIn(nextLate);
     return undefined;
+  }
+
+  /** Pumps again in `ms` (or sooner, if already due), when an outstanding request becomes late. */
+  #pumpIn(ms: number): void {
+    if (this.#endgameTimer) return;
+    this.#endgameTimer = setTimeout(() => {
+      this.#endgameTimer = undefined;
+      this.#pump();
+    }, ms + 1);
+    this.#endgameTimer.unref();
   }
 
   #request(peer: string, state: PeerState, ask: number | ChunkBitmap): void {
@@ -350,23 +390,33 @@ export class Transfer {
     const signal = AbortSignal.any([this.#abort.signal, controller.signal]);
     // A pick waits under a key of its own until the peer names its chunk, then counts as asked
     // for it, so that chunk is neither asked of anyone else nor picked again.
-    let key = typeof ask === 'number' ? ask : -++this.#picks;
-    let asked: Set<string> | undefined;
+    const pickKey = typeof ask === 'number' ? undefined : -++this.#picks;
+    let key = pickKey ?? (ask as number);
+    let asked: AskedChunk | undefined;
+    const started = performance.now();
     const askedFor = (chunk: number): void => {
+      if (pickKey !== undefined && this.#unnamedPicks.delete(pickKey)) queueMicrotask(() => this.#pump());
       if (chunk !== key && state.inFlight.has(chunk)) return;
       state.inFlight.delete(key);
       state.inFlight.set((key = chunk), controller);
-      asked = this.#asked.get(chunk) ?? new Set<string>();
-      this.#asked.set(chunk, asked.add(peer));
+      asked = this.#asked.get(chunk) ?? { peers: new Set<string>(), since: started };
+      asked.peers.add(peer);
+      this.#asked.set(chunk, asked);
     };
     state.inFlight.set(key, controller);
-    if (typeof ask === 'number') askedFor(ask);
+    if (pickKey === undefined) askedFor(key);
+    else this.#unnamedPicks.set(pickKey, ask as ChunkBitmap);
     this.#downloader.fetchChunk(this.#partial!, peer, ask, signal, askedFor).then(
       (result) => {
         state.inFlight.delete(key);
+        if (pickKey !== undefined) this.#unnamedPicks.delete(pickKey);
         if (asked) {
-          asked.delete(peer);
-          if (asked.size === 0) this.#asked.delete(key);
+          asked.peers.delete(peer);
+          if (asked.peers.size === 0) this.#asked.delete(key);
+        }
+        if (result.outcome === 'ok') {
+          const ms = performance.now() - started;
+          this.#chunkMs = this.#chunkMs === undefined ? ms : this.#chunkMs + CHUNK_TIME_WEIGHT * (ms - this.#chunkMs);
         }
         this.#settled(peer, state, result);
       },
@@ -439,6 +489,7 @@ export class Transfer {
   #stopTimers(): void {
     clearInterval(this.#timer);
     clearInterval(this.#growTimer);
+    clearTimeout(this.#endgameTimer);
     this.#downloader.options.directory.removeEventListener('availability', this.#onAvailability);
   }
 

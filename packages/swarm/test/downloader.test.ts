@@ -153,6 +153,19 @@ test('devices that start together get different chunks from one seeder: it sends
     new MemoryNetwork({ gossipDelayMs: 50 }),
   ));
 
+test('endgame duplicates only late requests: with eight prompt holders the last chunks are asked once', () =>
+  withFixture(async (f) => {
+    const chunks = 40;
+    const bytes = randomBytes(chunks * CHUNK);
+    let digest = '';
+    for (const name of ['a', 'b', 'c', 'd', 'e', 'f', 'g', 'h']) digest = await f.seed(await f.device(name, { delayMs: 20 }), bytes);
+    const r = await f.device('r');
+    await (await r.downloader.fetch(digest)).done;
+    assert.ok((await stored(r.store, digest)).equals(bytes));
+    const requests = [...f.net.requests.values()].reduce((sum, n) => sum + n, 0);
+    assert.ok(requests <= chunks + 2, `${requests} chunk requests for ${chunks} chunks`);
+  }));
+
 test('a resumed download fetches only the chunks it lacks', () =>
   withFixture(async (f) => {
     const bytes = randomBytes(16 * CHUNK);
