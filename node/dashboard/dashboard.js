@@ -1,6 +1,8 @@
 // The node dashboard: polls the control API's JSON endpoints and redraws. Every string from
 // the API goes in through textContent (peer names, labels and services come from the network),
 // never through innerHTML.
+import { formatAgo, formatBytes, shortDigest, shortPeerId } from './format.js';
+
 const POLL_MS = 2000;
 
 async function getJson(path) {
@@ -17,26 +19,6 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
-/** Same units as the `shoal` CLI (base 1024). */
-function formatBytes(n) {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let v = n;
-  let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return i === 0 ? `${n} B` : `${v.toFixed(v < 10 ? 1 : 0)} ${units[i]}`;
-}
-
-function formatAgo(ms) {
-  if (ms < 1000) return 'now';
-  const s = Math.round(ms / 1000);
-  if (s < 120) return `${s}s ago`;
-  if (s < 7200) return `${Math.round(s / 60)}m ago`;
-  return `${Math.round(s / 3600)}h ago`;
-}
-
 function formatDuration(ms) {
   const s = Math.floor(ms / 1000);
   const [d, h, m] = [Math.floor(s / 86400), Math.floor((s % 86400) / 3600), Math.floor((s % 3600) / 60)];
@@ -46,8 +28,6 @@ function formatDuration(ms) {
   return `${s}s`;
 }
 
-const shortDigest = (digest) => digest.slice(0, digest.indexOf(':') + 13);
-const shortPeerId = (id) => (id.length > 16 ? `${id.slice(0, 8)}…${id.slice(-6)}` : id);
 const sum = (values) => values.reduce((a, b) => a + b, 0);
 
 function setText(id, text) {

@@ -26,8 +26,8 @@ export interface ControlApiDeps {
 
 /** The dashboard: one page, its script and its style, shipped in node/dashboard (no build step). */
 const DASHBOARD = Object.fromEntries(
-  (['index.html', 'dashboard.js', 'dashboard.css'] as const).map((file) => [file, readFileSync(new URL(`../dashboard/${file}`, import.meta.url), 'utf8')]),
-) as Record<'index.html' | 'dashboard.js' | 'dashboard.css', string>;
+  (['index.html', 'dashboard.js', 'format.js', 'dashboard.css'] as const).map((file) => [file, readFileSync(new URL(`../dashboard/${file}`, import.meta.url), 'utf8')]),
+) as Record<'index.html' | 'dashboard.js' | 'format.js' | 'dashboard.css', string>;
 
 /** The control API: small hono handlers over the node's parts. */
 export function createControlApi(deps: ControlApiDeps): Hono {
@@ -37,7 +37,9 @@ export function createControlApi(deps: ControlApiDeps): Hono {
   const page = (c: Context) => c.html(DASHBOARD['index.html'], 200, { 'content-security-policy': "default-src 'self'" });
   app.get('/', page);
   app.get('/dashboard', page);
-  app.get('/dashboard.js', (c) => c.body(DASHBOARD['dashboard.js'], 200, { 'content-type': 'text/javascript; charset=utf-8' }));
+  for (const script of ['dashboard.js', 'format.js'] as const) {
+    app.get(`/${script}`, (c) => c.body(DASHBOARD[script], 200, { 'content-type': 'text/javascript; charset=utf-8' }));
+  }
   app.get('/dashboard.css', (c) => c.body(DASHBOARD['dashboard.css'], 200, { 'content-type': 'text/css; charset=utf-8' }));
 
   app.get('/healthz', (c) => c.json({ status: 'ok', name: deps.node.name, version: deps.node.version }));

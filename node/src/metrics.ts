@@ -19,43 +19,43 @@ export class NodeMetrics {
     // Process CPU, RSS, heap, event-loop lag, as shoal_process_* and shoal_nodejs_*.
     collectDefaultMetrics({ register: this.#registry, prefix: 'shoal_' });
 
-    this.#gauge('shoal_node_info', 'This node: always 1, the facts are in the labels.', ['name', 'version', 'peer_id'], ({ node }) => [
+    this.#metric('gauge', 'shoal_node_info', 'This node: always 1, the facts are in the labels.', ['name', 'version', 'peer_id'], ({ node }) => [
       [{ name: node.name, version: node.version, peer_id: node.peerId }, 1],
     ]);
 
-    this.#counter('shoal_gateway_requests_total', 'Registry gateway responses by endpoint kind, method and status class.', ['kind', 'method', 'status'], (s) =>
+    this.#metric('counter', 'shoal_gateway_requests_total', 'Registry gateway responses by endpoint kind, method and status class.', ['kind', 'method', 'status'], (s) =>
       s.gateway.requests.map(({ kind, method, status, count }) => [{ kind, method, status }, count]),
     );
-    this.#counter('shoal_gateway_sent_bytes_total', 'Bytes the registry gateway wrote to clients, headers included, by endpoint kind.', ['kind'], (s) =>
+    this.#metric('counter', 'shoal_gateway_sent_bytes_total', 'Bytes the registry gateway wrote to clients, headers included, by endpoint kind.', ['kind'], (s) =>
       Object.entries(s.gateway.bytesSent).map(([kind, bytes]) => [{ kind }, bytes]),
     );
 
-    this.#gauge('shoal_store_blobs', 'Committed blobs in the content store (up to 5 s behind).', [], (s) => [[{}, s.store.blobs]]);
-    this.#gauge('shoal_store_bytes', 'Bytes of committed blobs in the content store (up to 5 s behind).', [], (s) => [[{}, s.store.bytes]]);
-    this.#gauge('shoal_store_repositories', 'Repositories in the content store.', [], (s) => [[{}, s.store.repositories]]);
-    this.#gauge('shoal_store_tags', 'Tags in the content store (the images it lists).', [], (s) => [[{}, s.store.tags]]);
+    this.#metric('gauge', 'shoal_store_blobs', 'Committed blobs in the content store (up to 5 s behind).', [], (s) => [[{}, s.store.blobs]]);
+    this.#metric('gauge', 'shoal_store_bytes', 'Bytes of committed blobs in the content store (up to 5 s behind).', [], (s) => [[{}, s.store.bytes]]);
+    this.#metric('gauge', 'shoal_store_repositories', 'Repositories in the content store.', [], (s) => [[{}, s.store.repositories]]);
+    this.#metric('gauge', 'shoal_store_tags', 'Tags in the content store (the images it lists).', [], (s) => [[{}, s.store.tags]]);
 
-    this.#gauge('shoal_mesh_peers', 'Other devices in the membership table, by status.', ['status'], (s) =>
+    this.#metric('gauge', 'shoal_mesh_peers', 'Other devices in the membership table, by status.', ['status'], (s) =>
       Object.entries(s.mesh.peers).map(([status, count]) => [{ status }, count]),
     );
-    this.#gauge('shoal_mesh_connections', 'Open libp2p connections.', [], (s) => [[{}, s.mesh.connections]]);
-    this.#gauge('shoal_mesh_tag_records', 'Records in the mesh-wide tag table.', [], (s) => [[{}, s.mesh.tagRecords]]);
+    this.#metric('gauge', 'shoal_mesh_connections', 'Open libp2p connections.', [], (s) => [[{}, s.mesh.connections]]);
+    this.#metric('gauge', 'shoal_mesh_tag_records', 'Records in the mesh-wide tag table.', [], (s) => [[{}, s.mesh.tagRecords]]);
 
-    this.#gauge('shoal_swarm_transfers_active', 'Blobs being fetched from the mesh now.', [], (s) => [[{}, s.swarm.activeTransfers]]);
-    this.#counter('shoal_swarm_transfers_total', 'Mesh transfers that ended, by result (failed includes blobs no device held).', ['result'], (s) => [
+    this.#metric('gauge', 'shoal_swarm_transfers_active', 'Blobs being fetched from the mesh now.', [], (s) => [[{}, s.swarm.activeTransfers]]);
+    this.#metric('counter', 'shoal_swarm_transfers_total', 'Mesh transfers that ended, by result (failed includes blobs no device held).', ['result'], (s) => [
       [{ result: 'complete' }, s.swarm.transfersCompleted],
       [{ result: 'failed' }, s.swarm.transfersFailed],
     ]);
-    this.#counter('shoal_swarm_received_bytes_total', 'Chunk bytes received from peers, before verification, by path.', ['path'], (s) =>
+    this.#metric('counter', 'shoal_swarm_received_bytes_total', 'Chunk bytes received from peers, before verification, by path.', ['path'], (s) =>
       byPath(s.swarm.bytesReceived),
     );
-    this.#counter('shoal_swarm_verified_bytes_total', 'Chunk bytes from peers that matched their hash.', [], (s) => [[{}, s.swarm.bytesVerified]]);
-    this.#counter('shoal_swarm_chunks_verified_total', 'Chunks from peers that matched their hash.', [], (s) => [[{}, s.swarm.chunksVerified]]);
-    this.#counter('shoal_swarm_chunks_rejected_total', 'Chunks from peers that failed verification.', [], (s) => [[{}, s.swarm.chunksRejected]]);
-    this.#counter('shoal_swarm_peers_banned_total', 'Peers banned for sending a chunk that failed verification.', [], (s) => [[{}, s.swarm.peersBanned]]);
-    this.#counter('shoal_swarm_uploaded_bytes_total', 'Chunk bytes sent to peers, by path.', ['path'], (s) => byPath(s.swarm.bytesUploaded));
+    this.#metric('counter', 'shoal_swarm_verified_bytes_total', 'Chunk bytes from peers that matched their hash.', [], (s) => [[{}, s.swarm.bytesVerified]]);
+    this.#metric('counter', 'shoal_swarm_chunks_verified_total', 'Chunks from peers that matched their hash.', [], (s) => [[{}, s.swarm.chunksVerified]]);
+    this.#metric('counter', 'shoal_swarm_chunks_rejected_total', 'Chunks from peers that failed verification.', [], (s) => [[{}, s.swarm.chunksRejected]]);
+    this.#metric('counter', 'shoal_swarm_peers_banned_total', 'Peers banned for sending a chunk that failed verification.', [], (s) => [[{}, s.swarm.peersBanned]]);
+    this.#metric('counter', 'shoal_swarm_uploaded_bytes_total', 'Chunk bytes sent to peers, by path.', ['path'], (s) => byPath(s.swarm.bytesUploaded));
 
-    this.#counter('shoal_upstream_received_bytes_total', 'Bytes pulled through from upstream registries, counted as each pull-through ends.', [], (s) => [
+    this.#metric('counter', 'shoal_upstream_received_bytes_total', 'Bytes pulled through from upstream registries, counted as each pull-through ends.', [], (s) => [
       [{}, s.upstream.bytesReceived],
     ]);
   }
@@ -70,32 +70,27 @@ export class NodeMetrics {
     return this.#registry.metrics();
   }
 
-  #counter(name: string, help: string, labelNames: string[], samples: Samples): void {
+  /** A metric whose values are set afresh from the scrape's snapshot each time it is collected. */
+  #metric(kind: 'counter' | 'gauge', name: string, help: string, labelNames: string[], samples: Samples): void {
     const read = () => samples(this.#snapshot!);
-    new Counter({
-      name,
-      help,
-      labelNames,
-      registers: [this.#registry],
-      collect() {
-        this.reset();
-        for (const [labels, value] of read()) this.inc(labels, value);
-      },
-    });
-  }
-
-  #gauge(name: string, help: string, labelNames: string[], samples: Samples): void {
-    const read = () => samples(this.#snapshot!);
-    new Gauge({
-      name,
-      help,
-      labelNames,
-      registers: [this.#registry],
-      collect() {
-        this.reset();
-        for (const [labels, value] of read()) this.set(labels, value);
-      },
-    });
+    const config = { name, help, labelNames, registers: [this.#registry] };
+    if (kind === 'counter') {
+      new Counter({
+        ...config,
+        collect() {
+          this.reset();
+          for (const [labels, value] of read()) this.inc(labels, value);
+        },
+      });
+    } else {
+      new Gauge({
+        ...config,
+        collect() {
+          this.reset();
+          for (const [labels, value] of read()) this.set(labels, value);
+        },
+      });
+    }
   }
 }
 
