@@ -41,6 +41,13 @@ export interface DownloaderOptions {
    */
   rediscoverMs?: number;
   /**
+   * The periodic lookup of holders runs only while a transfer has fewer usable peers than this;
+   * with more, availability gossip is how it learns of new holders (a device announces a blob it
+   * starts or completes at once). Ten devices fanning out one image made ~3 DHT streams a second
+   * each, most of them these lookups. Default 3.
+   */
+  rediscoverBelowPeers?: number;
+  /**
    * While only a provisional index is known (every holder is still pulling the blob from an
    * upstream), how often holders are asked how far they got. Default 250 ms.
    */
@@ -130,6 +137,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       holdingTimeoutMs: 3_000,
       stallTimeoutMs: 30_000,
       rediscoverMs: 10_000,
+      rediscoverBelowPeers: 3,
       growingRefreshMs: 250,
       banMs: 600_000,
       maxPeerFailures: 3,

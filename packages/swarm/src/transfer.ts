@@ -277,11 +277,13 @@ export class Transfer {
       this.#fail(new NoHolderError(this.blob, 'every holder left or failed'));
       return;
     }
-    const { directory } = this.#downloader.options;
-    void directory.findHolders(this.blob, this.#abort.signal).then(
-      (peers) => this.#check(peers),
-      () => {},
-    );
+    const { directory, rediscoverBelowPeers } = this.#downloader.options;
+    if (this.#peers.size < rediscoverBelowPeers) {
+      void directory.findHolders(this.blob, this.#abort.signal).then(
+        (peers) => this.#check(peers),
+        () => {},
+      );
+    }
     // Partial holders' bitmaps grow; gossip is rate-limited, so ask them again now and then.
     const partialHolders = [...this.#peers].filter(([, s]) => s.have !== 'all').map(([p]) => p);
     if (partialHolders.length > 0) void this.#refresh(partialHolders);

@@ -166,6 +166,30 @@ test('endgame duplicates only late requests: with eight prompt holders the last 
     assert.ok(requests <= chunks + 2, `${requests} chunk requests for ${chunks} chunks`);
   }));
 
+test('a transfer with enough sources stops looking holders up and relies on availability gossip', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(48 * CHUNK);
+    let digest = '';
+    for (const name of ['a', 'b', 'c', 'd']) digest = await f.seed(await f.device(name, { delayMs: 25 }), bytes);
+    const lookups = async (rediscoverBelowPeers: number) => {
+      const name = `r${rediscoverBelowPeers}`;
+      const directory = f.net.directory(name);
+      const findHolders = directory.findHolders.bind(directory);
+      let calls = 0;
+      directory.findHolders = (blob, signal) => {
+        calls++;
+        return findHolders(blob, signal);
+      };
+      const r = await f.device(name, { rediscoverMs: 20, rediscoverBelowPeers });
+      await (await r.downloader.fetch(digest)).done;
+      assert.ok((await stored(r.store, digest)).equals(bytes));
+      return calls;
+    };
+    assert.equal(await lookups(3), 1, 'four sources: only the lookup that started the transfer');
+    const repeated = await lookups(10);
+    assert.ok(repeated > 3, `below the threshold the lookup repeats: ${repeated}`);
+  }));
+
 test('a resumed download fetches only the chunks it lacks', () =>
   withFixture(async (f) => {
     const bytes = randomBytes(16 * CHUNK);
