@@ -6,6 +6,7 @@ import { ChunkBitmap } from '@shoal/store';
 import { CID } from 'multiformats/cid';
 import * as raw from 'multiformats/codecs/raw';
 import { create as createDigest } from 'multiformats/hashes/digest';
+import { encodeBitmap } from './chunk-protocol.ts';
 import type { Availability, AvailabilityUpdate, ProviderDirectory, ProviderDirectoryEvents } from './types.ts';
 
 export const AVAILABILITY_TOPIC = '/shoal/availability/2';
@@ -196,7 +197,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     this.#lastPartialAt = performance.now();
     const entries = [...this.#pendingPartial].map(([blob, bitmap]) => ({
       blob,
-      have: Buffer.from(bitmap.toBytes()).toString('base64'),
+      have: encodeBitmap(bitmap),
       chunks: bitmap.length,
     }));
     this.#pendingPartial.clear();

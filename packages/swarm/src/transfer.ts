@@ -357,8 +357,10 @@ export class Transfer {
       // A pick is only named once its answer comes, so what it may bring is asked of no one
       // else meanwhile, and whole holders asked at once each pick from a share of their own.
       const holders = [...this.#peers].filter(([, s]) => s.have === 'all').map(([p]) => p).sort();
-      const share = rarest.filter((i) => i % holders.length === holders.indexOf(peer));
-      const from = (share.length > 0 ? share : rarest).filter((i) => ![...this.#unnamedPicks.values()].some((w) => w.has(i)));
+      const mine = holders.indexOf(peer);
+      const share = rarest.filter((i) => i % holders.length === mine);
+      const unnamed = [...this.#unnamedPicks.values()];
+      const from = (share.length > 0 ? share : rarest).filter((i) => !unnamed.some((w) => w.has(i)));
       if (from.length <= 1) return from[0];
       const want = new ChunkBitmap(chunks);
       for (const i of from) want.set(i);
