@@ -3,11 +3,11 @@ import { after, before, describe, it } from 'node:test';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CommandError, run } from './helpers/exec.ts';
-import { REPO_ROOT, startShoalNode, type RunningShoalNode } from './helpers/node.ts';
+import { REPO_ROOT, SHOAL_BIN, startShoalNode, type RunningShoalNode } from './helpers/node.ts';
 import { pushImage } from './helpers/push.ts';
 import { Scratch } from './helpers/scratch.ts';
 
-const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
+const CLI = SHOAL_BIN;
 const shoal = (args: string[]) => run(process.execPath, [CLI, ...args], { cwd: REPO_ROOT });
 
 describe('shoal node --config and shoal images', () => {

@@ -1,12 +1,11 @@
 import assert from 'node:assert/strict';
 import { writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import { after, afterEach, before, describe, it } from 'node:test';
 import { explainFailure } from './helpers/diagnostics.ts';
 import { run } from './helpers/exec.ts';
 import { Devices, eventually, MESH_PORT, meshPeerId } from './helpers/devices.ts';
 import { NETNS_PREREQUISITES, TestNetwork } from './helpers/netns.ts';
-import { REPO_ROOT, type PeerRecord, type RunningShoalNode } from './helpers/node.ts';
+import { SHOAL_BIN, type PeerRecord, type RunningShoalNode } from './helpers/node.ts';
 import { prerequisiteGate } from './helpers/prerequisites.ts';
 import { Scratch } from './helpers/scratch.ts';
 
@@ -19,7 +18,7 @@ const CONVERGE_WITHIN_MS = 20_000;
 
 /** `shoal keygen` into a file. */
 async function keygen(path: string): Promise<string> {
-  const { stdout } = await run(process.execPath, [join(REPO_ROOT, 'node', 'src', 'cli.ts'), 'keygen']);
+  const { stdout } = await run(process.execPath, [SHOAL_BIN, 'keygen']);
   await writeFile(path, stdout, { mode: 0o600 });
   return path;
 }

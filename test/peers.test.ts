@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { join } from 'node:path';
 import { run } from './helpers/exec.ts';
-import { REPO_ROOT, startShoalNode, type RunningShoalNode } from './helpers/node.ts';
+import { SHOAL_BIN, startShoalNode, type RunningShoalNode } from './helpers/node.ts';
 import { Scratch } from './helpers/scratch.ts';
 
 interface Peer {
@@ -13,7 +13,7 @@ interface Peer {
   labels: Record<string, string>;
 }
 
-const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
+const CLI = SHOAL_BIN;
 
 async function peersOf(node: RunningShoalNode): Promise<Peer[]> {
   return (await (await fetch(`${node.apiUrl}/api/peers`)).json()) as Peer[];

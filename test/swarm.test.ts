@@ -13,7 +13,7 @@ import { CommandError } from './helpers/exec.ts';
 import { writeHostsToml } from './helpers/hosts-toml.ts';
 import { BUSYBOX_PATH, buildTestImage, layoutEntries, type Descriptor, type TestImage } from './helpers/image.ts';
 import { NETNS_PREREQUISITES, TestNetwork } from './helpers/netns.ts';
-import { REPO_ROOT, type PeerRecord, type RunningShoalNode, type ShoalNodeOptions } from './helpers/node.ts';
+import { SHOAL_BIN, type PeerRecord, type RunningShoalNode, type ShoalNodeOptions } from './helpers/node.ts';
 import { prerequisiteGate } from './helpers/prerequisites.ts';
 import { Scratch } from './helpers/scratch.ts';
 
@@ -123,10 +123,9 @@ describe('the swarm: devices fetch images chunk by chunk from each other (networ
    * up to `attempts` in all; resolves with the attempts it took.
    */
   async function shoalPull(index: number, repository: string, attempts = 1): Promise<number> {
-    const cli = join(REPO_ROOT, 'node', 'src', 'cli.ts');
     for (let attempt = 1; ; attempt++) {
       try {
-        await onDevice(index, process.execPath, [cli, 'pull', `${repository}:1`, '--api', node(index).apiUrl]);
+        await onDevice(index, process.execPath, [SHOAL_BIN, 'pull', `${repository}:1`, '--api', node(index).apiUrl]);
         return attempt;
       } catch (error) {
         if (attempt >= attempts || !(error instanceof CommandError)) throw error;

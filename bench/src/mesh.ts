@@ -12,7 +12,7 @@ import { parseArgs } from 'node:util';
 import { meshPeerId } from '../../test/helpers/devices.ts';
 import { run } from '../../test/helpers/exec.ts';
 import { netnsGet, TestNetwork } from '../../test/helpers/netns.ts';
-import { REPO_ROOT, startShoalNode, type PeerRecord, type RunningShoalNode } from '../../test/helpers/node.ts';
+import { SHOAL_BIN, startShoalNode, type PeerRecord, type RunningShoalNode } from '../../test/helpers/node.ts';
 import { Scratch } from '../../test/helpers/scratch.ts';
 import { describeMachine, markdownMachine, rssOf } from './machine.ts';
 import { busyPercent, cpuJiffies } from './shared.ts';
@@ -170,7 +170,7 @@ async function main(): Promise<void> {
   const results: MeshResult[] = [];
   try {
     const swarmKey = scratch.path('swarm.key');
-    const { stdout } = await run(process.execPath, [join(REPO_ROOT, 'node', 'src', 'cli.ts'), 'keygen']);
+    const { stdout } = await run(process.execPath, [SHOAL_BIN, 'keygen']);
     await writeFile(swarmKey, stdout, { mode: 0o600 });
     for (const count of DEVICE_COUNTS) results.push(await measureMesh(count, scratch, swarmKey));
   } finally {

@@ -9,7 +9,8 @@ import { netnsGet, type NetnsResponse } from './netns.ts';
 
 /** The repository root, from this file's place in test/helpers/. */
 export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
-const CLI = join(REPO_ROOT, 'node', 'src', 'cli.ts');
+/** The `shoal` executable users run (node/bin/shoal.js); tests spawn it with process.execPath. */
+export const SHOAL_BIN = join(REPO_ROOT, 'node', 'bin', 'shoal.js');
 /** Log lines a RunningShoalNode keeps. */
 export const MAX_LOG_LINES = 5000;
 
@@ -148,7 +149,7 @@ async function waitForExit(child: ChildProcess, timeoutMs: number): Promise<bool
 export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<RunningShoalNode> {
   const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'shoal-node-')));
   // The same V8 flag as node/bin/shoal.js, so tests and benchmarks see the daemon users run.
-  const args = ['--max-semi-space-size=2', ...(options.runtimeFlags ?? []), CLI, 'node', '--data-dir', dataDir];
+  const args = ['--max-semi-space-size=2', ...(options.runtimeFlags ?? []), SHOAL_BIN, 'node', '--data-dir', dataDir];
   args.push('--gateway', options.gateway ?? '127.0.0.1:0', '--api', options.api ?? '127.0.0.1:0');
   // Tests on one host: no fixed port 4001, no multicast on the default namespace's loopback.
   for (const addr of options.listen ?? ['/ip4/127.0.0.1/tcp/0']) args.push('--listen', addr);
