@@ -108,6 +108,21 @@ describe('devices on one LAN find each other by mDNS (network namespaces)', gate
     await eventually('all four devices alive again in every table', CONVERGE_WITHIN_MS, () => tablesDiffer(nodes, allAlive));
   });
 
+  it('a device whose cable is cut (no FIN, no RST) is marked down by the others, and alive again once it is back', async () => {
+    const nodes = devices.nodes.slice(0, 4) as RunningShoalNode[];
+    const cut = network.devices[2]!;
+    await network.setLink(cut, false);
+    try {
+      const survivors = [nodes[0]!, nodes[1]!, nodes[3]!];
+      const expected = new Map(peerIds.map((peerId, i) => [peerId, i === 2 ? ('down' as const) : ('alive' as const)]));
+      await eventually('device-2 down and the others alive in every other table', DOWN_WITHIN_MS, () => tablesDiffer(survivors, expected));
+    } finally {
+      await network.setLink(cut, true);
+    }
+    const allAlive = new Map(peerIds.map((peerId) => [peerId, 'alive' as const]));
+    await eventually('all four devices alive again in every table', CONVERGE_WITHIN_MS, () => tablesDiffer(nodes, allAlive));
+  });
+
   it('a device with another swarm key never appears in any table', async () => {
     // It has been on the bridge since before the first test. It did hear the others by mDNS,
     // so only the swarm key kept it out.

@@ -125,6 +125,14 @@ export class TestNetwork {
     await run('tc', ['-n', this.#bridgeNetns, 'qdisc', 'replace', 'dev', bridgePort, 'root', ...tbf(rate)]);
   }
 
+  /**
+   * Cuts (or restores) `device`'s cable: its bridge port goes down, so nothing it sends arrives
+   * and nothing reaches it, and no FIN or RST tells anyone, as when a device loses power.
+   */
+  async setLink(device: TestDevice, up: boolean): Promise<void> {
+    await this.#ip(this.#bridgeNetns, ['link', 'set', `port${this.devices.indexOf(device)}`, up ? 'up' : 'down']);
+  }
+
   /** Bytes `device`'s interface has sent onto the bridge and received from it so far (all traffic). */
   async interfaceBytes(device: TestDevice): Promise<{ sent: number; received: number }> {
     const dir = `/sys/class/net/${DEVICE_INTERFACE}/statistics`;

@@ -89,8 +89,23 @@ export interface Beat {
   load: number;
 }
 
-/** A message on the membership topic: the sender's whole record, or a beat. */
-export type Heartbeat = { record: MemberRecord; beat?: never } | { beat: Beat; record?: never };
+/**
+ * A member's probe of another went unanswered: receivers treat the named member as suspect
+ * unless they heard from it more recently, and the member itself, if alive, refutes it with a
+ * heartbeat at once.
+ */
+export interface Suspicion {
+  /** The member that did not answer. */
+  peerId: string;
+  /** The highest seq of that member the sender held: a heartbeat above it refutes the suspicion. */
+  seq: number;
+}
+
+/** A message on the membership topic: the sender's whole record, a beat, or a suspicion. */
+export type Heartbeat =
+  | { record: MemberRecord; beat?: never; suspicion?: never }
+  | { beat: Beat; record?: never; suspicion?: never }
+  | { suspicion: Suspicion; record?: never; beat?: never };
 
 /** A heartbeat carrying the whole record (sent at start and whenever the record changes). */
 export function encodeHeartbeat(record: MemberRecord): Uint8Array {
@@ -101,9 +116,23 @@ export function encodeBeat(beat: Beat): Uint8Array {
   return new TextEncoder().encode(JSON.stringify({ v: MEMBERSHIP_FORMAT_VERSION, beat }));
 }
 
+export function encodeSuspicion(suspicion: Suspicion): Uint8Array {
+  return new TextEncoder().encode(JSON.stringify({ v: MEMBERSHIP_FORMAT_VERSION, suspicion }));
+}
+
 /** Parses and schema-checks a heartbeat; throws MembershipFormatError for anything malformed or over maxBytes. */
 export function decodeHeartbeat(bytes: Uint8Array, maxBytes: number): Heartbeat {
   const message = parseVersionedJson(bytes, maxBytes, 'heartbeat');
+  if (message.suspicion !== undefined) {
+    const { suspicion } = message;
+    if (!isPlainObject(suspicion)) throw new MembershipFormatError('heartbeat.suspicion is not an object');
+    return {
+      suspicion: {
+        peerId: checkPeerId(suspicion.peerId, 'heartbeat.suspicion.peerId'),
+        seq: checkNumber(suspicion.seq, 'heartbeat.suspicion.seq', { integer: true }),
+      },
+    };
+  }
   if (message.beat === undefined) return { record: parseMemberRecord(message, 'heartbeat') };
   const { beat } = message;
   if (!isPlainObject(beat)) throw new MembershipFormatError('heartbeat.beat is not an object');
@@ -259,12 +288,7 @@ function parseVersionedJson(bytes: Uint8Array, maxBytes: number, what: string): 
 /** Checks every field and returns only the known ones, so extra fields never reach the table. */
 function parseMemberRecord(value: unknown, where: string): MemberRecord {
   if (!isPlainObject(value)) throw new MembershipFormatError(`${where} is not an object`);
-  const peerId = checkText(value.peerId, `${where}.peerId`, 128);
-  try {
-    peerIdFromString(peerId);
-  } catch {
-    throw new MembershipFormatError(`${where}.peerId is not a peer id`);
-  }
+  const peerId = checkPeerId(value.peerId, `${where}.peerId`);
   const { addresses } = value;
   if (!Array.isArray(addresses) || addresses.length > MAX_ADDRESSES) {
     throw new MembershipFormatError(`${where}.addresses is not an array of at most ${MAX_ADDRESSES}`);
@@ -285,6 +309,16 @@ function parseMemberRecord(value: unknown, where: string): MemberRecord {
   if (value.serviceHost !== undefined) record.serviceHost = checkHost(value.serviceHost, `${where}.serviceHost`);
   if (value.services !== undefined) record.services = checkServices(value.services, `${where}.services`);
   return record;
+}
+
+function checkPeerId(value: unknown, where: string): string {
+  const peerId = checkText(value, where, 128);
+  try {
+    peerIdFromString(peerId);
+  } catch {
+    throw new MembershipFormatError(`${where} is not a peer id`);
+  }
+  return peerId;
 }
 
 function checkMultiaddr(value: unknown, where: string): string {

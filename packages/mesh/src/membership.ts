@@ -1,6 +1,7 @@
 import { arch, hostname, platform } from 'node:os';
 import { TopicValidatorResult, type Message } from '@libp2p/gossipsub';
 import { TypedEventEmitter, type PeerId } from '@libp2p/interface';
+import { peerIdFromString } from '@libp2p/peer-id';
 import { multiaddr } from '@multiformats/multiaddr';
 import {
   checkHost,
@@ -12,6 +13,7 @@ import {
   decodeSync,
   encodeBeat,
   encodeHeartbeat,
+  encodeSuspicion,
   encodeSync,
   MAX_ADDRESSES,
   MAX_SERVICES,
@@ -19,6 +21,7 @@ import {
   type Heartbeat,
   type MemberRecord,
   type ServiceRecord,
+  type Suspicion,
   type SyncedMember,
 } from './membership-codec.ts';
 import { TableExchange } from './table-exchange.ts';
@@ -76,11 +79,11 @@ export interface MemberStats {
 }
 
 export interface MembershipEvents {
-  /** A member is new and alive, or was suspect or down and sent a newer heartbeat. */
+  /** A member is new and alive, or was suspect or down and showed a sign of life. */
   'peer:alive': CustomEvent<Member>;
-  /** A member was not heard for `suspectAfterMs`, or its connection closed. */
+  /** A member did not answer a probe (this node's or, by a suspicion message, another's), or was not heard for `suspectAfterMs`. */
   'peer:suspect': CustomEvent<Member>;
-  /** A member was not heard for `downAfterMs`. */
+  /** A suspect member showed no sign of life for `suspicionMs`. */
   'peer:down': CustomEvent<Member>;
   /** A member's announced information (name, addresses, URLs, labels, version, usage, load) changed. */
   'peer:updated': CustomEvent<Member>;
@@ -110,15 +113,32 @@ export interface MembershipOptions {
   /** Gossipsub topic of the heartbeats. Default `/shoal/membership/2`. */
   topic?: string;
   /**
-   * How often this node heartbeats. A heartbeat is a small beat (liveness, usage, load) unless
-   * the record changed; every member receives every heartbeat, so this paces the CPU and
-   * traffic of an idle mesh. Default 2 000 ms.
+   * The mesh's heartbeat pace: a node heartbeats every heartbeatIntervalMs times the number of
+   * members it counts alive (itself included), so the whole mesh sends about one heartbeat per
+   * heartbeatIntervalMs whatever its size. Every member receives every heartbeat, several times
+   * over (gossipsub's mesh), so this paces an idle mesh's traffic and CPU; liveness comes from
+   * probes, not from heartbeats. A heartbeat is a small beat (sequence number, usage, load) unless
+   * the record changed, which is announced at once. Default 3 000 ms (at 16 devices, a heartbeat
+   * from each every ~48 s).
    */
   heartbeatIntervalMs?: number;
-  /** A member not heard from for this long is suspect. Default 5 000 ms. */
+  /** Longest time between two heartbeats of a node, however large the mesh. Default 60 000 ms. */
+  maxHeartbeatIntervalMs?: number;
+  /**
+   * This node probes one member per interval, each in turn (a random order per round), so every
+   * member is probed by someone about once per interval whatever the mesh's size. Default 1 000 ms.
+   */
+  probeIntervalMs?: number;
+  /** A probe not answered within this long failed: the member is suspect. Default 1 500 ms. */
+  probeTimeoutMs?: number;
+  /** A suspect member that shows no sign of life for this long is down. Default 4 000 ms. */
+  suspicionMs?: number;
+  /**
+   * A member not heard from at all (heartbeat, probe answer, connection, table exchange) for this
+   * long is suspect: a backstop for lost probes and suspicions, longer than any heartbeat
+   * interval. Default 90 000 ms.
+   */
   suspectAfterMs?: number;
-  /** A member not heard from for this long is down. Default 8 000 ms. */
-  downAfterMs?: number;
   /** A member not heard from for this long is forgotten. Default 300 000 ms (5 min). */
   dropAfterMs?: number;
   /** How often statuses are re-evaluated. Default 500 ms. */
@@ -147,6 +167,8 @@ interface Row {
   ownRecordSeq: number;
   /** performance.now() when `record` was current at its source; service TTLs count from here. */
   recordAt: number;
+  /** performance.now() when it last became suspect; news heard after this makes it alive again. */
+  suspectedAt: number;
 }
 
 /** A service of this device; the TTL deadline is on performance.now() so clock jumps do not move it. */
@@ -155,7 +177,6 @@ interface OwnService {
   expiresAt?: number;
 }
 
-const STATUS_RANK: Record<MemberStatus, number> = { alive: 0, suspect: 1, down: 2 };
 // One successful exchange gives a joiner the whole table, so a few in parallel are plenty.
 const MAX_CONCURRENT_SYNCS = 4;
 // Slack per member in a sync message for the ageMs field and separators.
@@ -192,6 +213,12 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   readonly #decoded = new WeakMap<Message, Heartbeat>();
   #heartbeatTimer: NodeJS.Timeout | undefined;
   #checkTimer: NodeJS.Timeout | undefined;
+  #probeTimer: NodeJS.Timeout | undefined;
+  /** Members still to probe this round, taken from the end. */
+  #probeRound: string[] = [];
+  /** Members with a probe under way. */
+  readonly #probing = new Set<string>();
+  #stopping = new AbortController();
   #sending = false;
   /** A heartbeat was asked for while one was being sent; send another right after. */
   #announceAgain = false;
@@ -206,9 +233,12 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       version: '0.0.0',
       stats: () => ({ usageBytes: 0, load: 0 }),
       topic: MEMBERSHIP_TOPIC,
-      heartbeatIntervalMs: 2_000,
-      suspectAfterMs: 5_000,
-      downAfterMs: 8_000,
+      heartbeatIntervalMs: 3_000,
+      maxHeartbeatIntervalMs: 60_000,
+      probeIntervalMs: 1_000,
+      probeTimeoutMs: 1_500,
+      suspicionMs: 4_000,
+      suspectAfterMs: 90_000,
       dropAfterMs: 300_000,
       checkIntervalMs: 500,
       maxHeartbeatBytes: 8_192,
@@ -217,17 +247,19 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       log: silentLog,
       ...(Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as MembershipOptions),
     };
-    const { name, gatewayUrl, apiUrl, serviceHost, suspectAfterMs, downAfterMs, dropAfterMs } = this.#options;
+    const { name, gatewayUrl, apiUrl, serviceHost, suspectAfterMs, suspicionMs, dropAfterMs } = this.#options;
     checkName(name);
     if (serviceHost !== undefined) checkHost(serviceHost, 'serviceHost');
     if (gatewayUrl !== undefined) checkUrl(gatewayUrl, 'gatewayUrl');
     if (apiUrl !== undefined) checkUrl(apiUrl, 'apiUrl');
     this.#labels = checkLabels({ os: platform(), arch: arch(), hostname: hostname(), ...this.#options.labels });
-    for (const key of ['heartbeatIntervalMs', 'checkIntervalMs', 'syncTimeoutMs', 'maxHeartbeatBytes', 'maxMembers'] as const) {
+    const positive = ['heartbeatIntervalMs', 'maxHeartbeatIntervalMs', 'probeIntervalMs', 'probeTimeoutMs', 'suspicionMs', 'suspectAfterMs', 'checkIntervalMs', 'syncTimeoutMs', 'maxHeartbeatBytes', 'maxMembers'] as const;
+    for (const key of positive) {
       if (!(this.#options[key] > 0)) throw new RangeError(`Membership ${key} must be positive`);
     }
-    if (!(0 < suspectAfterMs && suspectAfterMs < downAfterMs && downAfterMs < dropAfterMs)) {
-      throw new RangeError('Membership needs 0 < suspectAfterMs < downAfterMs < dropAfterMs');
+    // A silent member must go suspect and then down before it is forgotten.
+    if (!(suspectAfterMs + suspicionMs < dropAfterMs)) {
+      throw new RangeError('Membership needs suspectAfterMs + suspicionMs < dropAfterMs');
     }
     this.#exchange = new TableExchange({
       protocol: MEMBERSHIP_SYNC_PROTOCOL,
@@ -250,9 +282,10 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   async start(): Promise<void> {
     if (this.#node) return;
     const node = this.#host.node;
-    const { topic, heartbeatIntervalMs, checkIntervalMs } = this.#options;
+    const { topic, probeIntervalMs, checkIntervalMs } = this.#options;
     await this.#exchange.start(node);
     this.#node = node;
+    this.#stopping = new AbortController();
     this.#self = this.#selfRecord(this.#nextSeq());
     this.#recordDue = true;
     node.services.pubsub.topicValidators.set(topic, this.#validate);
@@ -260,9 +293,10 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     node.services.pubsub.subscribe(topic);
     node.addEventListener('peer:connect', this.#onConnect);
     node.addEventListener('peer:disconnect', this.#onDisconnect);
-    this.#heartbeatTimer = setInterval(() => void this.#heartbeat(), heartbeatIntervalMs);
     this.#checkTimer = setInterval(() => this.#check(), checkIntervalMs);
+    this.#probeTimer = setInterval(() => this.#probeNext(), probeIntervalMs);
     void this.#heartbeat();
+    this.#scheduleHeartbeat();
     for (const peer of node.getPeers()) void this.#exchange.with(peer);
   }
 
@@ -271,8 +305,11 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const node = this.#node;
     if (!node) return;
     this.#node = undefined;
-    clearInterval(this.#heartbeatTimer);
+    this.#stopping.abort(new Error('membership stopped'));
+    clearTimeout(this.#heartbeatTimer);
     clearInterval(this.#checkTimer);
+    clearInterval(this.#probeTimer);
+    this.#probeRound = [];
     const { topic } = this.#options;
     node.removeEventListener('peer:connect', this.#onConnect);
     node.removeEventListener('peer:disconnect', this.#onDisconnect);
@@ -289,7 +326,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const self = this.#self;
     if (!self) return members;
     const now = performance.now();
-    return [this.#member({ record: self, status: 'alive', heardAt: now, authenticatedSeq: self.seq, ownRecordSeq: self.seq, recordAt: now }, true), ...members];
+    const row: Row = { record: self, status: 'alive', heardAt: now, authenticatedSeq: self.seq, ownRecordSeq: self.seq, recordAt: now, suspectedAt: 0 };
+    return [this.#member(row, true), ...members];
   }
 
   /**
@@ -427,16 +465,14 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
         this.#options.log.warn({ bytes: bytes.byteLength, max: this.#options.maxHeartbeatBytes }, 'heartbeat too large, not sent');
         return;
       }
+      let delivered = false;
       try {
-        await node.services.pubsub.publish(this.#options.topic, bytes);
-      } catch (err) {
+        delivered = await this.#publish(node, bytes);
+      } finally {
         // A record nobody received goes out again with the next heartbeat.
-        if (sendRecord) this.#recordDue = true;
-        throw err;
+        if (sendRecord && !delivered) this.#recordDue = true;
       }
     } catch (err) {
-      // Alone on the topic is normal: the first node, or before subscriptions are exchanged.
-      if ((err as Error).message === 'PublishError.NoPeersSubscribedToTopic') return;
       this.#options.log.warn({ err }, 'heartbeat not sent');
     } finally {
       this.#sending = false;
@@ -444,6 +480,105 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
         this.#announceAgain = false;
         void this.#heartbeat();
       }
+    }
+  }
+
+  /** Arms the next heartbeat: the interval grows with the members alive, jittered so devices started together drift apart. */
+  #scheduleHeartbeat(): void {
+    const { heartbeatIntervalMs, maxHeartbeatIntervalMs } = this.#options;
+    let alive = 1;
+    for (const row of this.#rows.values()) if (row.status === 'alive') alive++;
+    const intervalMs = Math.min(maxHeartbeatIntervalMs, heartbeatIntervalMs * alive) * (0.8 + 0.4 * Math.random());
+    this.#heartbeatTimer = setTimeout(() => {
+      void this.#heartbeat();
+      this.#scheduleHeartbeat();
+    }, intervalMs);
+  }
+
+  /**
+   * Probes the next member of this round; a new round takes every member, shuffled. Down ones
+   * too: an answer brings back a device whose link was cut, without waiting for mDNS.
+   */
+  #probeNext(): void {
+    if (this.#probeRound.length === 0) {
+      this.#probeRound = [...this.#rows.keys()];
+      shuffle(this.#probeRound);
+    }
+    const peerId = this.#probeRound.pop();
+    if (peerId !== undefined) void this.#probe(peerId);
+  }
+
+  /**
+   * Asks the member for a sign of life. An answer is news of it; no answer makes an alive member
+   * suspect here, and a suspicion message tells the others (and the member, which refutes it).
+   */
+  async #probe(peerId: string): Promise<void> {
+    const node = this.#node;
+    if (!node || !this.#rows.has(peerId) || this.#probing.has(peerId)) return;
+    this.#probing.add(peerId);
+    const startedAt = performance.now();
+    try {
+      const signal = AbortSignal.any([this.#stopping.signal, AbortSignal.timeout(this.#options.probeTimeoutMs)]);
+      const answered = await this.#host.probe(peerIdFromString(peerId), signal);
+      const row = this.#rows.get(peerId);
+      if (this.#node !== node || !row) return;
+      if (answered) {
+        this.#heard(row, performance.now());
+        return;
+      }
+      // Heard from some other way while the probe was out: not a sign of death.
+      if (row.status !== 'alive' || row.heardAt > startedAt) return;
+      this.#options.log.debug({ peer: peerId }, 'probe unanswered, member suspect');
+      this.#suspect(row);
+      await this.#publish(node, encodeSuspicion({ peerId, seq: row.authenticatedSeq }));
+    } catch (err) {
+      this.#options.log.debug({ peer: peerId, err }, 'suspicion not sent');
+    } finally {
+      this.#probing.delete(peerId);
+    }
+  }
+
+  /**
+   * Another member's probe went unanswered. About this node: refute it with a heartbeat now.
+   * About a member this node heard from since: ignore it. Otherwise the member is suspect here
+   * too, and this node probes it as well, so one member's bad link does not make it down.
+   */
+  #onSuspicion(suspicion: Suspicion): void {
+    if (suspicion.peerId === this.#self?.peerId) {
+      this.#options.log.debug({}, 'suspected by a member, refuting');
+      if (this.#sending) this.#announceAgain = true;
+      else void this.#heartbeat();
+      return;
+    }
+    const row = this.#rows.get(suspicion.peerId);
+    if (!row || row.status !== 'alive' || row.authenticatedSeq > suspicion.seq) return;
+    if (performance.now() - row.heardAt < this.#options.probeTimeoutMs) return;
+    this.#suspect(row);
+    void this.#probe(suspicion.peerId);
+  }
+
+  #suspect(row: Row): void {
+    row.status = 'suspect';
+    row.suspectedAt = performance.now();
+    this.#emit(row);
+  }
+
+  /** News of a member `at` (performance.now()); news after it became suspect or down makes it alive. */
+  #heard(row: Row, at: number): void {
+    row.heardAt = Math.max(row.heardAt, at);
+    if (row.status === 'alive' || row.heardAt <= row.suspectedAt) return;
+    row.status = 'alive';
+    this.#emit(row);
+  }
+
+  /** False when nobody is subscribed yet (the first node, or before subscriptions are exchanged), which is normal. */
+  async #publish(node: MeshNode, bytes: Uint8Array): Promise<boolean> {
+    try {
+      await node.services.pubsub.publish(this.#options.topic, bytes);
+      return true;
+    } catch (err) {
+      if ((err as Error).message === 'PublishError.NoPeersSubscribedToTopic') return false;
+      throw err;
     }
   }
 
@@ -474,6 +609,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       return TopicValidatorResult.Reject;
     }
     this.#decoded.set(message, heartbeat);
+    if (heartbeat.suspicion) return TopicValidatorResult.Accept;
     const row = message.type === 'signed' ? this.#rows.get(message.from.toString()) : undefined;
     const seq = heartbeat.record?.seq ?? heartbeat.beat!.seq;
     // Stale or replayed: drop quietly without penalising whoever forwarded it.
@@ -487,6 +623,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const heartbeat = this.#decoded.get(message) ?? this.#authenticatedHeartbeat(message);
     if (heartbeat?.record) this.#merge(heartbeat.record, 0, true);
     else if (heartbeat?.beat) this.#onBeat(message.from, heartbeat.beat);
+    // Only a member's word counts, so a peer outside the table cannot make members suspect.
+    else if (heartbeat?.suspicion && this.#rows.has(message.from.toString())) this.#onSuspicion(heartbeat.suspicion);
   };
 
   /** The heartbeat in a signed message, if a record then only about its signer; undefined otherwise. */
@@ -512,11 +650,10 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     if (!row || beat.recordSeq > row.ownRecordSeq || row.record.seq !== row.ownRecordSeq) void this.#exchange.with(from);
     if (!row || beat.seq <= row.authenticatedSeq) return;
     row.authenticatedSeq = beat.seq;
-    row.heardAt = performance.now();
     // A beat changes only the figures, so only they need comparing.
     const changed = row.record.usageBytes !== beat.usageBytes || row.record.load !== beat.load;
     if (changed) row.record = { ...row.record, usageBytes: beat.usageBytes, load: beat.load };
-    this.#refreshStatus(row);
+    this.#heard(row, performance.now());
     if (changed) this.dispatchEvent(new CustomEvent('peer:updated', { detail: this.#member(row, false) }));
   }
 
@@ -535,13 +672,15 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
         this.#options.log.warn({ peer: record.peerId, max: this.#options.maxMembers }, 'membership table full, member ignored');
         return;
       }
+      const silent = ageMs >= this.#options.suspectAfterMs;
       const added: Row = {
         record,
-        status: this.#statusForAge(ageMs),
+        status: silent ? 'suspect' : 'alive',
         heardAt,
         authenticatedSeq: authenticated ? record.seq : -1,
         ownRecordSeq: authenticated ? record.seq : -1,
         recordAt: heardAt,
+        suspectedAt: silent ? performance.now() : 0,
       };
       this.#rows.set(record.peerId, added);
       this.#emit(added);
@@ -558,38 +697,31 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       row.ownRecordSeq = record.seq;
       row.authenticatedSeq = Math.max(row.authenticatedSeq, record.seq);
     }
-    row.heardAt = Math.max(row.heardAt, heardAt);
-    this.#refreshStatus(row);
+    this.#heard(row, heardAt);
     if (changed) this.dispatchEvent(new CustomEvent('peer:updated', { detail: this.#member(row, false) }));
   }
 
-  #refreshStatus(row: Row): void {
-    const status = this.#statusForAge(performance.now() - row.heardAt);
-    if (status === row.status) return;
-    row.status = status;
-    this.#emit(row);
-  }
-
-  /** Ages statuses; only news (#merge) makes a member alive again. */
+  /**
+   * Ages statuses: a silent member becomes suspect, a suspect one with no news for suspicionMs
+   * down (and its connections are closed: without them a member that lost power leaves
+   * half-open connections behind), a long-silent one is forgotten. Only news makes a member
+   * alive again.
+   */
   #check(): void {
     const now = performance.now();
+    const { suspectAfterMs, suspicionMs, dropAfterMs } = this.#options;
     for (const [peerId, row] of this.#rows) {
       const age = now - row.heardAt;
-      if (age >= this.#options.dropAfterMs) {
+      if (age >= dropAfterMs) {
         this.#rows.delete(peerId);
-        continue;
-      }
-      const status = this.#statusForAge(age);
-      if (STATUS_RANK[status] > STATUS_RANK[row.status]) {
-        row.status = status;
+      } else if (row.status === 'alive' && age >= suspectAfterMs) {
+        this.#suspect(row);
+      } else if (row.status === 'suspect' && now - row.suspectedAt >= suspicionMs) {
+        row.status = 'down';
         this.#emit(row);
+        this.#node?.hangUp(peerIdFromString(peerId)).catch((err: unknown) => this.#options.log.debug({ peer: peerId, err }, 'hang-up failed'));
       }
     }
-  }
-
-  #statusForAge(ageMs: number): MemberStatus {
-    if (ageMs >= this.#options.downAfterMs) return 'down';
-    return ageMs >= this.#options.suspectAfterMs ? 'suspect' : 'alive';
   }
 
   #emit(row: Row): void {
@@ -608,15 +740,15 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     };
   }
 
-  // A closed connection is an early sign; the timeouts stay the authority for down.
+  // The last connection to a member closed: probe it now (a probe dials), not at its turn.
   #onDisconnect = (evt: CustomEvent<PeerId>): void => {
-    const row = this.#rows.get(evt.detail.toString());
-    if (row?.status !== 'alive') return;
-    row.status = 'suspect';
-    this.#emit(row);
+    void this.#probe(evt.detail.toString());
   };
 
+  // A new connection is news of the peer; the table exchange brings its record.
   #onConnect = (evt: CustomEvent<PeerId>): void => {
+    const row = this.#rows.get(evt.detail.toString());
+    if (row) this.#heard(row, performance.now());
     void this.#exchange.with(evt.detail);
   };
 
@@ -627,6 +759,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const { services: _announced, ...self } = this.#self!;
     const members: SyncedMember[] = [{ ...self, ...servicesField(this.#ownServiceRecords()), ageMs: 0 }];
     for (const row of this.#rows.values()) {
+      // A down member would come back alive at a receiver that has not heard of it.
+      if (row.status === 'down') continue;
       // Service TTLs are re-based on the moment ageMs refers to, so the receiver's deadlines match ours.
       const services = (row.record.services ?? []).flatMap((service) => {
         if (service.ttlMs === undefined) return [service];
@@ -665,6 +799,14 @@ function describes({ seq: _seq, ts: _ts, usageBytes, load, services, ...info }: 
 /** The `services` field of a record: absent when there are none, which keeps heartbeats small. */
 function servicesField(services: ServiceRecord[]): Pick<MemberRecord, 'services'> {
   return services.length > 0 ? { services } : {};
+}
+
+/** Fisher-Yates, in place. */
+function shuffle<T>(items: T[]): void {
+  for (let i = items.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [items[i], items[j]] = [items[j], items[i]];
+  }
 }
 
 /** The host in a member's port-based service endpoints: its serviceHost, else its first non-loopback IPv4, else 127.0.0.1. */

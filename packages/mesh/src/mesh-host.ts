@@ -12,6 +12,7 @@ import { preSharedKey } from '@libp2p/pnet';
 import { tcp } from '@libp2p/tcp';
 import { multiaddr, type Multiaddr } from '@multiformats/multiaddr';
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p';
+import { raceSignal } from 'race-signal';
 
 export const DEFAULT_LISTEN = ['/ip4/0.0.0.0/tcp/4001'];
 export const DEFAULT_MDNS_SERVICE_TAG = '_shoal._udp.local';
@@ -75,10 +76,6 @@ const silentLog: MeshLog = { debug() {}, warn() {} };
 // buffer passes maxReadBufferLength (4 MiB), so a paused fast stream would be killed.
 const STREAM_BUFFER_BYTES = 4 * 1024 * 1024;
 
-// Membership beats already tell whether a device is alive; libp2p's own ping of every connection
-// (from both ends, every 10 s by default, each a new negotiated stream) only has to find dead
-// connections, which can wait longer.
-const CONNECTION_PING_INTERVAL_MS = 30_000;
 const MDNS_DIAL_RETRIES = 3;
 /**
  * Gossipsub's defaults suit a public network of thousands; on a LAN of tens of devices nearly
@@ -181,11 +178,18 @@ export class MeshHost {
       transports: [tcp()],
       connectionEncrypters: [noise()],
       streamMuxers: [
-        yamux({ streamOptions: { maxStreamWindowSize: STREAM_BUFFER_BYTES, maxReadBufferLength: STREAM_BUFFER_BYTES } }),
+        // Membership probes each member about once a second in all (probe() below), so neither
+        // yamux's keep-alive ping nor libp2p's connection monitor (a new negotiated ping stream,
+        // ~30 packets, per connection from both ends) needs to run: at 16 devices they cost each
+        // more than the 2 KB/s all of membership may.
+        yamux({
+          enableKeepAlive: false,
+          streamOptions: { maxStreamWindowSize: STREAM_BUFFER_BYTES, maxReadBufferLength: STREAM_BUFFER_BYTES },
+        }),
       ],
       connectionProtector: swarmKey ? preSharedKey({ psk: swarmKey }) : undefined,
       connectionManager: { inboundConnectionThreshold },
-      connectionMonitor: { pingInterval: CONNECTION_PING_INTERVAL_MS },
+      connectionMonitor: { enabled: false },
       services,
     });
     // libp2p 3 only reports mDNS finds; dialling them is ours. 'peer' fires on every answer,
@@ -196,6 +200,39 @@ export class MeshHost {
     await this.#dialBootstrap();
     this.#redialTimer = setInterval(() => void this.#dialBootstrap(), this.#options.bootstrapRedialMs);
     this.#redialTimer.unref();
+  }
+
+  /**
+   * Whether `peer`'s node answers now. Over an open connection that is one yamux ping frame
+   * each way (no stream, no protocol negotiation; libp2p's ping protocol costs a new stream and
+   * ~30 packets); without one, a dial, which answers by succeeding. False on any failure or when
+   * `signal` aborts first.
+   */
+  async probe(peer: PeerId, signal: AbortSignal): Promise<boolean> {
+    const node = this.node;
+    try {
+      const connection = node.getConnections(peer).find((candidate) => candidate.status === 'open');
+      if (!connection) {
+        await node.dial(peer, { signal });
+        return true;
+      }
+      // The muxer is not part of libp2p's Connection interface; yamux's has ping(). Any other
+      // muxer falls back to the ping protocol.
+      const { muxer } = connection as { muxer?: { ping?: () => Promise<number> } };
+      if (typeof muxer?.ping !== 'function') {
+        await node.services.ping.ping(peer, { signal });
+        return true;
+      }
+      // Never abandon a yamux ping: a pong that arrives after its ping was given up is a
+      // protocol error to yamux, which then tears the whole connection down. The ping stays out
+      // (a later probe of this peer waits on the same one) and only this wait ends.
+      const pong = muxer.ping();
+      pong.catch(() => {});
+      await raceSignal(pong, signal);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   async stop(): Promise<void> {

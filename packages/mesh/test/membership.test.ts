@@ -5,6 +5,7 @@ import type { Stream } from '@libp2p/interface';
 import {
   encodeBeat,
   encodeHeartbeat,
+  encodeSuspicion,
   encodeSync,
   MEMBERSHIP_SYNC_PROTOCOL,
   MEMBERSHIP_TOPIC,
@@ -13,7 +14,7 @@ import {
   type MemberRecord,
   type MemberStatus,
 } from '../src/index.ts';
-import { allAlive, FAST, HEARTBEAT_NEVER, LOOPBACK, statusOf, stopDevice, TestMesh, waitFor, type Device } from './fixtures/membership-mesh.ts';
+import { allAlive, FAST, HEARTBEAT_NEVER, LOOPBACK, statusOf, stopDevice, TestMesh, waitFor, waitForSubscriptions, type Device } from './fixtures/membership-mesh.ts';
 
 test('three devices see each other alive; a stopped one goes suspect, then down, then is dropped', async () => {
   const mesh = new TestMesh();
@@ -102,20 +103,59 @@ test('a joining device gets the whole table from one peer by sync, before any he
   }
 });
 
-test('a closed connection makes a member suspect at once; only the timeouts make it down', async () => {
+test('a closed connection makes the member probed at once: gone, it is suspect and then down; still there, it stays alive', async () => {
   const mesh = new TestMesh();
   try {
-    const a = await mesh.device('a', HEARTBEAT_NEVER);
-    const b = await mesh.device('b', HEARTBEAT_NEVER, [a]);
-    await waitFor('a to see b', () => statusOf(a, b) === 'alive');
-    const seen: MemberStatus[] = [];
+    // No periodic probes: only the disconnect can start one.
+    const options = { ...HEARTBEAT_NEVER, probeTimeoutMs: 500, suspicionMs: 1_000, checkIntervalMs: 50 };
+    const a = await mesh.device('a', options);
+    const b = await mesh.device('b', options, [a]);
+    const c = await mesh.device('c', options, [a, b]);
+    await waitFor('a to see b and c', () => allAlive(a, [a, b, c]));
+    const seen: string[] = [];
     for (const status of ['alive', 'suspect', 'down'] as const) {
-      a.membership!.addEventListener(`peer:${status}`, (evt) => seen.push(evt.detail.status));
+      a.membership!.addEventListener(`peer:${status}`, (evt) => seen.push(`${evt.detail.name}:${evt.detail.status}`));
     }
+    // c hangs up on a but lives on: a's probe dials it again and finds it.
+    await c.host.node.hangUp(a.host.peerId);
+    await waitFor('a to reconnect to c', () => a.host.node.getConnections(c.host.peerId).length > 0);
     await stopDevice(b);
-    // With hour-long timeouts nothing but the disconnect can explain this.
-    await waitFor('a to suspect b', () => statusOf(a, b) === 'suspect');
-    assert.deepEqual(seen, ['suspect']);
+    await waitFor('a to mark b down', () => statusOf(a, b) === 'down');
+    assert.deepEqual(seen, ['b:suspect', 'b:down']);
+    assert.equal(statusOf(a, c), 'alive');
+  } finally {
+    await mesh.stopAll();
+  }
+});
+
+test('a suspicion about a live member is refuted: it heartbeats at once and stays alive everywhere', async () => {
+  const mesh = new TestMesh();
+  try {
+    const options = { ...HEARTBEAT_NEVER, probeTimeoutMs: 200, suspicionMs: 1_000, checkIntervalMs: 50 };
+    const a = await mesh.device('a', options);
+    const b = await mesh.device('b', options, [a]);
+    const c = await mesh.device('c', options, [a, b]);
+    await waitFor('all to see all', () => [a, b, c].every((device) => allAlive(device, [a, b, c])));
+    await waitForSubscriptions([a, b, c]);
+    const heardFromB: number[] = [];
+    a.host.node.services.pubsub.addEventListener('message', (evt: CustomEvent<Message>) => {
+      if (evt.detail.type === 'signed' && evt.detail.from.equals(b.host.peerId)) heardFromB.push(Date.now());
+    });
+    const seenAtC: MemberStatus[] = [];
+    for (const status of ['alive', 'suspect', 'down'] as const) {
+      c.membership!.addEventListener(`peer:${status}`, (evt) => {
+        if (evt.detail.peerId === b.id) seenAtC.push(evt.detail.status);
+      });
+    }
+    // Let c's news of b age past the probe timeout, then a (a member) says b did not answer.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    await a.host.node.services.pubsub.publish(MEMBERSHIP_TOPIC, encodeSuspicion({ peerId: b.id, seq: Number.MAX_SAFE_INTEGER }));
+    // With heartbeats an hour apart, only the suspicion can make b send one now.
+    await waitFor('b to refute the suspicion with a heartbeat', () => heardFromB.length > 0);
+    await waitFor('c to suspect b and then see it alive again', () => seenAtC.join() === 'suspect,alive');
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+    assert.deepEqual(seenAtC, ['suspect', 'alive'], 'never down');
+    assert.equal(statusOf(c, b), 'alive');
   } finally {
     await mesh.stopAll();
   }
@@ -124,7 +164,7 @@ test('a closed connection makes a member suspect at once; only the timeouts make
 test('forged, malformed and oversized heartbeats are rejected and the device keeps working', async () => {
   const mesh = new TestMesh();
   try {
-    const slowDown = { ...FAST, suspectAfterMs: 5_000, downAfterMs: 10_000, dropAfterMs: 20_000 };
+    const slowDown = { ...FAST, suspectAfterMs: 5_000, suspicionMs: 5_000, dropAfterMs: 20_000 };
     const a = await mesh.device('a', slowDown);
     const b = await mesh.device('b', slowDown, [a]);
     await waitFor('a and b to see each other', () => allAlive(a, [a, b]) && allAlive(b, [a, b]));
@@ -165,11 +205,17 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
       text(JSON.stringify({ v: 2, beat: { seq: 1, recordSeq: 1, usageBytes: -1, load: 0 } })),
       text(JSON.stringify({ v: 2, beat: { seq: 1, recordSeq: 'x', usageBytes: 0, load: 0 } })),
       text(JSON.stringify({ v: 2, beat: [1, 1, 0, 0] })),
+      text(JSON.stringify({ v: 2, suspicion: { peerId: 'not-a-peer-id', seq: 1 } })),
+      text(JSON.stringify({ v: 2, suspicion: { peerId: b.id, seq: -1 } })),
       encodeHeartbeat(record(forger.id, { labels: hugeLabels })), // schema-valid but over 8 KiB
       new Uint8Array([0xff, 0xfe, 0x00]),
     ];
+    const suspected: string[] = [];
+    a.membership!.addEventListener('peer:suspect', (evt) => suspected.push(evt.detail.name));
     for (const payload of payloads) await pubsub.publish(MEMBERSHIP_TOPIC, payload);
     await waitFor('a to reject every bad heartbeat', () => a.membership!.rejectedHeartbeats - rejectedBefore === payloads.length);
+    // Well-formed, but from outside the table: a does not take a stranger's word about b.
+    await pubsub.publish(MEMBERSHIP_TOPIC, encodeSuspicion({ peerId: b.id, seq: Number.MAX_SAFE_INTEGER }));
 
     // A well-formed heartbeat about the forger itself is accepted: the validator is not just saying no.
     await pubsub.publish(MEMBERSHIP_TOPIC, encodeHeartbeat(record(forger.id, { name: 'honest-forger' })));
@@ -183,6 +229,7 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
     const seenB = a.membership!.list().find((member) => member.peerId === b.id)!;
     assert.equal(seenB.name, 'b');
     assert.equal(seenB.status, 'alive');
+    assert.deepEqual(suspected, []);
     assert.equal(a.membership!.rejectedHeartbeats - rejectedBefore, payloads.length);
   } finally {
     await mesh.stopAll();
@@ -279,7 +326,8 @@ test('a beat from an unknown member, or naming a newer record than the device ho
 
 test('Membership refuses inconsistent options', () => {
   const host = new MeshHost({ listen: LOOPBACK, mdns: false });
-  assert.throws(() => new Membership(host, { suspectAfterMs: 5_000, downAfterMs: 1_000 }), /suspectAfterMs < downAfterMs/);
+  assert.throws(() => new Membership(host, { suspectAfterMs: 5_000, suspicionMs: 1_000, dropAfterMs: 6_000 }), /suspectAfterMs \+ suspicionMs < dropAfterMs/);
+  assert.throws(() => new Membership(host, { probeTimeoutMs: 0 }), /probeTimeoutMs must be positive/);
   assert.throws(() => new Membership(host, { gatewayUrl: 'ftp://x' }), /gatewayUrl is not an http\(s\) URL/);
   assert.throws(() => new Membership(host, { labels: { '': 'x' } }), /key of 0 characters/);
   assert.throws(() => new Membership(host, { heartbeatIntervalMs: 0 }), /heartbeatIntervalMs must be positive/);

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { encodeHeartbeat, MEMBERSHIP_TOPIC, MembershipFormatError, type MemberRecord, type ServiceInstance } from '../src/index.ts';
-import { FAST, HEARTBEAT_NEVER, statusOf, stopDevice, TestMesh, waitFor, type Device } from './fixtures/membership-mesh.ts';
+import { FAST, HEARTBEAT_NEVER, statusOf, stopDevice, TestMesh, waitFor, waitForSubscriptions, type Device } from './fixtures/membership-mesh.ts';
 
 function instancesOf(observer: Device, name?: string): ServiceInstance[] {
   return observer.membership!.services(name);
@@ -9,16 +9,6 @@ function instancesOf(observer: Device, name?: string): ServiceInstance[] {
 
 function summary(instances: ServiceInstance[]): string[] {
   return instances.map((instance) => `${instance.name}@${instance.device}=${instance.endpoint}`);
-}
-
-/** Waits until `devices` hear each other on the heartbeat topic, so one publish reaches them all. */
-async function waitForSubscriptions(devices: Device[]): Promise<void> {
-  await waitFor('heartbeat subscriptions to be exchanged', () =>
-    devices.every((device) => {
-      const subscribers = device.host.node.services.pubsub.getSubscribers(MEMBERSHIP_TOPIC).map(String);
-      return devices.every((other) => other === device || subscribers.includes(other.id));
-    }),
-  );
 }
 
 test('a registered service is listed on every device at once, with its device, endpoint and meta; deregistering removes it everywhere', async () => {
@@ -155,7 +145,7 @@ test('a joining device learns existing services by table sync, TTL deadlines inc
 test('malformed service data in a heartbeat is rejected by the validator; well-formed services are accepted', async () => {
   const mesh = new TestMesh();
   try {
-    const a = await mesh.device('a', { ...FAST, suspectAfterMs: 5_000, downAfterMs: 10_000, dropAfterMs: 20_000 });
+    const a = await mesh.device('a', { ...FAST, suspectAfterMs: 5_000, suspicionMs: 5_000, dropAfterMs: 20_000 });
     const forger = await mesh.host([a]);
     const pubsub = forger.host.node.services.pubsub;
     pubsub.subscribe(MEMBERSHIP_TOPIC);
