@@ -5,7 +5,7 @@
 // device killed with -9 is marked down by all others, membership traffic per device over a quiet
 // window (veth counters), idle RSS per node, and machine CPU busy % during startup.
 // Writes bench/results/mesh.{json,md}. A benchmark: it reports, it does not assert on time.
-import { writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
@@ -204,7 +204,7 @@ async function report(results: MeshResult[]): Promise<void> {
     quietWindowSeconds: QUIET_MS / 1000,
     pollIntervalMs: POLL_MS,
     discovery: 'mDNS only, one shared swarm key',
-    membership: 'daemon defaults: suspect after 3 s, down after 8 s without contact',
+    membership: 'daemon defaults: each device probes one member per second (1.5 s timeout); an unanswered probe makes the member suspect everywhere, down 4 s later unless it shows a sign of life; heartbeats every 3 s x members alive, at most 60 s',
   };
   const ms = (v: number | null) => (v === null ? 'not reached' : `${v} ms`);
   const md = [
@@ -213,7 +213,7 @@ async function report(results: MeshResult[]): Promise<void> {
     markdownMachine(machine),
     `Each device is a real \`shoal node\` in its own network namespace (veth to one bridge), mDNS only, one shared swarm key; all N launched at once. ` +
       `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled with curl every ${POLL_MS} ms. ` +
-      `Down: from kill -9 of one device until every other device shows it down (membership defaults: suspect after 3 s, down after 8 s). ` +
+      `Down: from kill -9 of one device until every other device shows it down (membership defaults: each device probes one member per second with a 1.5 s timeout; a member that does not answer is suspect everywhere and down 4 s later unless it shows a sign of life; the killed device's closed connections make the others probe it at once). ` +
       `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s starting ${SETTLE_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window. CPU busy: whole machine, from /proc/stat.`,
     '',
     '| devices | full view | down after kill -9 | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup | CPU busy while idle |',
@@ -231,6 +231,7 @@ async function report(results: MeshResult[]): Promise<void> {
     '',
   ].join('\n');
   const result = { benchmark: 'mesh', machine, parameters, targets: TARGETS, verdicts: targets ?? null, results };
+  await mkdir(values.out!, { recursive: true });
   await writeFile(join(values.out!, 'mesh.json'), `${JSON.stringify(result, null, 2)}\n`);
   await writeFile(join(values.out!, 'mesh.md'), md);
   console.log(`\n${md}`);
