@@ -44,6 +44,8 @@ interface MeshResult {
   fullViewMs: number | null;
   /** ms from kill -9 until every other table shows the device down; null if never. */
   downMs: number | null;
+  /** ms from the killed device, restarted, listening again until every table shows all N alive; null if never. */
+  rejoinMs: number | null;
   meanTxBytesPerSecond: number;
   meanRxBytesPerSecond: number;
   /** Whole-machine CPU busy % during the quiet window: what N idle nodes cost. */
@@ -90,23 +92,23 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
   try {
     const cpuBefore = cpuJiffies();
     const launched = performance.now();
-    const started = await Promise.all(
-      network.devices.map(async (device, i) => {
-        const node = await startShoalNode({
-          netns: device.netns,
-          name: `device-${i}`,
-          dataDir: await scratch.dir(`${network.prefix}-${i}`),
-          gateway: `${device.address}:0`,
-          api: `${device.address}:0`,
-          listen: [`/ip4/0.0.0.0/tcp/${MESH_PORT}`],
-          mdns: true,
-          swarmKey,
-          startTimeoutMs: 120_000,
-        });
-        nodes.push(node);
-        return node;
-      }),
-    );
+    const start = async (i: number): Promise<RunningShoalNode> => {
+      const device = network.devices[i]!;
+      const node = await startShoalNode({
+        netns: device.netns,
+        name: `device-${i}`,
+        dataDir: await scratch.dir(`${network.prefix}-${i}`),
+        gateway: `${device.address}:0`,
+        api: `${device.address}:0`,
+        listen: [`/ip4/0.0.0.0/tcp/${MESH_PORT}`],
+        mdns: true,
+        swarmKey,
+        startTimeoutMs: 120_000,
+      });
+      nodes.push(node);
+      return node;
+    };
+    const started = await Promise.all(network.devices.map((_, i) => start(i)));
     // startShoalNode resolves once the node logged both "listening" lines and answered /healthz.
     const allListening = performance.now();
     const cpuAfter = cpuJiffies();
@@ -115,9 +117,9 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     const counters = () => Promise.all(network.devices.map((device) => network.interfaceBytes(device)));
     const peerIds = started.map(meshPeerId);
 
-    const fullViewMs = await untilEveryTable(devices, allListening, (peers) =>
-      peerIds.every((peerId) => peers.some((peer) => peer.peerId === peerId && peer.status === 'alive')),
-    );
+    const everyoneAlive = (peers: PeerRecord[]) =>
+      peerIds.every((peerId) => peers.some((peer) => peer.peerId === peerId && peer.status === 'alive'));
+    const fullViewMs = await untilEveryTable(devices, allListening, everyoneAlive);
     console.log(`N=${count}: full view ${fullViewMs === null ? 'not reached' : `${fullViewMs.toFixed(0)} ms`}`);
 
     await sleep(SETTLE_MS);
@@ -143,10 +145,17 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     );
     console.log(`N=${count}: killed device marked down ${downMs === null ? 'never' : `after ${downMs.toFixed(0)} ms`}`);
 
+    // The same device starts again (same data dir, so the same peer id) into the settled mesh.
+    const restarted = await start(count - 1);
+    const rejoinListening = performance.now();
+    const rejoinMs = await untilEveryTable([...devices.slice(0, -1), { netns: victim.netns, node: restarted }], rejoinListening, everyoneAlive);
+    console.log(`N=${count}: restarted device alive everywhere ${rejoinMs === null ? 'never' : `after ${rejoinMs.toFixed(0)} ms`}`);
+
     return {
       devices: count,
       fullViewMs: fullViewMs === null ? null : Math.round(fullViewMs),
       downMs: downMs === null ? null : Math.round(downMs),
+      rejoinMs: rejoinMs === null ? null : Math.round(rejoinMs),
       meanTxBytesPerSecond: Math.round(meanTxBytesPerSecond),
       meanRxBytesPerSecond: Math.round(meanRxBytesPerSecond),
       quietCpuBusyPercent: Math.round(quietCpuBusyPercent),
@@ -214,13 +223,14 @@ async function report(results: MeshResult[]): Promise<void> {
     `Each device is a real \`shoal node\` in its own network namespace (veth to one bridge), mDNS only, one shared swarm key; all N launched at once. ` +
       `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled with curl every ${POLL_MS} ms. ` +
       `Down: from kill -9 of one device until every other device shows it down (membership defaults: each device probes one member per second with a 1.5 s timeout; a member that does not answer is suspect everywhere and down 4 s later unless it shows a sign of life; the killed device's closed connections make the others probe it at once). ` +
+      `Rejoin: the killed device started again (same data dir and peer id) into the settled mesh, from its listening until every device shows all N alive (the brief's \"a device that joins is visible everywhere within 2 s\"). ` +
       `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s starting ${SETTLE_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window. CPU busy: whole machine, from /proc/stat.`,
     '',
-    '| devices | full view | down after kill -9 | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup | CPU busy while idle |',
-    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| devices | full view | down after kill -9 | rejoin | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup | CPU busy while idle |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ...results.map(
       (r) =>
-        `| ${r.devices} | ${ms(r.fullViewMs)} | ${ms(r.downMs)} | ${r.meanTxBytesPerSecond} | ${r.meanRxBytesPerSecond} | ${r.meanRssMiB} MiB | ${r.maxRssMiB} MiB | ${r.startupMs} ms | ${r.startupCpuBusyPercent} % | ${r.quietCpuBusyPercent} % |`,
+        `| ${r.devices} | ${ms(r.fullViewMs)} | ${ms(r.downMs)} | ${ms(r.rejoinMs)} | ${r.meanTxBytesPerSecond} | ${r.meanRxBytesPerSecond} | ${r.meanRssMiB} MiB | ${r.maxRssMiB} MiB | ${r.startupMs} ms | ${r.startupCpuBusyPercent} % | ${r.quietCpuBusyPercent} % |`,
     ),
     '',
     targets
