@@ -2,12 +2,12 @@
 //
 // Runs the same OCI Distribution v1.1.1 conformance checks against a Shoal node and against the
 // reference registry (docker-registry) in one run, and writes bench/results/conformance.{json,md}.
-import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { runConformance, type CheckResult } from '../../registry-gateway/test/conformance-checks.ts';
 import { startDockerRegistry } from '../../test/helpers/docker-registry.ts';
 import { startShoalNode } from '../../test/helpers/node.ts';
 import { describeMachine, markdownMachine } from './machine.ts';
+import { writeResults } from './shared.ts';
 
 const OUT = new URL('../results/', import.meta.url).pathname;
 
@@ -39,6 +39,5 @@ const md = [
   '',
   ...(failed(results.shoal).length ? ['## Checks Shoal fails', '', ...failed(results.shoal).map((r) => `- [${r.category}] ${r.name}`), ''] : []),
 ].join('\n');
-await writeFile(join(OUT, 'conformance.json'), `${JSON.stringify({ machine, ...results }, null, 2)}\n`);
-await writeFile(join(OUT, 'conformance.md'), md);
+await writeResults(OUT, { 'conformance.json': `${JSON.stringify({ machine, ...results }, null, 2)}\n`, 'conformance.md': md });
 console.log(md);

@@ -14,11 +14,12 @@
 // writes a V8 CPU profile of every node there, --logs DIR every node's log.
 // Writes bench/results/fanout.{json,md,svg}. A benchmark: it reports, it never asserts on time.
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { describeMachine } from './machine.ts';
+import { writeResults } from './shared.ts';
 import { generateImage } from './fanout/image.ts';
 import { FanoutLab, parseSize } from './fanout/lab.ts';
 import { markdownReport, summarize, svgPlot, TARGETS, type FanoutReport, type TrialSummary } from './fanout/report.ts';
@@ -115,11 +116,13 @@ async function main(): Promise<void> {
     commit: commit(),
     trials,
   };
-  const base = join(values.out!, values.name!);
-  await writeFile(`${base}.json`, `${JSON.stringify(report, (_k, v: unknown) => (v === Number.POSITIVE_INFINITY ? null : v), 2)}\n`);
-  await writeFile(`${base}.md`, `${markdownReport(report)}\n![completion time against N](${values.name}.svg)\n`);
-  await writeFile(`${base}.svg`, svgPlot(trials, `${values.size} in ${layers} layer(s) to N - 1 devices, ${values.rate} links`));
-  log(`wrote ${base}.{json,md,svg}`);
+  const name = values.name!;
+  await writeResults(values.out!, {
+    [`${name}.json`]: `${JSON.stringify(report, (_k, v: unknown) => (v === Number.POSITIVE_INFINITY ? null : v), 2)}\n`,
+    [`${name}.md`]: `${markdownReport(report)}\n![completion time against N](${name}.svg)\n`,
+    [`${name}.svg`]: svgPlot(trials, `${values.size} in ${layers} layer(s) to N - 1 devices, ${values.rate} links`),
+  });
+  log(`wrote ${join(values.out!, name)}.{json,md,svg}`);
 }
 
 await main();

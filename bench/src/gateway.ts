@@ -4,7 +4,7 @@
 // with the same client (curl for the bulk bytes), and reports both throughputs and their ratio: push (POST + streamed
 // PATCH + PUT, as docker push does), GET of the whole blob, and GET in Range requests. Also the
 // peak RSS and CPU seconds per GB of each server. Writes bench/results/gateway.{json,md}.
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execFile } from 'node:child_process';
@@ -13,7 +13,7 @@ import { request } from 'undici';
 import { startDockerRegistry } from '../../test/helpers/docker-registry.ts';
 import { startShoalNode } from '../../test/helpers/node.ts';
 import { cpuSecondsOf, describeMachine, markdownMachine, RssSampler } from './machine.ts';
-import { median, writeRandomFile } from './shared.ts';
+import { median, writeRandomFile, writeResults } from './shared.ts';
 
 const { values } = parseArgs({
   options: {
@@ -169,8 +169,7 @@ async function report(samples: Map<string, Sample[]>): Promise<void> {
     ),
     '',
   ].join('\n');
-  await writeFile(join(values.out!, 'gateway.json'), `${JSON.stringify(result, null, 2)}\n`);
-  await writeFile(join(values.out!, 'gateway.md'), md);
+  await writeResults(values.out!, { 'gateway.json': `${JSON.stringify(result, null, 2)}\n`, 'gateway.md': md });
   console.log(`\n${md}`);
 }
 

@@ -5,7 +5,7 @@
 // device killed with -9 is marked down by all others, membership traffic per device over a quiet
 // window (veth counters), idle RSS per node, and machine CPU busy % during startup.
 // Writes bench/results/mesh.{json,md}. A benchmark: it reports, it does not assert on time.
-import { mkdir, writeFile } from 'node:fs/promises';
+import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
@@ -15,7 +15,7 @@ import { netnsGet, TestNetwork } from '../../test/helpers/netns.ts';
 import { SHOAL_BIN, startShoalNode, type PeerRecord, type RunningShoalNode } from '../../test/helpers/node.ts';
 import { Scratch } from '../../test/helpers/scratch.ts';
 import { describeMachine, markdownMachine, rssOf } from './machine.ts';
-import { busyPercent, cpuJiffies } from './shared.ts';
+import { busyPercent, cpuJiffies, writeResults } from './shared.ts';
 
 const { values } = parseArgs({
   options: {
@@ -241,9 +241,7 @@ async function report(results: MeshResult[]): Promise<void> {
     '',
   ].join('\n');
   const result = { benchmark: 'mesh', machine, parameters, targets: TARGETS, verdicts: targets ?? null, results };
-  await mkdir(values.out!, { recursive: true });
-  await writeFile(join(values.out!, 'mesh.json'), `${JSON.stringify(result, null, 2)}\n`);
-  await writeFile(join(values.out!, 'mesh.md'), md);
+  await writeResults(values.out!, { 'mesh.json': `${JSON.stringify(result, null, 2)}\n`, 'mesh.md': md });
   console.log(`\n${md}`);
 }
 

@@ -2,6 +2,8 @@
 import { createHash, randomFillSync } from 'node:crypto';
 import { createWriteStream, readFileSync } from 'node:fs';
 import { once } from 'node:events';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 
 /** Writes `size` random (incompressible) bytes to `path`; resolves with their sha256 digest. */
 export async function writeRandomFile(path: string, size: number): Promise<string> {
@@ -36,4 +38,10 @@ export function cpuJiffies(): [number, number] {
 /** Whole-machine CPU busy % between two cpuJiffies() readings. */
 export function busyPercent(before: [number, number], after: [number, number]): number {
   return (100 * (after[0] - before[0])) / (after[1] - before[1]);
+}
+
+/** Writes a benchmark's result files (name -> contents) into `dir`, creating it first. */
+export async function writeResults(dir: string, files: Record<string, string>): Promise<void> {
+  await mkdir(dir, { recursive: true });
+  for (const [name, contents] of Object.entries(files)) await writeFile(join(dir, name), contents);
 }

@@ -30,7 +30,7 @@ import { parseArgs, promisify } from 'node:util';
 import { startDockerRegistry, type DockerRegistry } from '../../test/helpers/docker-registry.ts';
 import { startShoalNode, type LogEntry, type RunningShoalNode } from '../../test/helpers/node.ts';
 import { cpuSecondsOf, describeMachine, markdownMachine, RssSampler } from './machine.ts';
-import { busyPercent, cpuJiffies, median, writeRandomFile } from './shared.ts';
+import { busyPercent, cpuJiffies, median, writeRandomFile, writeResults } from './shared.ts';
 
 const { values } = parseArgs({
   options: {
@@ -1134,8 +1134,7 @@ async function report(samples: Map<CaseName, Sample[]>, info: RunInfo): Promise<
     samples: Object.fromEntries(samples),
     profile,
   };
-  await writeFile(join(values.out!, 'transfer.json'), `${JSON.stringify(result, null, 2)}\n`);
-  await writeFile(join(values.out!, 'transfer.md'), md);
+  await writeResults(values.out!, { 'transfer.json': `${JSON.stringify(result, null, 2)}\n`, 'transfer.md': md });
   console.log(`\n${md}`);
 }
 

@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -11,6 +12,11 @@ import { netnsGet, type NetnsResponse } from './netns.ts';
 export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 /** The `shoal` executable users run (node/bin/shoal.js); tests spawn it with process.execPath. */
 export const SHOAL_BIN = join(REPO_ROOT, 'node', 'bin', 'shoal.js');
+/**
+ * The V8 flags on node/bin/shoal.js's first line, which users get through the executable; tests
+ * and benchmarks spawn process.execPath with the same ones.
+ */
+export const RUNTIME_FLAGS = readFileSync(SHOAL_BIN, 'utf8').split('\n', 1)[0]!.split(/\s+/).filter((word) => word.startsWith('--'));
 /** Log lines a RunningShoalNode keeps. */
 export const MAX_LOG_LINES = 5000;
 
@@ -149,7 +155,7 @@ async function waitForExit(child: ChildProcess, timeoutMs: number): Promise<bool
 export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<RunningShoalNode> {
   const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'shoal-node-')));
   // The same V8 flag as node/bin/shoal.js, so tests and benchmarks see the daemon users run.
-  const args = ['--max-semi-space-size=2', ...(options.runtimeFlags ?? []), SHOAL_BIN, 'node', '--data-dir', dataDir];
+  const args = [...RUNTIME_FLAGS, ...(options.runtimeFlags ?? []), SHOAL_BIN, 'node', '--data-dir', dataDir];
   args.push('--gateway', options.gateway ?? '127.0.0.1:0', '--api', options.api ?? '127.0.0.1:0');
   // Tests on one host: no fixed port 4001, no multicast on the default namespace's loopback.
   for (const addr of options.listen ?? ['/ip4/127.0.0.1/tcp/0']) args.push('--listen', addr);
