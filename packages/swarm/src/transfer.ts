@@ -327,12 +327,14 @@ export class Transfer {
     const named = partial.index.chunks.length;
     const holds = (i: number) => i < named && (state.have === 'all' || state.have.has(i));
     const open = (i: number) => !partial.have.has(i) && !this.#asked.get(i)?.peers.size && holds(i);
-    // A reader's next chunks go first only while this transfer has a single source. With more,
-    // a swarm is at work: the devices streaming one blob at once all want the same next chunks,
+    // A reader's next chunks go first unless a swarm is at work: when some source is itself
+    // still downloading, devices are streaming this blob at once, all want the same next chunks,
     // and asking for them would make the holder send every chunk to everyone (a central
     // registry again). Rarest-first spreads distinct chunks, which the devices then trade; the
     // blob is whole no later, and clients such as containerd unpack a layer only once it is.
-    if (this.#peers.size === 1) {
+    // With whole holders only, nobody competes: in order, the client's first bytes come after
+    // one chunk, not after a random share of the blob.
+    if (![...this.#peers.values()].some((other) => other.have !== 'all')) {
       for (const position of this.#readers.values()) {
         for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i)) return i;
       }

@@ -135,6 +135,22 @@ test('a stream and a pooled sender follow the download in order and hold the las
     assert.equal(transfer.info().state, 'complete');
   }));
 
+test("with whole holders only, a reader's next chunks come first, so its first byte follows the first chunk", () =>
+  withFixture(async (f) => {
+    const chunks = 48;
+    const bytes = randomBytes(chunks * CHUNK);
+    let digest = '';
+    for (const name of ['a', 'b', 'c']) digest = await f.seed(await f.device(name, { delayMs: 10 }), bytes);
+    const d = await f.device('d');
+    const transfer = await d.downloader.fetch(digest);
+    const stream = transfer.read(0, bytes.length - 1).stream;
+    const heldAtFirstByte = await new Promise<number>((resolve) => stream.once('data', () => resolve(transfer.info().chunksHeld)));
+    assert.ok((await buffer(stream)).length > 0);
+    await transfer.done;
+    // Rarest-first among three equal holders would bring chunk 0 after half the blob on average.
+    assert.ok(heldAtFirstByte <= 6, `${heldAtFirstByte} of ${chunks} chunks held when the first byte was read`);
+  }));
+
 test('devices that start together get different chunks from one seeder: it sends each once before any twice', () =>
   withFixture(
     async (f) => {
