@@ -1,4 +1,4 @@
-// npm run bench:mesh [-- --devices 4,8,16 --settle-s 20 --quiet-s 10]
+// npm run bench:mesh [-- --devices 4,8,16 --settle-s 20 --quiet-s 60]
 //
 // For each N, starts N real `shoal node` processes at once, each in its own network namespace on
 // one bridge (mDNS only, one shared swarm key), and measures: time to full view, time until a
@@ -21,7 +21,7 @@ const { values } = parseArgs({
   options: {
     devices: { type: 'string', default: '4,8,16' },
     'settle-s': { type: 'string', default: '20' },
-    'quiet-s': { type: 'string', default: '10' },
+    'quiet-s': { type: 'string', default: '60' },
     out: { type: 'string', default: new URL('../results/', import.meta.url).pathname },
   },
 });
@@ -29,6 +29,8 @@ const DEVICE_COUNTS = values.devices!.split(',').map(Number);
 // After full view, devices still finish start-up work (DHT, identify, tag tables); the quiet
 // window measures the steady state after this long.
 const SETTLE_MS = Number(values['settle-s']) * 1000;
+// Long enough to hold two mDNS rounds (every 30 s, all devices at once) and, at 16 devices, about one
+// heartbeat of each (every ~48 s): a shorter window reads high or low depending on its phase.
 const QUIET_MS = Number(values['quiet-s']) * 1000;
 const POLL_MS = 100;
 // Give up waiting for a state after this long; the figure is then reported as not reached.

@@ -1,5 +1,5 @@
 import { arch, hostname, platform } from 'node:os';
-import { TopicValidatorResult, type Message } from '@libp2p/gossipsub';
+import { TopicValidatorResult, type Message, type SubscriptionChangeData } from '@libp2p/gossipsub';
 import { TypedEventEmitter, type PeerId } from '@libp2p/interface';
 import { peerIdFromString } from '@libp2p/peer-id';
 import { multiaddr } from '@multiformats/multiaddr';
@@ -290,6 +290,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     this.#recordDue = true;
     node.services.pubsub.topicValidators.set(topic, this.#validate);
     node.services.pubsub.addEventListener('message', this.#onMessage);
+    node.services.pubsub.addEventListener('subscription-change', this.#onSubscriptionChange);
     node.services.pubsub.subscribe(topic);
     node.addEventListener('peer:connect', this.#onConnect);
     node.addEventListener('peer:disconnect', this.#onDisconnect);
@@ -314,6 +315,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     node.removeEventListener('peer:connect', this.#onConnect);
     node.removeEventListener('peer:disconnect', this.#onDisconnect);
     node.services.pubsub.removeEventListener('message', this.#onMessage);
+    node.services.pubsub.removeEventListener('subscription-change', this.#onSubscriptionChange);
     if (node.status === 'started') node.services.pubsub.unsubscribe(topic);
     await this.#exchange.stop();
     node.services.pubsub.topicValidators.delete(topic);
@@ -625,6 +627,16 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     else if (heartbeat?.beat) this.#onBeat(message.from, heartbeat.beat);
     // Only a member's word counts, so a peer outside the table cannot make members suspect.
     else if (heartbeat?.suspicion && this.#rows.has(message.from.toString())) this.#onSuspicion(heartbeat.suspicion);
+  };
+
+  /**
+   * A record that reached nobody (no peer was on the topic yet, as at start) goes out as soon as
+   * a peer joins the topic, not a heartbeat interval later: one message then tells the whole mesh,
+   * where table exchanges would take a round per connection.
+   */
+  #onSubscriptionChange = (evt: CustomEvent<SubscriptionChangeData>): void => {
+    if (!this.#recordDue) return;
+    if (evt.detail.subscriptions.some(({ topic, subscribe }) => subscribe && topic === this.#options.topic)) this.#announce();
   };
 
   /** The heartbeat in a signed message, if a record then only about its signer; undefined otherwise. */

@@ -77,6 +77,8 @@ const silentLog: MeshLog = { debug() {}, warn() {} };
 const STREAM_BUFFER_BYTES = 4 * 1024 * 1024;
 
 const MDNS_DIAL_RETRIES = 3;
+/** How long the device with the greater peer id waits for the other to dial (see #onDiscovered). */
+const MDNS_YIELD_MS = 2_000;
 /**
  * Gossipsub's defaults suit a public network of thousands; on a LAN of tens of devices nearly
  * every peer ends up in every mesh and flood publishing sends each message to all of them, so
@@ -116,6 +118,8 @@ export class MeshHost {
   readonly #bootstrap: { peerId: PeerId; addr: Multiaddr }[];
   #node: MeshNode | undefined;
   #redialTimer: NodeJS.Timeout | undefined;
+  /** Peers found by mDNS that a dial (or a wait before one) is under way to. */
+  readonly #dialing = new Set<string>();
 
   constructor(options: MeshHostOptions = {}) {
     this.#options = {
@@ -263,20 +267,32 @@ export class MeshHost {
   }
 
   /**
-   * Dials a device mDNS found. Devices that start together are all busy at once and dials time
-   * out, while the next answer may be a whole mDNS interval away, so a failed dial is tried again
-   * a few times, 1 s, 2 s and 4 s later.
+   * Dials a device mDNS found. Every answer to anyone's query reaches every device, so a device
+   * starting among many hears each peer many times: one dial (or wait) per peer at a time. Both
+   * devices of a pair hear each other at once, and two dials crossing cost twice the handshakes
+   * on machines busy starting up; so the one with the greater peer id gives the other a moment to
+   * dial first. Devices that start together are all busy at once and dials time out, while the
+   * next answer may be a whole mDNS interval away, so a failed dial is tried again a few times,
+   * 1 s, 2 s and 4 s later.
    */
   #onDiscovered(peer: PeerInfo, attempt = 0): void {
     const node = this.#node;
-    if (!node || peer.id.equals(node.peerId) || node.getConnections(peer.id).length > 0) return;
+    const key = peer.id.toString();
+    if (!node || peer.id.equals(node.peerId) || node.getConnections(peer.id).length > 0 || this.#dialing.has(key)) return;
+    this.#dialing.add(key);
+    const yieldMs = attempt === 0 && key > node.peerId.toString() ? MDNS_YIELD_MS : 0;
     node.peerStore
       .merge(peer.id, { multiaddrs: peer.multiaddrs, tags: { [KEEP_ALIVE]: { value: 1 } } })
-      .then(() => node.dial(peer.id))
+      .then(() => new Promise((resolve) => setTimeout(resolve, yieldMs).unref()))
+      .then(() => (node.getConnections(peer.id).length > 0 ? undefined : node.dial(peer.id)))
       .then(
-        () => this.#options.log.debug({ peer: peer.id.toString() }, 'connected to mDNS peer'),
+        () => {
+          this.#dialing.delete(key);
+          this.#options.log.debug({ peer: key }, 'connected to mDNS peer');
+        },
         (err) => {
-          this.#options.log.debug({ peer: peer.id.toString(), err, attempt }, 'mDNS peer unreachable');
+          this.#dialing.delete(key);
+          this.#options.log.debug({ peer: key, err, attempt }, 'mDNS peer unreachable');
           if (attempt < MDNS_DIAL_RETRIES) setTimeout(() => this.#onDiscovered(peer, attempt + 1), 1_000 * 2 ** attempt).unref();
         },
       );
