@@ -74,10 +74,7 @@ test('three devices see each other alive; a stopped one goes suspect, then down,
 test('a joining device gets the whole table from one peer by sync, before any heartbeat of the others', async () => {
   const mesh = new TestMesh();
   try {
-    const a = await mesh.device('a', HEARTBEAT_NEVER);
-    const b = await mesh.device('b', HEARTBEAT_NEVER, [a]);
-    const c = await mesh.device('c', HEARTBEAT_NEVER, [a, b]);
-    await waitFor('a, b and c to exchange tables', () => [a, b, c].every((device) => allAlive(device, [a, b, c])));
+    const [a, b, c] = await mesh.trio(HEARTBEAT_NEVER);
 
     // d bootstraps from a only. Its own pubsub listener runs before its Membership's, so it knows
     // whether a heartbeat from a peer arrived before that peer showed up alive.
@@ -107,11 +104,7 @@ test('a closed connection makes the member probed at once: gone, it is suspect a
   const mesh = new TestMesh();
   try {
     // No periodic probes: only the disconnect can start one.
-    const options = { ...HEARTBEAT_NEVER, probeTimeoutMs: 500, suspicionMs: 1_000, checkIntervalMs: 50 };
-    const a = await mesh.device('a', options);
-    const b = await mesh.device('b', options, [a]);
-    const c = await mesh.device('c', options, [a, b]);
-    await waitFor('a to see b and c', () => allAlive(a, [a, b, c]));
+    const [a, b, c] = await mesh.trio({ ...HEARTBEAT_NEVER, probeTimeoutMs: 500, suspicionMs: 1_000, checkIntervalMs: 50 });
     const seen: string[] = [];
     for (const status of ['alive', 'suspect', 'down'] as const) {
       a.membership!.addEventListener(`peer:${status}`, (evt) => seen.push(`${evt.detail.name}:${evt.detail.status}`));
@@ -131,11 +124,7 @@ test('a closed connection makes the member probed at once: gone, it is suspect a
 test('a suspicion about a live member is refuted: it heartbeats at once and stays alive everywhere', async () => {
   const mesh = new TestMesh();
   try {
-    const options = { ...HEARTBEAT_NEVER, probeTimeoutMs: 200, suspicionMs: 1_000, checkIntervalMs: 50 };
-    const a = await mesh.device('a', options);
-    const b = await mesh.device('b', options, [a]);
-    const c = await mesh.device('c', options, [a, b]);
-    await waitFor('all to see all', () => [a, b, c].every((device) => allAlive(device, [a, b, c])));
+    const [a, b, c] = await mesh.trio({ ...HEARTBEAT_NEVER, probeTimeoutMs: 200, suspicionMs: 1_000, checkIntervalMs: 50 });
     await waitForSubscriptions([a, b, c]);
     const heardFromB: number[] = [];
     a.host.node.services.pubsub.addEventListener('message', (evt: CustomEvent<Message>) => {
