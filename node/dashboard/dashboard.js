@@ -61,7 +61,7 @@ function renderNode(stats) {
   setText('node-uptime', formatDuration(node.now - node.startedAt));
 }
 
-function renderCounters({ gateway, swarm, upstream, store }) {
+function renderCounters({ gateway, swarm, upstream, store, mesh }) {
   const byPath = (b) => `data plane ${formatBytes(b.dataPlane)}, libp2p ${formatBytes(b.libp2p)}`;
   setCounter('stat-gateway-requests', sum(gateway.requests.map((r) => r.count)));
   setCounter('stat-bytes-served', sum(Object.values(gateway.bytesSent)), formatBytes);
@@ -70,6 +70,12 @@ function renderCounters({ gateway, swarm, upstream, store }) {
   setCounter('stat-bytes-uploaded', swarm.bytesUploaded.dataPlane + swarm.bytesUploaded.libp2p, formatBytes, byPath(swarm.bytesUploaded));
   setCounter('stat-chunks-rejected', swarm.chunksRejected);
   setCounter('stat-peers-banned', swarm.peersBanned);
+  setCounter(
+    'stat-probes-unanswered',
+    mesh.probes.unanswered,
+    String,
+    `${mesh.probes.answered} answered; suspicions sent ${mesh.suspicions.sent}, received ${mesh.suspicions.received}; heartbeats rejected ${mesh.heartbeatsRejected}`,
+  );
   setCounter('stat-transfers-active', swarm.activeTransfers);
   setCounter('stat-store-blobs', store.blobs);
   setCounter('stat-store-bytes', store.bytes, formatBytes);

@@ -139,6 +139,7 @@ export class ShoalNode {
     const store = this.#store!;
     const downloader = this.#downloader!;
     const peers = { alive: 0, suspect: 0, down: 0 };
+    const membership = this.#membership!.counters;
     for (const member of this.#membership?.list() ?? []) if (!member.self) peers[member.status]++;
     const repositories = await store.repositories();
     let tags = 0;
@@ -155,7 +156,14 @@ export class ShoalNode {
       },
       gateway: this.#traffic.stats(),
       store: { blobs, bytes, repositories: repositories.length, tags },
-      mesh: { peers, connections: this.#mesh!.node.getConnections().length, tagRecords: this.#tags!.list().length },
+      mesh: {
+        peers,
+        connections: this.#mesh!.node.getConnections().length,
+        tagRecords: this.#tags!.list().length,
+        probes: { answered: membership.probesAnswered, unanswered: membership.probesUnanswered },
+        suspicions: { sent: membership.suspicionsSent, received: membership.suspicionsReceived },
+        heartbeatsRejected: membership.heartbeatsRejected,
+      },
       swarm: {
         ...downloader.stats,
         activeTransfers: downloader.list().length,

@@ -40,6 +40,15 @@ export class NodeMetrics {
     );
     this.#metric('gauge', 'shoal_mesh_connections', 'Open libp2p connections.', [], (s) => [[{}, s.mesh.connections]]);
     this.#metric('gauge', 'shoal_mesh_tag_records', 'Records in the mesh-wide tag table.', [], (s) => [[{}, s.mesh.tagRecords]]);
+    this.#metric('counter', 'shoal_mesh_probes_total', 'Membership probes of other devices, by result.', ['result'], (s) => [
+      [{ result: 'answered' }, s.mesh.probes.answered],
+      [{ result: 'unanswered' }, s.mesh.probes.unanswered],
+    ]);
+    this.#metric('counter', 'shoal_mesh_suspicions_total', 'Suspicions (an unanswered probe) this node published or received.', ['direction'], (s) => [
+      [{ direction: 'sent' }, s.mesh.suspicions.sent],
+      [{ direction: 'received' }, s.mesh.suspicions.received],
+    ]);
+    this.#metric('counter', 'shoal_mesh_heartbeats_rejected_total', 'Membership messages that failed validation.', [], (s) => [[{}, s.mesh.heartbeatsRejected]]);
 
     this.#metric('gauge', 'shoal_swarm_transfers_active', 'Blobs being fetched from the mesh now.', [], (s) => [[{}, s.swarm.activeTransfers]]);
     this.#metric('counter', 'shoal_swarm_transfers_total', 'Mesh transfers that ended, by result (failed includes blobs no device held).', ['result'], (s) => [

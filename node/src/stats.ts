@@ -33,6 +33,10 @@ export interface NodeStats {
     peers: Record<MemberStatus, number>;
     connections: number;
     tagRecords: number;
+    /** Membership probes of other devices since start, and suspicions published and received. */
+    probes: { answered: number; unanswered: number };
+    suspicions: { sent: number; received: number };
+    heartbeatsRejected: number;
   };
   swarm: DownloaderStats & {
     activeTransfers: number;

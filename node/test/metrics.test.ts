@@ -179,5 +179,13 @@ describe('/metrics and /api/stats of two nodes in one process', () => {
     assert.equal(stats.swarm.chunksVerified, valueOf(sb, 'shoal_swarm_chunks_verified_total'));
     assert.equal(stats.swarm.bytesReceived.dataPlane, valueOf(sb, 'shoal_swarm_received_bytes_total', { path: 'data_plane' }));
     assert.equal(stats.mesh.peers.alive, 1);
+
+    // Each probes the other about once a second.
+    await until('b has probed a', async () => (valueOf(await scrape(b), 'shoal_mesh_probes_total', { result: 'answered' }) ?? 0) >= 1);
+    const probed = await scrape(b);
+    const { mesh } = (await (await fetch(`${b.apiUrl}/api/stats`)).json()) as NodeStats;
+    assert.ok(mesh.probes.answered >= valueOf(probed, 'shoal_mesh_probes_total', { result: 'answered' })!);
+    assert.equal(typeof valueOf(probed, 'shoal_mesh_suspicions_total', { direction: 'sent' }), 'number');
+    assert.equal(valueOf(probed, 'shoal_mesh_heartbeats_rejected_total'), 0);
   });
 });

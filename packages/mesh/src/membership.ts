@@ -78,6 +78,18 @@ export interface MemberStats {
   load: number;
 }
 
+/** What this node's membership did since it started, for the dashboard and /metrics. */
+export interface MembershipCounters {
+  probesAnswered: number;
+  probesUnanswered: number;
+  /** Suspicions this node published (its probe of an alive member went unanswered). */
+  suspicionsSent: number;
+  /** Suspicions from members, about others or this node. */
+  suspicionsReceived: number;
+  /** Heartbeats that failed validation (malformed, oversized or claiming another peer's id). */
+  heartbeatsRejected: number;
+}
+
 export interface MembershipEvents {
   /** A member is new and alive, or was suspect or down and showed a sign of life. */
   'peer:alive': CustomEvent<Member>;
@@ -222,7 +234,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   #sending = false;
   /** A heartbeat was asked for while one was being sent; send another right after. */
   #announceAgain = false;
-  #rejected = 0;
+  readonly #counters: MembershipCounters = { probesAnswered: 0, probesUnanswered: 0, suspicionsSent: 0, suspicionsReceived: 0, heartbeatsRejected: 0 };
 
   constructor(host: MeshHost, options: MembershipOptions = {}) {
     super();
@@ -275,7 +287,11 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
 
   /** Heartbeats that failed validation (malformed, oversized or claiming another peer's id) since start. */
   get rejectedHeartbeats(): number {
-    return this.#rejected;
+    return this.#counters.heartbeatsRejected;
+  }
+
+  get counters(): MembershipCounters {
+    return { ...this.#counters };
   }
 
   /** Joins the topic, serves the sync protocol and exchanges tables with every connected peer. */
@@ -524,6 +540,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       const answered = await this.#host.probe(peerIdFromString(peerId), signal);
       const row = this.#rows.get(peerId);
       if (this.#node !== node || !row) return;
+      this.#counters[answered ? 'probesAnswered' : 'probesUnanswered']++;
       if (answered) {
         this.#heard(row, performance.now());
         return;
@@ -532,7 +549,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       if (row.status !== 'alive' || row.heardAt > startedAt) return;
       this.#options.log.debug({ peer: peerId }, 'probe unanswered, member suspect');
       this.#suspect(row);
-      await this.#publish(node, encodeSuspicion({ peerId, seq: row.authenticatedSeq }));
+      if (await this.#publish(node, encodeSuspicion({ peerId, seq: row.authenticatedSeq }))) this.#counters.suspicionsSent++;
     } catch (err) {
       this.#options.log.debug({ peer: peerId, err }, 'suspicion not sent');
     } finally {
@@ -546,6 +563,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
    * too, and this node probes it as well, so one member's bad link does not make it down.
    */
   #onSuspicion(suspicion: Suspicion): void {
+    this.#counters.suspicionsReceived++;
     if (suspicion.peerId === this.#self?.peerId) {
       this.#options.log.debug({}, 'suspected by a member, refuting');
       if (this.#sending) this.#announceAgain = true;
@@ -607,7 +625,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   #validate = (_propagationSource: PeerId, message: Message): TopicValidatorResult => {
     const heartbeat = this.#authenticatedHeartbeat(message);
     if (!heartbeat) {
-      this.#rejected++;
+      this.#counters.heartbeatsRejected++;
       return TopicValidatorResult.Reject;
     }
     this.#decoded.set(message, heartbeat);
