@@ -5,3 +5,4 @@ export * from './membership.ts';
 export * from './membership-codec.ts';
 export * from './tag-record.ts';
 export * from './tag-directory.ts';
+export * from './shuffle.ts';

@@ -24,6 +24,7 @@ import {
   type Suspicion,
   type SyncedMember,
 } from './membership-codec.ts';
+import { shuffle } from './shuffle.ts';
 import { TableExchange } from './table-exchange.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
 
@@ -519,8 +520,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
    */
   #probeNext(): void {
     if (this.#probeRound.length === 0) {
-      this.#probeRound = [...this.#rows.keys()];
-      shuffle(this.#probeRound);
+      this.#probeRound = shuffle([...this.#rows.keys()]);
     }
     const peerId = this.#probeRound.pop();
     if (peerId !== undefined) void this.#probe(peerId);
@@ -829,14 +829,6 @@ function describes({ seq: _seq, ts: _ts, usageBytes, load, services, ...info }: 
 /** The `services` field of a record: absent when there are none, which keeps heartbeats small. */
 function servicesField(services: ServiceRecord[]): Pick<MemberRecord, 'services'> {
   return services.length > 0 ? { services } : {};
-}
-
-/** Fisher-Yates, in place. */
-function shuffle<T>(items: T[]): void {
-  for (let i = items.length - 1; i > 0; i--) {
-    const j = Math.floor(Math.random() * (i + 1));
-    [items[i], items[j]] = [items[j], items[i]];
-  }
 }
 
 /** The host in a member's port-based service endpoints: its serviceHost, else its first non-loopback IPv4, else 127.0.0.1. */

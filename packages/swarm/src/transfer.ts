@@ -1,4 +1,5 @@
 import { Readable } from 'node:stream';
+import { shuffle } from '@shoal/mesh';
 import { ChunkBitmap, chunkSpan, isCompleteIndex, sendRange, type BlobInfo, type BlobReader, type ChunkIndex, type PartialBlob } from '@shoal/store';
 import { NoHolderError, type ChunkOutcome, type Downloader } from './downloader.ts';
 import type { Availability, AvailabilityUpdate, Holding } from './types.ts';
@@ -504,12 +505,4 @@ export class Transfer {
     this.#progress = Promise.withResolvers<void>();
     current.resolve();
   }
-}
-
-function shuffle<T>(items: T[]): T[] {
-  for (let i = items.length - 1; i > 0; i--) {
-    const j = Math.floor(Math.random() * (i + 1));
-    [items[i], items[j]] = [items[j]!, items[i]!];
-  }
-  return items;
 }
