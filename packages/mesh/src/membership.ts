@@ -424,6 +424,11 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   #announce(): void {
     if (!this.#self) return;
     this.#recordDue = true;
+    this.#heartbeatNow();
+  }
+
+  /** Heartbeats now, or right after the one being sent. */
+  #heartbeatNow(): void {
     if (this.#sending) this.#announceAgain = true;
     else void this.#heartbeat();
   }
@@ -566,8 +571,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     this.#counters.suspicionsReceived++;
     if (suspicion.peerId === this.#self?.peerId) {
       this.#options.log.debug({}, 'suspected by a member, refuting');
-      if (this.#sending) this.#announceAgain = true;
-      else void this.#heartbeat();
+      this.#heartbeatNow();
       return;
     }
     const row = this.#rows.get(suspicion.peerId);
