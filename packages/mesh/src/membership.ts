@@ -286,11 +286,6 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     });
   }
 
-  /** Heartbeats that failed validation (malformed, oversized or claiming another peer's id) since start. */
-  get rejectedHeartbeats(): number {
-    return this.#counters.heartbeatsRejected;
-  }
-
   get counters(): MembershipCounters {
     return { ...this.#counters };
   }

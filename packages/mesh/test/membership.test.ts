@@ -184,7 +184,7 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
     });
     const hugeLabels = Object.fromEntries(Array.from({ length: 32 }, (_, i) => [`label${i}`, 'x'.repeat(250)]));
     const text = (value: string) => new TextEncoder().encode(value);
-    const rejectedBefore = a.membership!.rejectedHeartbeats;
+    const rejectedBefore = a.membership!.counters.heartbeatsRejected;
     const payloads = [
       encodeHeartbeat(record(b.id)), // claims to be b
       text('not json'),
@@ -202,7 +202,7 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
     const suspected: string[] = [];
     a.membership!.addEventListener('peer:suspect', (evt) => suspected.push(evt.detail.name));
     for (const payload of payloads) await pubsub.publish(MEMBERSHIP_TOPIC, payload);
-    await waitFor('a to reject every bad heartbeat', () => a.membership!.rejectedHeartbeats - rejectedBefore === payloads.length);
+    await waitFor('a to reject every bad heartbeat', () => a.membership!.counters.heartbeatsRejected - rejectedBefore === payloads.length);
     // Well-formed, but from outside the table: a does not take a stranger's word about b.
     await pubsub.publish(MEMBERSHIP_TOPIC, encodeSuspicion({ peerId: b.id, seq: Number.MAX_SAFE_INTEGER }));
 
@@ -219,7 +219,7 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
     assert.equal(seenB.name, 'b');
     assert.equal(seenB.status, 'alive');
     assert.deepEqual(suspected, []);
-    assert.equal(a.membership!.rejectedHeartbeats - rejectedBefore, payloads.length);
+    assert.equal(a.membership!.counters.heartbeatsRejected - rejectedBefore, payloads.length);
   } finally {
     await mesh.stopAll();
   }

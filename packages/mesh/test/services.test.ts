@@ -176,9 +176,9 @@ test('malformed service data in a heartbeat is rejected by the validator; well-f
       [web, web], // the same name twice
       Array.from({ length: 65 }, (_, i) => ({ ...web, name: `s${i}` })),
     ];
-    const rejectedBefore = a.membership!.rejectedHeartbeats;
+    const rejectedBefore = a.membership!.counters.heartbeatsRejected;
     for (const services of badServices) await pubsub.publish(MEMBERSHIP_TOPIC, heartbeat(services));
-    await waitFor('a to reject every bad heartbeat', () => a.membership!.rejectedHeartbeats - rejectedBefore === badServices.length);
+    await waitFor('a to reject every bad heartbeat', () => a.membership!.counters.heartbeatsRejected - rejectedBefore === badServices.length);
     assert.equal(statusOf(a, forger), undefined, 'the forger never made it into the table');
 
     await pubsub.publish(MEMBERSHIP_TOPIC, heartbeat([{ ...web, meta: { ok: 'yes' }, extra: 'dropped' }]));
@@ -193,7 +193,7 @@ test('malformed service data in a heartbeat is rejected by the validator; well-f
       status: 'alive',
       endpoint: 'http://127.0.0.1:80',
     });
-    assert.equal(a.membership!.rejectedHeartbeats - rejectedBefore, badServices.length);
+    assert.equal(a.membership!.counters.heartbeatsRejected - rejectedBefore, badServices.length);
   } finally {
     await mesh.stopAll();
   }
