@@ -1,4 +1,5 @@
 import { createHash } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { noise } from '@chainsafe/libp2p-noise';
 import { yamux } from '@chainsafe/libp2p-yamux';
 import { gossipsub, type GossipSub } from '@libp2p/gossipsub';
@@ -283,7 +284,7 @@ export class MeshHost {
     const yieldMs = attempt === 0 && key > node.peerId.toString() ? MDNS_YIELD_MS : 0;
     node.peerStore
       .merge(peer.id, { multiaddrs: peer.multiaddrs, tags: { [KEEP_ALIVE]: { value: 1 } } })
-      .then(() => new Promise((resolve) => setTimeout(resolve, yieldMs).unref()))
+      .then(() => sleep(yieldMs, undefined, { ref: false }))
       .then(() => (node.getConnections(peer.id).length > 0 ? undefined : node.dial(peer.id)))
       .then(
         () => {
