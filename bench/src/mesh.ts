@@ -37,6 +37,9 @@ const POLL_MS = 100;
 const GIVE_UP_MS = 60_000;
 const MESH_PORT = 4001;
 
+const MEMBERSHIP_DEFAULTS =
+  'daemon defaults: each device probes one member per second (1.5 s timeout); an unanswered probe makes the member suspect everywhere, down 4 s later unless it shows a sign of life; heartbeats every 3 s x members alive, at most 60 s';
+
 // The targets at N = 16 (from the task).
 const TARGETS = { fullViewMs: 2_000, downMs: 10_000, txBytesPerSecond: 2_000, rssBytes: 120 * 2 ** 20 };
 
@@ -215,7 +218,7 @@ async function report(results: MeshResult[]): Promise<void> {
     quietWindowSeconds: QUIET_MS / 1000,
     pollIntervalMs: POLL_MS,
     discovery: 'mDNS only, one shared swarm key',
-    membership: 'daemon defaults: each device probes one member per second (1.5 s timeout); an unanswered probe makes the member suspect everywhere, down 4 s later unless it shows a sign of life; heartbeats every 3 s x members alive, at most 60 s',
+    membership: MEMBERSHIP_DEFAULTS,
   };
   const ms = (v: number | null) => (v === null ? 'not reached' : `${v} ms`);
   const md = [
@@ -224,7 +227,7 @@ async function report(results: MeshResult[]): Promise<void> {
     markdownMachine(machine),
     `Each device is a real \`shoal node\` in its own network namespace (veth to one bridge), mDNS only, one shared swarm key; all N launched at once. ` +
       `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled with curl every ${POLL_MS} ms. ` +
-      `Down: from kill -9 of one device until every other device shows it down (membership defaults: each device probes one member per second with a 1.5 s timeout; a member that does not answer is suspect everywhere and down 4 s later unless it shows a sign of life; the killed device's closed connections make the others probe it at once). ` +
+      `Down: from kill -9 of one device until every other device shows it down (${MEMBERSHIP_DEFAULTS}; the killed device's closed connections make the others probe it at once). ` +
       `Rejoin: the killed device started again (same data dir and peer id) into the settled mesh, from its listening until every device shows all N alive (the brief's \"a device that joins is visible everywhere within 2 s\"). ` +
       `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s starting ${SETTLE_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window. CPU busy: whole machine, from /proc/stat.`,
     '',
