@@ -21,4 +21,5 @@ export {
 export * from './chunk-server.ts';
 export * from './libp2p-transport.ts';
 export * from './data-plane.ts';
+export * from './data-plane-client.ts';
 export * from './upload-ledger.ts';

@@ -3,7 +3,6 @@ import { peerIdFromString } from '@libp2p/peer-id';
 import type { MeshHost, MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
 import type { ChunkBitmap } from '@shoal/store';
-import { Agent, request as httpRequest } from 'undici';
 import {
   CHUNK_PROTOCOL,
   ChunkProtocolError,
@@ -24,6 +23,7 @@ import {
   StallTimer,
   type ChunkRequest,
 } from './chunk-protocol.ts';
+import { DataPlaneClient, type DataPlaneOrigin } from './data-plane-client.ts';
 import type { ChunkTransport, DataPlaneTicket, Holding } from './types.ts';
 
 export interface Libp2pChunkTransportOptions {
@@ -62,8 +62,8 @@ export class Libp2pChunkTransport implements ChunkTransport {
   // Insertion-ordered, so the oldest entry is evicted first.
   readonly #geometry = new Map<string, { size: number; chunkSize: number }>();
   /** Each peer's data plane, from its last holding answer. */
-  readonly #dataPlanes = new Map<string, { origin: string; ticket: string }>();
-  readonly #http = new Agent({ connections: 8, keepAliveTimeout: 30_000 });
+  readonly #dataPlanes = new Map<string, DataPlaneOrigin & { ticket: string }>();
+  readonly #http: DataPlaneClient;
   /** Chunk buffers handed back by release(), and the pooled buffer behind each view handed out. */
   readonly #free: Buffer[] = [];
   readonly #pooled = new WeakMap<Uint8Array, Buffer>();
@@ -81,6 +81,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
     if (!Number.isInteger(this.#options.stallTimeoutMs) || this.#options.stallTimeoutMs < 1) {
       throw new RangeError(`stallTimeoutMs must be a positive integer, got ${this.#options.stallTimeoutMs}`);
     }
+    this.#http = new DataPlaneClient({ stallTimeoutMs: this.#options.stallTimeoutMs });
   }
 
   /** The peer's chunk index and availability of `blob`, or undefined when it holds none of it. */
@@ -102,7 +103,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
 
   /** Closes the data plane's pooled HTTP connections. */
   async close(): Promise<void> {
-    await this.#http.close();
+    this.#http.close();
   }
 
   /**
@@ -211,60 +212,44 @@ export class Libp2pChunkTransport implements ChunkTransport {
    */
   async #fetchOverDataPlane(
     peer: string,
-    plane: { origin: string; ticket: string },
+    plane: DataPlaneOrigin & { ticket: string },
     blob: string,
     ask: number | ChunkBitmap,
     check: (index: number, length: number) => void,
     signal: AbortSignal,
   ): Promise<{ index: number; bytes: Buffer } | undefined | typeof FALL_BACK> {
-    let res: Awaited<ReturnType<typeof httpRequest>>;
     const picking = typeof ask !== 'number';
+    let answered = false;
+    let chunk: { index: number; bytes: Buffer } | undefined;
+    let status: number;
     try {
-      res = await httpRequest(`${plane.origin}/v1/chunks/${blob}/${picking ? 'pick' : ask}`, {
-        dispatcher: this.#http,
-        headers: { authorization: `Bearer ${plane.ticket}`, ...(picking ? { 'shoal-want': encodeBitmap(ask) } : {}) },
+      ({ status } = await this.#http.get(
+        plane,
+        `/v1/chunks/${blob}/${picking ? 'pick' : ask}`,
+        { authorization: `Bearer ${plane.ticket}`, ...(picking ? { 'shoal-want': encodeBitmap(ask) } : {}) },
         signal,
-        headersTimeout: this.#options.stallTimeoutMs,
-        bodyTimeout: this.#options.stallTimeoutMs,
-      });
+        (head) => {
+          answered = true;
+          if (head.status !== 200) return undefined;
+          const index = picking ? Number(head.headers.get('shoal-chunk')) : ask;
+          if (!Number.isInteger(index) || index < 0) throw new ChunkProtocolError(`peer's data plane named no valid chunk (${String(head.headers.get('shoal-chunk'))})`);
+          check(index, head.length);
+          chunk = { index, bytes: this.#buffer(head.length) };
+          return chunk.bytes;
+        },
+      ));
     } catch (err) {
       signal.throwIfAborted();
+      if (answered) throw err;
       this.#options.log.debug({ peer, err }, 'data plane unreachable; using the libp2p stream');
       this.#dataPlanes.delete(peer);
       return FALL_BACK;
     }
-    if (res.statusCode === 404) {
-      await res.body.dump();
-      return undefined;
-    }
-    if (res.statusCode !== 200) {
-      await res.body.dump();
-      // A rejected ticket is renewed by the next holding answer; until then, the stream.
-      if (res.statusCode === 401) this.#dataPlanes.delete(peer);
-      return FALL_BACK;
-    }
-    const index = picking ? Number(res.headers['shoal-chunk']) : ask;
-    const length = Number(res.headers['content-length']);
-    try {
-      if (!Number.isInteger(index) || index < 0) throw new ChunkProtocolError(`peer's data plane named no valid chunk (${String(res.headers['shoal-chunk'])})`);
-      if (!Number.isInteger(length)) throw new ChunkProtocolError(`peer's data plane announced no valid length for chunk ${index}`);
-      check(index, length);
-    } catch (err) {
-      res.body.destroy();
-      throw err;
-    }
-    const out = this.#buffer(length);
-    let filled = 0;
-    for await (const piece of res.body as AsyncIterable<Buffer>) {
-      if (filled + piece.byteLength > length) {
-        res.body.destroy();
-        throw new ChunkProtocolError(`peer's data plane sent more than the ${length} bytes it announced`);
-      }
-      piece.copy(out, filled);
-      filled += piece.byteLength;
-    }
-    if (filled !== length) throw new ChunkProtocolError(`peer's data plane sent ${filled} of ${length} bytes`);
-    return { index, bytes: out };
+    if (status === 200) return chunk;
+    if (status === 404) return undefined;
+    // A rejected ticket is renewed by the next holding answer; until then, the stream.
+    if (status === 401) this.#dataPlanes.delete(peer);
+    return FALL_BACK;
   }
 
   /**
@@ -290,8 +275,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
     const remote = this.#host.node.getConnections(peerIdFromString(peer))[0]?.remoteAddr;
     const ip = remote?.getComponents().find((c) => c.name === 'ip4' || c.name === 'ip6');
     if (!ip?.value) return;
-    const host = ip.name === 'ip6' ? `[${ip.value}]` : ip.value;
-    this.#dataPlanes.set(peer, { origin: `http://${host}:${ticket.port}`, ticket: ticket.ticket });
+    this.#dataPlanes.set(peer, { host: ip.value, port: ticket.port, ticket: ticket.ticket });
   }
 
   #remember(peer: string, blob: string, index: { size: number; chunkSize: number }): void {
