@@ -68,6 +68,9 @@ export class FsPartialBlob implements PartialBlob {
   #hashedChunks = 0;
   #scratchBuffer: Buffer | undefined;
   #hashing: Promise<void> = Promise.resolve();
+  #writing: Promise<void> = Promise.resolve();
+  /** A #hashAhead pass is running. */
+  #hashingAhead = false;
   #bitmapWrite: Promise<void> | undefined;
   #indexWrite: Promise<void> = Promise.resolve();
   #bitmapDirty = false;
@@ -112,7 +115,7 @@ export class FsPartialBlob implements PartialBlob {
     await writeFileReplacing(paths.index, encodeChunkIndex(index));
     const blob = new FsPartialBlob(index.blob, index, have, paths, fh, adopt, onClose);
     if (saved) await blob.#reverify();
-    await blob.#advanceHash();
+    await blob.#hashAhead();
     return blob;
   }
 
@@ -135,15 +138,32 @@ export class FsPartialBlob implements PartialBlob {
       throw new ChunkMismatchError(this.digest, i);
     }
     if (this.have.has(i)) return;
-    let written = 0;
-    while (written < length) {
-      const { bytesWritten } = await this.#fh.write(bytes, written, length - written, offset + written);
-      written += bytesWritten;
-    }
+    await this.#write(bytes, offset);
     this.have.set(i);
     this.#saveBitmap();
-    // Resolves only once `bytes` is no longer needed, so the caller may reuse the buffer.
-    await this.#advanceHash({ i, bytes });
+    // The next chunk of the whole-blob hash is hashed from `bytes` now; any other waits for its
+    // turn and is read back then. A chunk's request never waits for chunks before it: with
+    // chunks landing in random order, waiting made each one wait for the read-back of the gap
+    // it closed, and the whole transfer went at the pace of that one chain.
+    if (!this.#hashingAhead && i === this.#hashedChunks) {
+      this.#digester.update(bytes);
+      this.#hashedChunks++;
+    }
+    void this.#hashAhead();
+  }
+
+  /**
+   * Writes `bytes` at `offset`, one write at a time: concurrent writes to one file queue on the
+   * kernel's inode lock, and the waiting thread spins for it, costing more CPU than the copy.
+   */
+  #write(bytes: Uint8Array, offset: number): Promise<void> {
+    const next = this.#writing.then(async () => {
+      for (let written = 0; written < bytes.byteLength; ) {
+        written += (await this.#fh.write(bytes, written, bytes.byteLength - written, offset + written)).bytesWritten;
+      }
+    });
+    this.#writing = next.catch(() => {});
+    return next;
   }
 
   async learn(index: ChunkIndex): Promise<boolean> {
@@ -165,18 +185,27 @@ export class FsPartialBlob implements PartialBlob {
     return next;
   }
 
-  /** Feeds newly contiguous chunks to the whole-blob hash, so commit need not read the blob again. */
-  #advanceHash(inHand?: { i: number; bytes: Uint8Array }): Promise<void> {
-    const next = this.#hashing.then(async () => {
-      while (this.#hashedChunks < this.have.length && this.have.has(this.#hashedChunks)) {
-        const i = this.#hashedChunks;
-        // A chunk that landed out of order is read back (from the page cache) into one reused buffer.
-        this.#digester.update(inHand?.i === i ? inHand.bytes : await this.#readSpan(i, this.#scratch()));
-        this.#hashedChunks++;
+  /**
+   * Feeds the held chunks that follow the hashed prefix to the whole-blob hash, reading them back
+   * (from the page cache) into one reused buffer; one pass at a time. Resolves when the pass
+   * that is running then has ended.
+   */
+  #hashAhead(): Promise<void> {
+    if (this.#hashingAhead || !this.have.has(this.#hashedChunks)) return this.#hashing;
+    this.#hashingAhead = true;
+    const pass = (async () => {
+      try {
+        while (!this.#closed && this.#hashedChunks < this.have.length && this.have.has(this.#hashedChunks)) {
+          this.#digester.update(await this.#readSpan(this.#hashedChunks, this.#scratch()));
+          this.#hashedChunks++;
+        }
+      } finally {
+        this.#hashingAhead = false;
       }
-    });
-    this.#hashing = next.catch(() => {});
-    return next;
+    })();
+    // A failed read leaves the prefix short: commit sees that and fails.
+    this.#hashing = pass.catch(() => {});
+    return this.#hashing;
   }
 
   /** Writes the bitmap (rename, no fsync: resume re-verifies what it claims); writes coalesce. */
@@ -219,7 +248,12 @@ export class FsPartialBlob implements PartialBlob {
     if (!this.have.complete || !isCompleteIndex(this.index)) {
       throw new Error(`partial blob ${this.digest} lacks ${this.have.length - this.have.count} chunks`);
     }
-    await this.#advanceHash();
+    // A pass may stop at a chunk that landed while it read the one before: go until none is left.
+    while (this.#hashedChunks < this.have.length) {
+      const before = this.#hashedChunks;
+      await this.#hashAhead();
+      if (this.#hashedChunks === before) throw new Error(`partial blob ${this.digest}: whole-blob hash stuck at chunk ${before}`);
+    }
     const actual = this.#digester.peek();
     if (actual !== this.digest) {
       // Every chunk matched the index, so the index itself was false: nothing here is usable.
@@ -247,6 +281,7 @@ export class FsPartialBlob implements PartialBlob {
     if (this.#closed) return;
     this.#closed = true;
     this.#onClose();
+    await this.#writing;
     await this.#hashing;
     // A last bitmap write may have been skipped while closing: write the final state.
     await this.#bitmapWrite;
