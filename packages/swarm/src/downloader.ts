@@ -27,6 +27,12 @@ export interface DownloaderOptions {
    * holder many devices ask at once, until its answers pass chunkTimeoutMs. Default 2.
    */
   maxInFlightPerPeer?: number;
+  /**
+   * Chunks received but not yet verified and written. A request's slot frees as soon as its bytes
+   * are in, so the next request crosses the network while the last is hashed and written; with
+   * this many waiting, no new request goes out until one is stored. Default 4.
+   */
+  maxStoringChunks?: number;
   /** A chunk not received within this time is asked of another holder. Default 10 000 ms. */
   chunkTimeoutMs?: number;
   /** Limit for asking one peer what it holds. Default 3 000 ms. */
@@ -133,6 +139,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as DownloaderOptions;
     this.options = {
       maxInFlightPerPeer: 2,
+      maxStoringChunks: 4,
       chunkTimeoutMs: 10_000,
       holdingTimeoutMs: 3_000,
       stallTimeoutMs: 30_000,
@@ -263,7 +270,8 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
   /**
    * Fetches one chunk from `peer` (chunk `ask`, or the peer's pick among the chunks set in `ask`,
    * which `onPicked` hears of as soon as the peer names it) and writes it; what happened, and to
-   * which chunk, for the transfer to act on.
+   * which chunk, for the transfer to act on. `onReceived` hears when the bytes are in and only
+   * verifying and writing them remain.
    */
   async fetchChunk(
     partial: PartialBlob,
@@ -271,6 +279,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     ask: number | ChunkBitmap,
     signal: AbortSignal,
     onPicked?: (index: number) => void,
+    onReceived?: () => void,
   ): Promise<ChunkOutcome> {
     const { transport } = this.options;
     const limited = AbortSignal.any([signal, AbortSignal.timeout(this.options.chunkTimeoutMs)]);
@@ -286,6 +295,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       return { outcome: 'failed' };
     }
     if (!fetched) return { outcome: 'missing' };
+    onReceived?.();
     const { index, bytes } = fetched;
     const length = bytes.byteLength;
     try {

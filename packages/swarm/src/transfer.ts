@@ -48,6 +48,8 @@ const CHUNK_TIME_WEIGHT = 0.2;
 interface AskedChunk {
   peers: Set<string>;
   since: number;
+  /** Its bytes are in and being stored: never late. */
+  received?: boolean;
 }
 
 /** One blob being fetched from the mesh; created by Downloader.fetch. */
@@ -78,6 +80,8 @@ export class Transfer {
   #picks = 0;
   /** The chunks each pick not yet named may bring, by its key: not asked of anyone else meanwhile. */
   readonly #unnamedPicks = new Map<number, ChunkBitmap>();
+  /** Chunks received and being verified and written. */
+  #storing = 0;
   /** Running average of request-to-chunk time, ms; undefined until a chunk arrived. */
   #chunkMs: number | undefined;
   #endgameTimer: NodeJS.Timeout | undefined;
@@ -302,13 +306,14 @@ export class Transfer {
       void this.#finish();
       return;
     }
-    const { maxInFlightPerPeer } = this.#downloader.options;
+    const { maxInFlightPerPeer, maxStoringChunks } = this.#downloader.options;
     // Shuffled, so no peer is always asked first.
     const peers = shuffle([...this.#peers.entries()]);
     let asked = true;
     while (asked) {
       asked = false;
       for (const [peer, state] of peers) {
+        if (this.#storing >= maxStoringChunks) return;
         if (state.inFlight.size >= maxInFlightPerPeer || !this.#peers.has(peer)) continue;
         const chunk = this.#pick(peer, state);
         if (chunk === undefined) continue;
@@ -374,7 +379,7 @@ export class Transfer {
     const late = performance.now() - Math.max(ENDGAME_MIN_WAIT_MS, 2 * (this.#chunkMs ?? 0));
     let nextLate = Infinity;
     for (const [i, asked] of this.#asked) {
-      if (partial.have.has(i) || !holds(i) || asked.peers.has(peer) || asked.peers.size >= endgameDuplicates) continue;
+      if (partial.have.has(i) || asked.received || !holds(i) || asked.peers.has(peer) || asked.peers.size >= endgameDuplicates) continue;
       if (asked.since <= late) return i;
       nextLate = Math.min(nextLate, asked.since - late);
     }
@@ -413,8 +418,18 @@ export class Transfer {
     state.inFlight.set(key, controller);
     if (pickKey === undefined) askedFor(key);
     else this.#unnamedPicks.set(pickKey, ask as ChunkBitmap);
-    this.#downloader.fetchChunk(this.#partial!, peer, ask, signal, askedFor).then(
+    let storing = false;
+    const received = (): void => {
+      // The peer's slot is free for the next request while these bytes are verified and written.
+      storing = true;
+      this.#storing++;
+      state.inFlight.delete(key);
+      if (asked) asked.received = true;
+      this.#pump();
+    };
+    this.#downloader.fetchChunk(this.#partial!, peer, ask, signal, askedFor, received).then(
       (result) => {
+        if (storing) this.#storing--;
         state.inFlight.delete(key);
         if (pickKey !== undefined) this.#unnamedPicks.delete(pickKey);
         if (asked) {

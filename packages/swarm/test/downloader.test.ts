@@ -43,8 +43,9 @@ test('a peer that sends a corrupt chunk is banned and the blob still arrives int
     assert.ok((await stored(d.store, digest)).equals(bytes));
     const stats = d.downloader.stats;
     assert.equal(stats.peersBanned, 1);
-    // Chunks already in flight to the peer when the first failed may fail too.
-    assert.ok(stats.chunksRejected >= 1 && stats.chunksRejected <= d.downloader.options.maxInFlightPerPeer, `${stats.chunksRejected} rejected`);
+    // Chunks already in flight from the peer, or received and being verified, when the first failed may fail too.
+    const { maxInFlightPerPeer, maxStoringChunks } = d.downloader.options;
+    assert.ok(stats.chunksRejected >= 1 && stats.chunksRejected <= maxInFlightPerPeer + maxStoringChunks, `${stats.chunksRejected} rejected`);
     // An endgame duplicate is verified too, though only one copy is written.
     assert.ok(stats.chunksVerified >= 30 && stats.bytesVerified >= bytes.length, JSON.stringify(stats));
     assert.deepEqual([stats.transfersCompleted, stats.transfersFailed], [1, 0]);
@@ -67,6 +68,37 @@ test('a peer that stalls or dies mid-transfer is replaced by the other holders',
     await transfer.done;
     assert.ok((await stored(d.store, digest)).equals(bytes));
     assert.ok(transfer.info().sources.c! > 0);
+  }));
+
+test("a request's slot frees once its bytes are in: while the store is slow the next requests go out, up to maxStoringChunks waiting", () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(24 * CHUNK);
+    const digest = await f.seed(await f.device('a'), bytes);
+    const d = await f.device('d', { maxInFlightPerPeer: 1, maxStoringChunks: 3 });
+    let storing = 0;
+    let most = 0;
+    const slowed = new WeakSet<object>();
+    const openPartial = d.store.openPartial.bind(d.store);
+    d.store.openPartial = async (index) => {
+      const partial = await openPartial(index);
+      if (slowed.has(partial)) return partial;
+      slowed.add(partial);
+      const writeChunk = partial.writeChunk.bind(partial);
+      partial.writeChunk = async (i, chunk) => {
+        most = Math.max(most, ++storing);
+        try {
+          await new Promise((resolve) => setTimeout(resolve, 30));
+          await writeChunk(i, chunk);
+        } finally {
+          storing--;
+        }
+      };
+      return partial;
+    };
+    const transfer = await d.downloader.fetch(digest);
+    await transfer.done;
+    assert.ok((await stored(d.store, digest)).equals(bytes));
+    assert.equal(most, 3, 'three chunks were being stored at once, with one request in flight at a time');
   }));
 
 test('nobody holding the blob is a NoHolderError', () =>
