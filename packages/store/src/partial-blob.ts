@@ -46,6 +46,9 @@ export function chunkSpan(index: ChunkIndex, i: number): { offset: number; lengt
   return { offset, length: Math.min(index.chunkSize, index.size - offset) };
 }
 
+/** Written bytes that start a background flush to disk. */
+const FLUSH_BYTES = 32 * 1024 * 1024;
+
 export interface PartialBlobPaths {
   data: string;
   bitmap: string;
@@ -69,6 +72,9 @@ export class FsPartialBlob implements PartialBlob {
   #scratchBuffer: Buffer | undefined;
   #hashing: Promise<void> = Promise.resolve();
   #writing: Promise<void> = Promise.resolve();
+  /** Bytes written since the last background flush started, and that flush while it runs. */
+  #unflushed = 0;
+  #flushing: Promise<void> | undefined;
   /** A #hashAhead pass is running. */
   #hashingAhead = false;
   #bitmapWrite: Promise<void> | undefined;
@@ -161,9 +167,24 @@ export class FsPartialBlob implements PartialBlob {
       for (let written = 0; written < bytes.byteLength; ) {
         written += (await this.#fh.write(bytes, written, bytes.byteLength - written, offset + written)).bytesWritten;
       }
+      this.#unflushed += bytes.byteLength;
+      if (this.#unflushed >= FLUSH_BYTES && !this.#flushing) this.#flush();
     });
     this.#writing = next.catch(() => {});
     return next;
+  }
+
+  /**
+   * Flushes what is written so far to disk in the background, so that commit's datasync (which
+   * the client's last byte waits for) has only the tail left: left to the kernel, a 1 GiB layer
+   * met the disk only at commit, 0.6 s here and many seconds on an SD card.
+   */
+  #flush(): void {
+    this.#unflushed = 0;
+    this.#flushing = this.#fh
+      .datasync()
+      .catch(() => {})
+      .finally(() => (this.#flushing = undefined));
   }
 
   async learn(index: ChunkIndex): Promise<boolean> {
@@ -282,6 +303,7 @@ export class FsPartialBlob implements PartialBlob {
     this.#closed = true;
     this.#onClose();
     await this.#writing;
+    await this.#flushing;
     await this.#hashing;
     // A last bitmap write may have been skipped while closing: write the final state.
     await this.#bitmapWrite;
