@@ -287,7 +287,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
 
   /**
    * One request on a fresh stream: sends the frame, half-closes, reads the header and then exactly
-   * the payload length it announces straight into one preallocated buffer. Resolves only when the
+   * the payload length it announces straight into a buffer from the chunk pool. Resolves only when the
    * peer has closed its side, so surplus bytes are caught; rejects on anything else.
    */
   async #request<T>(
@@ -300,7 +300,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
     signal.throwIfAborted();
     const stream = await this.#host.node.dialProtocol(peerIdFromString(peer), this.#options.protocol, { signal });
     try {
-      return await receive(stream, request, signal, maxHeaderBytes, this.#options.stallTimeoutMs, onHeader);
+      return await receive(stream, request, signal, maxHeaderBytes, this.#options.stallTimeoutMs, onHeader, (length) => this.#buffer(length));
     } catch (err) {
       this.#options.log.debug({ peer, request, err }, 'chunk request failed');
       throw err;
@@ -315,6 +315,7 @@ function receive<T>(
   maxHeaderBytes: number,
   stallTimeoutMs: number,
   onHeader: (frame: Buffer) => { result: T; payload?: number },
+  allocate: (length: number) => Buffer,
 ): Promise<{ result: T; payload?: Buffer }> {
   return new Promise((resolve, reject) => {
     const reader = new FrameReader(maxHeaderBytes);
@@ -342,7 +343,7 @@ function receive<T>(
         const read = reader.push(piece);
         if (!read) return;
         header = onHeader(read.frame);
-        if (header.payload !== undefined) payload = Buffer.allocUnsafe(header.payload);
+        if (header.payload !== undefined) payload = allocate(header.payload);
         piece = read.rest;
         if (piece.byteLength === 0) return;
       }
