@@ -33,8 +33,6 @@ interface PeerState {
 
 /** Bytes a reader copies from the partial file per step. */
 const READ_STEP = 256 * 1024;
-/** How many chunks past a waiting reader's position go before rarest-first. */
-const URGENT_WINDOW = 4;
 /**
  * Endgame duplicates a request only once it is late: older than twice the transfer's typical
  * chunk time, and at least this. Duplicating every outstanding request the moment slots freed up
@@ -333,16 +331,17 @@ export class Transfer {
     const named = partial.index.chunks.length;
     const holds = (i: number) => i < named && (state.have === 'all' || state.have.has(i));
     const open = (i: number) => !partial.have.has(i) && !this.#asked.get(i)?.peers.size && holds(i);
-    // A reader's next chunks go first unless a swarm is at work: when some source is itself
+    // A reader's chunks go in order unless a swarm is at work: when some source is itself
     // still downloading, devices are streaming this blob at once, all want the same next chunks,
     // and asking for them would make the holder send every chunk to everyone (a central
     // registry again). Rarest-first spreads distinct chunks, which the devices then trade; the
     // blob is whole no later, and clients such as containerd unpack a layer only once it is.
     // With whole holders only, nobody competes: in order, the client's first bytes come after
-    // one chunk, not after a random share of the blob.
+    // one chunk, not after a random share of the blob, and chunks land in the order the
+    // whole-blob hash takes them, so none is read back from disk to be hashed.
     if (![...this.#peers.values()].some((other) => other.have !== 'all')) {
       for (const position of this.#readers.values()) {
-        for (let i = position; i < Math.min(position + URGENT_WINDOW, partial.have.length); i++) if (open(i)) return i;
+        for (let i = position; i < partial.have.length; i++) if (open(i)) return i;
       }
     }
     // A holder of the whole blob picks among the rarest: it alone knows at once which of them it
