@@ -20,7 +20,7 @@
 // seconds per GB (10^9 bytes), as in bench:gateway.
 import { execFile, execFileSync, spawn } from 'node:child_process';
 import { createCipheriv, createHash, randomBytes } from 'node:crypto';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, readFileSync, unlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { cpus, loadavg, tmpdir } from 'node:os';
@@ -630,7 +630,7 @@ async function main(): Promise<void> {
   process.stdout.write(`generating ${SIZE / 2 ** 20} MiB of random data... `);
   const digest = await writeRandomFile(file, SIZE);
   process.stdout.write(`${digest}\n`);
-  const floors = await costFloors();
+  const floors = await costFloors(work);
 
   const registry = await startDockerRegistry();
   onCleanup(() => registry.stop());
@@ -792,7 +792,7 @@ function areaOf(url: string, fn: string): string {
   return own ? `shoal ${own}` : url;
 }
 
-// ---- cost floors: what the crypto alone costs on this machine ------------------------------
+// ---- cost floors: what the crypto and the disk writes alone cost on this machine ------------
 
 interface Floors {
   sha256SecondsPerGB: number;
@@ -800,10 +800,12 @@ interface Floors {
   noiseChachaSecondsPerGB: number;
   /** chacha20-poly1305 with one cipher over 1 MiB updates: the cipher alone. */
   rawChachaSecondsPerGB: number;
+  /** Writing a new file 1 MiB at a time (into the page cache, no fsync), as B stores a layer. */
+  newFileWriteSecondsPerGB: number;
 }
 
-/** CPU s/GB of the crypto every byte goes through, measured in this process (after a quiet second). */
-async function costFloors(): Promise<Floors> {
+/** CPU s/GB of the crypto and the file writes every byte goes through, measured in this process (after a quiet second). */
+async function costFloors(work: string): Promise<Floors> {
   await untilQuiet();
   const bytes = 256 * 2 ** 20;
   const buf = randomBytes(2 ** 20);
@@ -834,6 +836,16 @@ async function costFloors(): Promise<Floors> {
       const c = createCipheriv('chacha20-poly1305', key, nonce, { authTagLength: 16 });
       for (let done = 0; done < bytes; done += buf.length) c.update(buf);
       c.final();
+    }),
+    newFileWriteSecondsPerGB: perGB(() => {
+      const path = join(work, 'write-floor.bin');
+      const fd = openSync(path, 'w');
+      try {
+        for (let done = 0; done < bytes; done += buf.length) writeSync(fd, buf, 0, buf.length, done);
+      } finally {
+        closeSync(fd);
+        unlinkSync(path);
+      }
     }),
   };
 }
@@ -1054,11 +1066,12 @@ async function report(samples: Map<CaseName, Sample[]>, info: RunInfo): Promise<
         : '') +
       ` On separate devices each sender would bring its own CPU, and B's cost per GB is what bounds a small receiver.`,
     `**Where B's CPU goes.** By thread (${threadsKey}), per GB: ${threads(b1)} with the data plane and one source; ${threads(b3)} with three sources; ${threads(bl)} over libp2p. ` +
-      `On this machine sha256 costs ${floors.sha256SecondsPerGB} s/GB, and chacha20-poly1305 ${floors.noiseChachaSecondsPerGB} s/GB as noise uses it (a new cipher per 64 KiB message; ${floors.rawChachaSecondsPerGB} s/GB for the cipher alone). ` +
+      `On this machine sha256 costs ${floors.sha256SecondsPerGB} s/GB, chacha20-poly1305 ${floors.noiseChachaSecondsPerGB} s/GB as noise uses it (a new cipher per 64 KiB message; ${floors.rawChachaSecondsPerGB} s/GB for the cipher alone), and writing a new file ${floors.newFileWriteSecondsPerGB} s/GB ` +
+      '(into the page cache, no fsync; on this virtual machine it varies from run to run: memory the kernel has handed back to the hypervisor costs a fault per page the first time it is written again, which copy_folio_from_iter_atomic showed as most of B\'s file-write CPU under perf). ' +
       `With the data plane B hashes every byte twice (the per-chunk verify on the libuv pool, then the whole-blob digest on the main thread as chunks land), about ${hashB} of its ${one.cpuPerGB.B} s/GB, and decrypts nothing; the sender does no crypto on the chunks (it reads each from its file and writes it to the socket). ` +
-      `The other ${round2(Math.max(0, one.cpuPerGB.B! - hashB))} s/GB of B is moving bytes: undici's HTTP receive (a request per chunk, socket reads, response parsing, a copy of each piece into a reused 1 MiB buffer), handing each chunk to WebCrypto, the write into the partial blob file, reading the bytes back for the gateway and writing them to curl's socket, and the GC all this causes. ` +
+      `The other ${round2(Math.max(0, one.cpuPerGB.B! - hashB))} s/GB of B is moving bytes: the write into the partial blob file (about ${floors.newFileWriteSecondsPerGB} s/GB, as measured above), the HTTP receive (a request per chunk; the kernel reads each body straight into a pooled chunk buffer), WebCrypto's copy of each chunk to hash it off the main thread, reading the bytes back for the gateway and writing them to curl's socket, and the GC all this causes. ` +
       `Over libp2p B also decrypts every byte (with the two hashes about ${cryptoLibB} of its ${lib.cpuPerGB.B} s/GB) and the sender encrypts it (about ${floors.noiseChachaSecondsPerGB} of its ${lib.cpuPerGB.A} s/GB); ` +
-      `the other ${round2(Math.max(0, lib.cpuPerGB.B! - cryptoLibB))} s/GB of B adds noise framing, yamux framing and window updates, Uint8ArrayList copies, stream events, and a new yamux stream and a new buffer per 1 MiB chunk to the same file and gateway work.`,
+      `the other ${round2(Math.max(0, lib.cpuPerGB.B! - cryptoLibB))} s/GB of B adds noise framing, yamux framing and window updates, Uint8ArrayList copies, stream events, and a new yamux stream per 1 MiB chunk to the same file and gateway work.`,
     `**Memory.** Peak RSS during the transfer was at most ${nodeRss(one)} MiB per node with the data plane and one source, ${nodeRss(three)} MiB with three sources and ${nodeRss(lib)} MiB over libp2p (VmHWM reset at the start of each transfer, and VmRSS sampled every ${RSS_SAMPLE_MS} ms): ` +
       `the <= 200 MB target is ${met(verdicts.rss)}${overRss.length ? `; over it: ${overRss.join(', ')}` : ''}. docker-registry peaked at ${registry.peakRssMiB.server} MiB.`,
     busiest.othersCores >= 0.2
