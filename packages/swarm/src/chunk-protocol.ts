@@ -73,6 +73,14 @@ export class ChunkPeerError extends Error {
   override name = 'ChunkPeerError';
 }
 
+/**
+ * The holder is sending as many chunks as it allows at once: ask it again a little later, or ask
+ * another holder. Not a failure of the peer.
+ */
+export class ChunkBusyError extends Error {
+  override name = 'ChunkBusyError';
+}
+
 /** No bytes moved on a stream for the stall limit. */
 export class ChunkStallError extends Error {
   override name = 'ChunkStallError';

@@ -16,8 +16,14 @@ export interface ChunkDataPlaneOptions {
   port?: number;
   /** How long a ticket is good for. Default 600 000 ms. */
   ticketTtlMs?: number;
-  /** Requests served at once; more get 503 and the peer uses the libp2p path. Default 64. */
-  maxConcurrent?: number;
+  /**
+   * Chunks sent at once; a request beyond them is answered 503 at once and the peer asks again
+   * later or asks another holder. Few uploads at full speed finish each chunk soon, and a chunk
+   * is worth passing on only once it is whole: a seeder on a 20 Mbit/s link sending 36 chunks at
+   * once took 15 s per chunk, past the receivers' 10 s limit, and its whole uplink went into
+   * chunks that were abandoned. Default 4.
+   */
+  maxUploads?: number;
   /** What this device has sent, for pick requests (share the chunk server's). Default a ledger of its own. */
   ledger?: UploadLedger;
   /** TEST ONLY: flip a byte in the chunks it picks, as ChunkServer's switch does. Default none. */
@@ -56,6 +62,7 @@ export class ChunkDataPlane {
   #active = 0;
   readonly #free: Buffer[] = [];
   #bytesServed = 0;
+  #refused = 0;
 
   constructor(source: ChunkSource, options: ChunkDataPlaneOptions = {}) {
     this.#source = source;
@@ -63,7 +70,7 @@ export class ChunkDataPlane {
       host: '0.0.0.0',
       port: 0,
       ticketTtlMs: 600_000,
-      maxConcurrent: 64,
+      maxUploads: 4,
       log: silentLog,
       ledger: new UploadLedger(),
       ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
@@ -76,6 +83,11 @@ export class ChunkDataPlane {
 
   get bytesServed(): number {
     return this.#bytesServed;
+  }
+
+  /** Requests answered busy (503) because maxUploads chunks were being sent. */
+  get uploadsRefused(): number {
+    return this.#refused;
   }
 
   async start(): Promise<void> {
@@ -128,11 +140,14 @@ export class ChunkDataPlane {
 
   async #handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const route = req.method === 'GET' ? ROUTE.exec(req.url ?? '') : null;
-    if (!route || !isDigest(route[1]!)) return void res.writeHead(400).end();
+    if (!route || !isDigest(route[1]!)) return answer(res, 400);
     const auth = /^Bearer (\S+)$/.exec(req.headers.authorization ?? '');
     const entry = auth ? this.#tickets.get(auth[1]!) : undefined;
-    if (!entry || entry.expires <= Date.now()) return void res.writeHead(401).end();
-    if (this.#active >= this.#options.maxConcurrent) return void res.writeHead(503).end();
+    if (!entry || entry.expires <= Date.now()) return answer(res, 401);
+    if (this.#active >= this.#options.maxUploads) {
+      this.#refused++;
+      return answer(res, 503);
+    }
     const blob = route[1]!;
     this.#active++;
     const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES);
@@ -140,10 +155,10 @@ export class ChunkDataPlane {
     let index: number | undefined;
     try {
       index = route[2] === 'pick' ? await this.#pick(blob, req.headers['shoal-want']) : Number(route[2]);
-      if (index === undefined) return void res.writeHead(404).end();
+      if (index === undefined) return answer(res, 404);
       if (route[2] !== 'pick') this.#options.ledger.record(blob, index);
       const data = await this.#source.readChunk(blob, index, buffer);
-      if (!data) return void res.writeHead(404).end();
+      if (!data) return answer(res, 404);
       const payload = this.#options.corrupt?.(blob, index) ? corrupted(data) : data;
       res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': payload.byteLength, 'shoal-chunk': index });
       res.end(payload);
@@ -154,8 +169,8 @@ export class ChunkDataPlane {
       this.#bytesServed += payload.byteLength;
     } catch (err) {
       this.#options.log.debug({ peer: entry.peer, blob, index, err }, 'data plane request failed');
-      if (!res.headersSent) res.writeHead(err instanceof ChunkProtocolError ? 400 : 500);
-      res.end();
+      if (!res.headersSent) answer(res, err instanceof ChunkProtocolError ? 400 : 500);
+      else res.destroy();
     } finally {
       this.#active--;
       // Buffers are reused rather than allocated per chunk: 1 MiB allocations drive V8 into a
@@ -165,3 +180,7 @@ export class ChunkDataPlane {
   }
 }
 
+/** An answer without a body. Its length is explicit: node would send `writeHead(n).end()` chunked. */
+function answer(res: ServerResponse, status: number): void {
+  res.writeHead(status, { 'content-length': 0 }).end();
+}

@@ -9,6 +9,7 @@ import {
   type ContentStore,
   type PartialBlob,
 } from '@shoal/store';
+import { ChunkBusyError } from './chunk-protocol.ts';
 import { Transfer, type TransferInfo } from './transfer.ts';
 import type { ChunkTransport, Holding, ProviderDirectory } from './types.ts';
 
@@ -91,6 +92,8 @@ export interface DownloaderStats {
   bytesVerified: number;
   /** Chunks that failed verification (each bans its sender). */
   chunksRejected: number;
+  /** Chunk requests a holder answered busy (sending all it sends at once): asked again later. */
+  requestsBusy: number;
   peersBanned: number;
   transfersCompleted: number;
   /** Failed transfers, including blobs no device in the mesh held. */
@@ -98,7 +101,7 @@ export interface DownloaderStats {
 }
 
 /** What became of one chunk request; `index` is the chunk that arrived (a pick's choice). */
-export type ChunkOutcome = { outcome: 'ok' | 'bad'; index: number } | { outcome: 'missing' | 'failed' | 'aborted' };
+export type ChunkOutcome = { outcome: 'ok' | 'bad'; index: number } | { outcome: 'missing' | 'busy' | 'failed' | 'aborted' };
 
 /** Nobody in the mesh holds the blob (or nobody answered). */
 export class NoHolderError extends Error {
@@ -128,6 +131,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     chunksVerified: 0,
     bytesVerified: 0,
     chunksRejected: 0,
+    requestsBusy: 0,
     peersBanned: 0,
     transfersCompleted: 0,
     transfersFailed: 0,
@@ -291,6 +295,10 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
           : await transport.pickChunk(peer, partial.digest, ask, limited, onPicked);
     } catch (err) {
       if (signal.aborted) return { outcome: 'aborted' };
+      if (err instanceof ChunkBusyError) {
+        this.#stats.requestsBusy++;
+        return { outcome: 'busy' };
+      }
       this.options.log.debug({ peer, blob: partial.digest, chunk: ask, err }, 'chunk request failed');
       return { outcome: 'failed' };
     }

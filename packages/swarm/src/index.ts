@@ -8,6 +8,7 @@ export * from './swarm-registry.ts';
 export * from './publisher.ts';
 export {
   CHUNK_PROTOCOL,
+  ChunkBusyError,
   ChunkPeerError,
   ChunkProtocolError,
   ChunkStallError,

@@ -5,6 +5,7 @@ import { isDigest } from '@shoal/oci';
 import type { ChunkBitmap } from '@shoal/store';
 import {
   CHUNK_PROTOCOL,
+  ChunkBusyError,
   ChunkProtocolError,
   ChunkStallError,
   chunkLength,
@@ -208,7 +209,8 @@ export class Libp2pChunkTransport implements ChunkTransport {
 
   /**
    * A chunk over the peer's HTTP data plane; FALL_BACK when that path is unusable (refused,
-   * ticket rejected, overloaded), so the libp2p stream is tried. Checks as for a stream.
+   * ticket rejected), so the libp2p stream is tried; ChunkBusyError when the peer is sending all
+   * it sends at once (the stream would only add to its load). Checks as for a stream.
    */
   async #fetchOverDataPlane(
     peer: string,
@@ -247,6 +249,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
     }
     if (status === 200) return chunk;
     if (status === 404) return undefined;
+    if (status === 503) throw new ChunkBusyError(`peer's data plane is sending as many chunks as it allows`);
     // A rejected ticket is renewed by the next holding answer; until then, the stream.
     if (status === 401) this.#dataPlanes.delete(peer);
     return FALL_BACK;

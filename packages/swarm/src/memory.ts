@@ -1,5 +1,6 @@
 import { TypedEventEmitter } from '@libp2p/interface';
 import type { ChunkBitmap } from '@shoal/store';
+import { ChunkBusyError } from './chunk-protocol.ts';
 import type { AvailabilityUpdate, ChunkSource, ChunkTransport, Holding, ProviderDirectory, ProviderDirectoryEvents } from './types.ts';
 import { UploadLedger } from './upload-ledger.ts';
 
@@ -13,6 +14,9 @@ interface MemoryPeer {
   delayMs: number;
   online: boolean;
   ledger: UploadLedger;
+  /** Chunk requests it serves at once; more are answered busy, as ChunkDataPlane does. */
+  maxUploads: number;
+  uploads: number;
 }
 
 /**
@@ -36,8 +40,17 @@ export class MemoryNetwork {
     this.#gossipDelayMs = options.gossipDelayMs ?? 0;
   }
 
-  add(peer: string, source: ChunkSource, opts: { fault?: Fault; delayMs?: number } = {}): void {
-    this.#peers.set(peer, { source, fault: opts.fault ?? 'none', delayMs: opts.delayMs ?? 0, online: true, ledger: new UploadLedger() });
+  /** `maxUploads`: chunk requests served at once, more are answered busy. Default no limit. */
+  add(peer: string, source: ChunkSource, opts: { fault?: Fault; delayMs?: number; maxUploads?: number } = {}): void {
+    this.#peers.set(peer, {
+      source,
+      fault: opts.fault ?? 'none',
+      delayMs: opts.delayMs ?? 0,
+      online: true,
+      ledger: new UploadLedger(),
+      maxUploads: opts.maxUploads ?? Infinity,
+      uploads: 0,
+    });
   }
 
   setFault(peer: string, fault: Fault): void {
@@ -75,6 +88,19 @@ export class MemoryNetwork {
       signal.throwIfAborted();
       return fn(peer);
     };
+    /** A chunk request: holds one of the peer's upload slots, or is answered busy. */
+    const upload = async <T>(name: string, signal: AbortSignal, fn: (p: MemoryPeer) => Promise<T>): Promise<T> => {
+      countRequest(name);
+      const peer = this.#peers.get(name);
+      if (!peer) return call(name, signal, fn);
+      if (peer.online && peer.uploads >= peer.maxUploads) throw new ChunkBusyError(`${name} is sending all it sends at once`);
+      peer.uploads++;
+      try {
+        return await call(name, signal, fn);
+      } finally {
+        peer.uploads--;
+      }
+    };
     const serve = async (name: string, p: MemoryPeer, blob: string, index: number): Promise<Uint8Array | undefined> => {
       // Logged when the peer commits to the chunk (as its ledger counts it), not when the read
       // completes: reads finish out of order.
@@ -93,24 +119,20 @@ export class MemoryNetwork {
     };
     return {
       fetchHolding: (name, blob, signal) => call<Holding | undefined>(name, signal, (p) => p.source.holding(blob)),
-      fetchChunk: (name, blob, index, signal) => {
-        countRequest(name);
-        return call(name, signal, (p) => {
+      fetchChunk: (name, blob, index, signal) =>
+        upload(name, signal, (p) => {
           p.ledger.record(blob, index);
           return serve(name, p, blob, index);
-        });
-      },
-      pickChunk: (name, blob, want, signal, onPicked) => {
-        countRequest(name);
-        return call(name, signal, async (p) => {
+        }),
+      pickChunk: (name, blob, want, signal, onPicked) =>
+        upload(name, signal, async (p) => {
           const holding = await p.source.holding(blob);
           const index = holding && p.ledger.pick(blob, want, holding.have);
           if (index === undefined) return undefined;
           onPicked?.(index);
           const bytes = await serve(name, p, blob, index);
           return bytes && { index, bytes };
-        });
-      },
+        }),
     };
   }
 }

@@ -29,6 +29,9 @@ interface PeerState {
   /** Requests by chunk; a pick (the chunk not known yet) under a negative key of its own. */
   inFlight: Map<number, AbortController>;
   failures: number;
+  /** Answered busy: not asked again before this (performance.now()), and the pause after the next busy answer. */
+  busyUntil: number;
+  busyPauseMs: number;
 }
 
 /** Bytes a reader copies from the partial file per step. */
@@ -39,6 +42,9 @@ const READ_STEP = 256 * 1024;
  * made a device with nine sources fetch the last ~18 chunks of each layer twice.
  */
 const ENDGAME_MIN_WAIT_MS = 250;
+/** Pauses before a busy holder is asked again: doubled per busy answer in a row, jittered. */
+const BUSY_PAUSE_MIN_MS = 100;
+const BUSY_PAUSE_MAX_MS = 2_000;
 /** Weight of the newest chunk time in the transfer's running average. */
 const CHUNK_TIME_WEIGHT = 0.2;
 
@@ -82,7 +88,8 @@ export class Transfer {
   #storing = 0;
   /** Running average of request-to-chunk time, ms; undefined until a chunk arrived. */
   #chunkMs: number | undefined;
-  #endgameTimer: NodeJS.Timeout | undefined;
+  #wakeTimer: NodeJS.Timeout | undefined;
+  #wakeDue = 0;
 
   constructor(blob: string, downloader: Downloader) {
     this.blob = blob;
@@ -261,7 +268,7 @@ export class Transfer {
       if (holding.index.chunks.length > partial.index.chunks.length && !(await partial.learn(holding.index))) continue;
       const state = this.#peers.get(peer);
       if (state) state.have = holding.have;
-      else this.#peers.set(peer, { have: holding.have, inFlight: new Map(), failures: 0 });
+      else this.#peers.set(peer, { have: holding.have, inFlight: new Map(), failures: 0, busyUntil: 0, busyPauseMs: BUSY_PAUSE_MIN_MS });
     }
   }
 
@@ -307,12 +314,13 @@ export class Transfer {
     const { maxInFlightPerPeer, maxStoringChunks } = this.#downloader.options;
     // Shuffled, so no peer is always asked first.
     const peers = shuffle([...this.#peers.entries()]);
+    const now = performance.now();
     let asked = true;
     while (asked) {
       asked = false;
       for (const [peer, state] of peers) {
         if (this.#storing >= maxStoringChunks) return;
-        if (state.inFlight.size >= maxInFlightPerPeer || !this.#peers.has(peer)) continue;
+        if (state.inFlight.size >= maxInFlightPerPeer || state.busyUntil > now || !this.#peers.has(peer)) continue;
         const chunk = this.#pick(peer, state);
         if (chunk === undefined) continue;
         this.#request(peer, state, chunk);
@@ -386,14 +394,20 @@ export class Transfer {
     return undefined;
   }
 
-  /** Pumps again in `ms` (or sooner, if already due), when an outstanding request becomes late. */
+  /**
+   * Pumps again in `ms` (or sooner, if already due): when an outstanding request becomes late, or
+   * a busy holder may be asked again.
+   */
   #pumpIn(ms: number): void {
-    if (this.#endgameTimer) return;
-    this.#endgameTimer = setTimeout(() => {
-      this.#endgameTimer = undefined;
+    const due = performance.now() + ms + 1;
+    if (this.#wakeTimer && this.#wakeDue <= due) return;
+    clearTimeout(this.#wakeTimer);
+    this.#wakeDue = due;
+    this.#wakeTimer = setTimeout(() => {
+      this.#wakeTimer = undefined;
       this.#pump();
     }, ms + 1);
-    this.#endgameTimer.unref();
+    this.#wakeTimer.unref();
   }
 
   #request(peer: string, state: PeerState, ask: number | ChunkBitmap): void {
@@ -451,6 +465,7 @@ export class Transfer {
       case 'ok': {
         const chunk = result.index;
         state.failures = 0;
+        state.busyPauseMs = BUSY_PAUSE_MIN_MS;
         const { length } = chunkSpan(this.#partial!.index, chunk);
         this.#sources[peer] = (this.#sources[peer] ?? 0) + length;
         this.#fetched += length;
@@ -458,6 +473,14 @@ export class Transfer {
         for (const [other, s] of this.#peers) if (other !== peer) s.inFlight.get(chunk)?.abort();
         options.directory.announcePartial(this.blob, this.#partial!.have);
         this.#notify();
+        break;
+      }
+      case 'busy': {
+        // Not a failure: it is sending what it can. Others are asked meanwhile.
+        const pause = state.busyPauseMs * (0.75 + Math.random() / 2);
+        state.busyUntil = performance.now() + pause;
+        state.busyPauseMs = Math.min(BUSY_PAUSE_MAX_MS, 2 * state.busyPauseMs);
+        this.#pumpIn(pause);
         break;
       }
       case 'missing':
@@ -510,7 +533,7 @@ export class Transfer {
   #stopTimers(): void {
     clearInterval(this.#timer);
     clearInterval(this.#growTimer);
-    clearTimeout(this.#endgameTimer);
+    clearTimeout(this.#wakeTimer);
     this.#downloader.options.directory.removeEventListener('availability', this.#onAvailability);
   }
 

@@ -28,8 +28,8 @@ export interface ChunkSource {
 
 /**
  * Fetches from one peer (the chunk transport). Peers are peer id strings. A peer that does not
- * hold what is asked answers undefined; a peer that fails, stalls past `signal` or breaks the
- * protocol rejects.
+ * hold what is asked answers undefined; a peer sending all the chunks it sends at once rejects
+ * with ChunkBusyError; a peer that fails, stalls past `signal` or breaks the protocol rejects.
  */
 export interface ChunkTransport {
   fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined>;

@@ -9,6 +9,7 @@ import { sha256Of } from '@shoal/oci';
 import { ChunkBitmap, ChunkHasher, type ChunkIndex } from '@shoal/store';
 import {
   CHUNK_PROTOCOL,
+  ChunkBusyError,
   ChunkDataPlane,
   ChunkPeerError,
   ChunkProtocolError,
@@ -558,6 +559,8 @@ test('with a data plane, chunks travel over HTTP with a ticket from the holding 
       assert.equal(chunkServer.chunksServed, 0);
       assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length, libp2p: 0 });
       assert.equal(await transport!.fetchChunk(serverId, UNKNOWN, 0, signal()), undefined, 'a 404 is not-found');
+      assert.equal(sha256Hex((await transport!.fetchChunk(serverId, blob.index.blob, 0, signal()))!), blob.index.chunks[0]);
+      assert.equal(chunkServer.chunksServed, 0, 'the 404 left the data plane in use: no request went over the stream');
 
       // A request without a valid ticket is refused; the transport falls back to the stream.
       const plain = await fetch(`http://127.0.0.1:${dataPlane.port}/v1/chunks/${blob.index.blob}/0`, { headers: { authorization: 'Bearer nope' } });
@@ -566,7 +569,7 @@ test('with a data plane, chunks travel over HTTP with a ticket from the holding 
       const again = await transport!.fetchChunk(serverId, blob.index.blob, 1, signal());
       assert.equal(sha256Hex(again!), blob.index.chunks[1]);
       assert.equal(chunkServer.chunksServed, 1, 'served over the libp2p stream once the data plane was gone');
-      assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length, libp2p: MiB });
+      assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length + MiB, libp2p: MiB });
     });
   } finally {
     await dataPlane.stop();
@@ -615,6 +618,30 @@ test('pick: the holder sends the wanted chunk it has sent least, over the data p
       const none = new ChunkBitmap(7);
       none.set(5);
       assert.equal(await transport!.pickChunk(serverId, digest, none, signal()), undefined, 'none of the wanted chunks is held');
+    });
+  } finally {
+    await dataPlane.stop();
+  }
+});
+
+test('a data plane sending maxUploads chunks answers busy at once; the transport says so and does not fall back to the stream', async () => {
+  const source = new MemorySource();
+  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', maxUploads: 1 });
+  await dataPlane.start();
+  try {
+    await withRig({ server: { dataPlane } }, async ({ source: rigSource, chunkServer, serverId, transports: [transport] }) => {
+      const blob = rigSource.add(2 * MiB);
+      source.blobs.set(blob.index.blob, blob);
+      await transport!.fetchHolding(serverId, blob.index.blob, signal());
+      source.delayMs = 500;
+      const first = transport!.fetchChunk(serverId, blob.index.blob, 0, signal());
+      while (source.active === 0) await sleep(5);
+      await assert.rejects(transport!.fetchChunk(serverId, blob.index.blob, 1, signal()), ChunkBusyError);
+      assert.equal(sha256Hex((await first)!), blob.index.chunks[0]);
+      assert.equal(dataPlane.uploadsRefused, 1);
+      assert.equal(chunkServer.chunksServed, 0, 'the busy request did not go over the libp2p stream instead');
+      source.delayMs = 0;
+      assert.equal(sha256Hex((await transport!.fetchChunk(serverId, blob.index.blob, 1, signal()))!), blob.index.chunks[1], 'asked again once the slot was free');
     });
   } finally {
     await dataPlane.stop();

@@ -101,6 +101,21 @@ test("a request's slot frees once its bytes are in: while the store is slow the 
     assert.equal(most, 3, 'three chunks were being stored at once, with one request in flight at a time');
   }));
 
+test('a holder answering busy is asked again after a pause, not counted as failing, while the others trade', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(24 * CHUNK);
+    const digest = await f.seed(await f.device('seeder', { delayMs: 10, maxUploads: 1 }), bytes);
+    const devices = await Promise.all(['a', 'b', 'c', 'd'].map((name) => f.device(name, { maxPeerFailures: 1 })));
+    const transfers = await Promise.all(devices.map((d) => d.downloader.fetch(digest)));
+    await Promise.all(transfers.map((t) => t.done));
+    for (const d of devices) assert.ok((await stored(d.store, digest)).equals(bytes), `${d.name} has the blob`);
+    const busy = devices.reduce((sum, d) => sum + d.downloader.stats.requestsBusy, 0);
+    assert.ok(busy > 0, 'the seeder sent one chunk at a time and answered the rest busy');
+    // With maxPeerFailures 1, a busy answer counted as a failure would have dropped the only seeder.
+    const fromSeeder = new Set(f.net.served.get('seeder'));
+    assert.equal(fromSeeder.size, 24, 'every chunk still came from the seeder at least once');
+  }));
+
 test('nobody holding the blob is a NoHolderError', () =>
   withFixture(async (f) => {
     const d = await f.device('d');
