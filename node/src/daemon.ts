@@ -169,6 +169,7 @@ export class ShoalNode {
         activeTransfers: downloader.list().length,
         bytesReceived: this.#transport!.bytesReceived,
         bytesUploaded: { dataPlane: this.#dataPlane?.bytesServed ?? 0, libp2p: this.#chunkServer!.bytesServed },
+        uploadsRefused: this.#dataPlane?.uploadsRefused ?? 0,
       },
       upstream: { bytesReceived: this.#upstreamBytes },
     };

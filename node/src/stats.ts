@@ -44,6 +44,8 @@ export interface NodeStats {
     bytesReceived: BytesByPath;
     /** Chunk bytes sent to peers. */
     bytesUploaded: BytesByPath;
+    /** Chunk requests from peers answered busy: this device was sending all the chunks it sends at once. */
+    uploadsRefused: number;
   };
   /** Bytes pulled through from upstream registries, counted as each pull-through ends. */
   upstream: { bytesReceived: number };

@@ -169,6 +169,9 @@ describe('/metrics and /api/stats of two nodes in one process', () => {
     assert.ok(valueOf(sb, 'shoal_swarm_chunks_verified_total')! >= 3, 'three 1 MiB chunks at least');
     assert.equal(valueOf(sb, 'shoal_swarm_chunks_rejected_total'), 0);
     assert.equal(valueOf(sb, 'shoal_swarm_peers_banned_total'), 0);
+    // One device asking for one layer stays within a holder's upload slots.
+    assert.equal(valueOf(sb, 'shoal_swarm_busy_answers_total', { direction: 'received' }), 0);
+    assert.equal(valueOf(sa, 'shoal_swarm_busy_answers_total', { direction: 'sent' }), 0);
     assert.ok(valueOf(sb, 'shoal_swarm_transfers_total', { result: 'complete' })! >= 1);
     const uploaded = (valueOf(sa, 'shoal_swarm_uploaded_bytes_total', { path: 'data_plane' }) ?? 0) + (valueOf(sa, 'shoal_swarm_uploaded_bytes_total', { path: 'libp2p' }) ?? 0);
     assert.ok(uploaded >= layer.length, `a uploaded ${uploaded} bytes`);
