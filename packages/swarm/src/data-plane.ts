@@ -17,11 +17,12 @@ export interface ChunkDataPlaneOptions {
   /** How long a ticket is good for. Default 600 000 ms. */
   ticketTtlMs?: number;
   /**
-   * Chunks sent at once; a request beyond them is answered 503 at once and the peer asks again
-   * later or asks another holder. Few uploads at full speed finish each chunk soon, and a chunk
-   * is worth passing on only once it is whole: a seeder on a 20 Mbit/s link sending 36 chunks at
-   * once took 15 s per chunk, past the receivers' 10 s limit, and its whole uplink went into
-   * chunks that were abandoned. Default 4.
+   * Chunks sent at once. As many requests again wait for a turn (so a slot never idles while
+   * its next request is on its way); beyond that a request is answered 503 at once and the peer
+   * asks again later or asks another holder. Few uploads at full speed finish each chunk soon,
+   * and a chunk is worth passing on only once it is whole: a seeder on a 20 Mbit/s link sending
+   * 36 chunks at once took 15 s per chunk, past the receivers' 10 s limit, and its whole uplink
+   * went into chunks that were abandoned. Default 4.
    */
   maxUploads?: number;
   /** What this device has sent, for pick requests (share the chunk server's). Default a ledger of its own. */
@@ -60,6 +61,8 @@ export class ChunkDataPlane {
   readonly #byPeer = new Map<string, string>();
   #server: Server | undefined;
   #active = 0;
+  /** Requests waiting for an upload slot, first come first served. */
+  readonly #waiting: ((granted: boolean) => void)[] = [];
   readonly #free: Buffer[] = [];
   #bytesServed = 0;
   #refused = 0;
@@ -85,7 +88,7 @@ export class ChunkDataPlane {
     return this.#bytesServed;
   }
 
-  /** Requests answered busy (503) because maxUploads chunks were being sent. */
+  /** Requests answered busy (503): maxUploads chunks were being sent and as many waited. */
   get uploadsRefused(): number {
     return this.#refused;
   }
@@ -130,6 +133,42 @@ export class ChunkDataPlane {
     }
   }
 
+  /**
+   * An upload slot for the request answering on `res`: at once, after a wait, or none (then it
+   * has been answered busy, or its client went away while it waited).
+   */
+  async #acquire(res: ServerResponse): Promise<boolean> {
+    const { maxUploads } = this.#options;
+    if (this.#active < maxUploads) {
+      this.#active++;
+      return true;
+    }
+    if (this.#waiting.length >= maxUploads) {
+      this.#refused++;
+      answer(res, 503);
+      return false;
+    }
+    return new Promise<boolean>((resolve) => {
+      const gone = (): void => {
+        this.#waiting.splice(this.#waiting.indexOf(take), 1);
+        resolve(false);
+      };
+      const take = (granted: boolean): void => {
+        res.off('close', gone);
+        resolve(granted);
+      };
+      this.#waiting.push(take);
+      res.once('close', gone);
+    });
+  }
+
+  /** Hands the slot to the next waiting request, if any. */
+  #release(): void {
+    const next = this.#waiting.shift();
+    if (next) next(true);
+    else this.#active--;
+  }
+
   /** The chunk a pick request gets, undefined when none of the wanted ones is held; ChunkProtocolError for a bad bitmap. */
   async #pick(blob: string, want: string | string[] | undefined): Promise<number | undefined> {
     if (typeof want !== 'string') throw new ChunkProtocolError('pick request without a shoal-want bitmap');
@@ -144,12 +183,8 @@ export class ChunkDataPlane {
     const auth = /^Bearer (\S+)$/.exec(req.headers.authorization ?? '');
     const entry = auth ? this.#tickets.get(auth[1]!) : undefined;
     if (!entry || entry.expires <= Date.now()) return answer(res, 401);
-    if (this.#active >= this.#options.maxUploads) {
-      this.#refused++;
-      return answer(res, 503);
-    }
+    if (!(await this.#acquire(res))) return;
     const blob = route[1]!;
-    this.#active++;
     const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES);
     let reusable = true;
     let index: number | undefined;
@@ -172,7 +207,7 @@ export class ChunkDataPlane {
       if (!res.headersSent) answer(res, err instanceof ChunkProtocolError ? 400 : 500);
       else res.destroy();
     } finally {
-      this.#active--;
+      this.#release();
       // Buffers are reused rather than allocated per chunk: 1 MiB allocations drive V8 into a
       // full GC every 64 MiB, which cost more CPU than the serving itself.
       if (reusable && this.#free.length < POOL_SIZE) this.#free.push(buffer);

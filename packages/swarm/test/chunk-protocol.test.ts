@@ -624,24 +624,28 @@ test('pick: the holder sends the wanted chunk it has sent least, over the data p
   }
 });
 
-test('a data plane sending maxUploads chunks answers busy at once; the transport says so and does not fall back to the stream', async () => {
+test('a data plane sends maxUploads chunks at once, queues as many more and answers the rest busy; the transport says so and does not fall back to the stream', async () => {
   const source = new MemorySource();
   const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', maxUploads: 1 });
   await dataPlane.start();
   try {
     await withRig({ server: { dataPlane } }, async ({ source: rigSource, chunkServer, serverId, transports: [transport] }) => {
-      const blob = rigSource.add(2 * MiB);
+      const blob = rigSource.add(3 * MiB);
       source.blobs.set(blob.index.blob, blob);
       await transport!.fetchHolding(serverId, blob.index.blob, signal());
-      source.delayMs = 500;
+      source.delayMs = 300;
       const first = transport!.fetchChunk(serverId, blob.index.blob, 0, signal());
       while (source.active === 0) await sleep(5);
-      await assert.rejects(transport!.fetchChunk(serverId, blob.index.blob, 1, signal()), ChunkBusyError);
-      assert.equal(sha256Hex((await first)!), blob.index.chunks[0]);
+      const second = transport!.fetchChunk(serverId, blob.index.blob, 1, signal());
+      await sleep(50);
+      assert.equal(source.reads + source.active, 1, 'the second request waits for the one slot');
+      await assert.rejects(transport!.fetchChunk(serverId, blob.index.blob, 2, signal()), ChunkBusyError);
+      for (const [i, pending] of [first, second].entries()) assert.equal(sha256Hex((await pending)!), blob.index.chunks[i]);
+      assert.equal(source.maxActive, 1, 'one chunk sent at a time');
       assert.equal(dataPlane.uploadsRefused, 1);
       assert.equal(chunkServer.chunksServed, 0, 'the busy request did not go over the libp2p stream instead');
       source.delayMs = 0;
-      assert.equal(sha256Hex((await transport!.fetchChunk(serverId, blob.index.blob, 1, signal()))!), blob.index.chunks[1], 'asked again once the slot was free');
+      assert.equal(sha256Hex((await transport!.fetchChunk(serverId, blob.index.blob, 2, signal()))!), blob.index.chunks[2], 'asked again once a slot was free');
     });
   } finally {
     await dataPlane.stop();
