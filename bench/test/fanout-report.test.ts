@@ -29,6 +29,14 @@ test('the ideal is F / B, and efficiency, egress and CPU-bound follow the field 
   assert.equal(s.cpuBound, true);
 });
 
+test('uplink use is what each uplink sent over the makespan against what its rate allows', () => {
+  // 100 Mbit/s for 20 s: 250 MB a link could send.
+  const s = summarize(trial({ system: 'shoal', devices: 4, completionsMs: [18_000, 20_000, 19_000], seederTxBytes: 200 * MB, receiverTxBytes: [100 * MB, 150 * MB, 125 * MB] }));
+  assert.deepEqual(s.uplinkUse, { seeder: 0.8, receivers: 0.5 });
+  assert.match(markdownReport({ machine: describeMachine(), command: 'x', rate: '100mbit', layers: 2, commit: 'abc', trials: [s] }), /\| 1\.00x F \| 80 %, 50 % \|/);
+  assert.equal(summarize(trial({ system: 'shoal', devices: 4, completionsMs: [18_000, 20_000] })).uplinkUse, undefined, 'no makespan, no figure');
+});
+
 test('a run with a failed or missing receiver has no makespan and no efficiency', () => {
   const failed = summarize(trial({ system: 'shoal', devices: 4, completionsMs: [18_000, 20_000], failures: ['device-3: HTTP 404'] }));
   assert.equal(failed.makespanMs, Number.POSITIVE_INFINITY);

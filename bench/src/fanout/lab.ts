@@ -173,7 +173,7 @@ export class FanoutLab {
         const receivers = this.#devices.slice(1, n).map((d, i) => ({ device: d, node: nodes[i + 1]!, puller: new Puller(d, nodes[i + 1]!.gatewayUrl) }));
         try {
           await Promise.all([seederPull.ready, ...receivers.map((r) => r.puller.ready)]);
-          const measure = this.#startMeasuring(seeder);
+          const measure = this.#startMeasuring(seeder, receivers.map((r) => r.device));
           const start = await measure.start();
           seederPull.go();
           const done = receivers.map(async ({ node, puller }) => {
@@ -258,7 +258,7 @@ export class FanoutLab {
     const pullers = receivers.map(([device, url]) => new Puller(device, url));
     try {
       await Promise.all(pullers.map((p) => p.ready));
-      const measure = this.#startMeasuring(seeder);
+      const measure = this.#startMeasuring(seeder, receivers.map(([device]) => device));
       const start = await measure.start();
       for (const p of pullers) p.go();
       return await measure.finish(system, n, image, pullers.map((p) => p.result.then(({ resumes }) => ({ ms: performance.now() - start, resumes }))));
@@ -267,12 +267,14 @@ export class FanoutLab {
     }
   }
 
-  /** Seeder egress and machine CPU from start() until every completion has settled. */
-  #startMeasuring(seeder: TestDevice) {
+  /** Seeder egress, what each receiver sent, and machine CPU from start() until every completion has settled. */
+  #startMeasuring(seeder: TestDevice, receivers: TestDevice[]) {
     let txBefore = 0;
+    let portsBefore: { sent: number; received: number }[] = [];
     let cpuBefore: [number, number] = [0, 0];
     return {
       start: async (): Promise<number> => {
+        portsBefore = await this.#network.portBytes();
         txBefore = (await this.#network.interfaceBytes(seeder)).sent;
         cpuBefore = cpuJiffies();
         return performance.now();
@@ -281,6 +283,11 @@ export class FanoutLab {
         const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('timed out')), PULL_TIMEOUT_MS).unref());
         const settled = await Promise.allSettled(completions.map((c) => Promise.race([c, timeout])));
         const cpu = busyPercent(cpuBefore, cpuJiffies());
+        const portsAfter = await this.#network.portBytes();
+        const receiverTxBytes = receivers.map((device) => {
+          const i = this.#devices.indexOf(device);
+          return portsAfter[i]!.sent - portsBefore[i]!.sent;
+        });
         const seederTxBytes = (await this.#network.interfaceBytes(seeder)).sent - txBefore;
         const finished = settled.flatMap((s) => (s.status === 'fulfilled' ? [s.value] : []));
         return {
@@ -292,6 +299,7 @@ export class FanoutLab {
           failures: settled.flatMap((s, i) => (s.status === 'rejected' ? [`device-${i + 1}: ${(s.reason as Error).message}`] : [])),
           seederTxBytes,
           cpuBusyPercent: cpu,
+          receiverTxBytes,
           resumes: finished.reduce((sum, c) => sum + c.resumes, 0),
         };
       },

@@ -30,6 +30,8 @@ export interface Trial {
   upstreamTxBytes?: number;
   /** Whole-machine CPU busy % during the run. */
   cpuBusyPercent: number;
+  /** Bytes each receiver's interface sent from "go" until the last completion (what it passed on, plus requests and gossip). */
+  receiverTxBytes?: number[];
   /** Range requests receivers made to resume broken downloads. */
   resumes: number;
 }
@@ -46,6 +48,8 @@ export interface TrialSummary extends Trial {
   seederEgressRatio: number;
   /** The machine, not the links, was the limit: CPU busy at or above CPU_BOUND_PERCENT. */
   cpuBound: boolean;
+  /** Share of the makespan the seeder's uplink, and the receivers' uplinks on average, were sending at the link rate. */
+  uplinkUse?: { seeder: number; receivers: number };
 }
 
 /** Above this whole-machine busy %, the 2 cores, not the links, set the pace. */
@@ -79,7 +83,14 @@ export function summarize(trial: Trial): TrialSummary {
     efficiency: complete ? ideal / makespanMs : 0,
     seederEgressRatio: trial.seederTxBytes / trial.imageBytes,
     cpuBound: trial.cpuBusyPercent >= CPU_BOUND_PERCENT,
+    uplinkUse: complete && trial.receiverTxBytes?.length ? uplinkUse(trial, makespanMs) : undefined,
   };
+}
+
+function uplinkUse(trial: Trial, makespanMs: number): { seeder: number; receivers: number } {
+  const capacity = (trial.rateBitsPerSecond / 8) * (makespanMs / 1000);
+  const sent = trial.receiverTxBytes!;
+  return { seeder: trial.seederTxBytes / capacity, receivers: sent.reduce((a, b) => a + b, 0) / sent.length / capacity };
 }
 
 /** Registry makespan over Shoal makespan, for the same N (and the default chunk size) in one run. */
@@ -106,6 +117,7 @@ const SYSTEM_LABEL: Record<SystemName, string> = {
   registry: 'central registry',
 };
 
+const percent = (share: number) => `${Math.round(100 * share)} %`;
 const seconds = (ms: number) => (Number.isFinite(ms) ? (ms / 1000).toFixed(1) : 'failed');
 const binary = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(2)} MiB` : `${+(bytes / 1024).toFixed(2)} KiB`);
 
@@ -123,10 +135,12 @@ export function markdownReport(report: FanoutReport): string {
       'GET config and layers three at a time, digests checked, Range resume). **Central registry**: docker-registry 2.8 on the seeder, pulled by all the ' +
       'others at once over the same links. **Cold start**: the seeder has only an upstream docker-registry (on its own device, same link rate) and pulls ' +
       'through it while the others pull. Ideal = F / B (the peer-to-peer bound with equal links); efficiency = ideal / makespan; seeder egress counts every ' +
-      'byte its interface sent (TCP/IP headers, gossip), so 1.0x is not reachable and about 0.95 of the ideal is the most TCP over these links can give.',
+      'byte its interface sent (TCP/IP headers, gossip), so 1.0x is not reachable and about 0.95 of the ideal is the most TCP over these links can give. ' +
+      'Uplinks busy: bytes sent over the makespan against what the link rate allows in that time, for the seeder and on average for the receivers ' +
+      '(a peer-to-peer run at the ideal keeps every uplink near 100 %; a central registry keeps only the seeder\'s busy).',
     '',
-    '| system | N | chunk | image | makespan s | p50 s | p99 s | ideal s | efficiency | speed-up | seeder egress | CPU busy | resumes |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| system | N | chunk | image | makespan s | p50 s | p99 s | ideal s | efficiency | speed-up | seeder egress | uplinks busy: seeder, receivers | CPU busy | resumes |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ];
   for (const t of trials) {
     const up = t.system === 'registry' ? '' : speedUp(trials, t.devices, t.system);
@@ -134,9 +148,10 @@ export function markdownReport(report: FanoutReport): string {
       `| ${SYSTEM_LABEL[t.system]} | ${t.devices} | ${t.chunkSize ? binary(t.chunkSize) : ''} | ${(t.imageBytes / 1e6).toFixed(0)} MB | ` +
         `${seconds(t.makespanMs)} | ${seconds(t.p50Ms)} | ${seconds(t.p99Ms)} | ${seconds(t.idealMs)} | ${t.efficiency.toFixed(2)} | ` +
         `${typeof up === 'number' && !t.chunkSweep ? `${up.toFixed(1)}x` : ''} | ${t.seederEgressRatio.toFixed(2)}x F | ` +
+        `${t.uplinkUse ? `${percent(t.uplinkUse.seeder)}, ${percent(t.uplinkUse.receivers)}` : ''} | ` +
         `${t.cpuBusyPercent.toFixed(0)} %${t.cpuBound ? ' (CPU-bound)' : ''} | ${t.resumes} |`,
     );
-    for (const failure of t.failures) lines.push(`|  | | | | failed: ${failure.replaceAll('|', '/')} | | | | | | | | |`);
+    for (const failure of t.failures) lines.push(`|  | | | | failed: ${failure.replaceAll('|', '/')} | | | | | | | | | |`);
   }
   lines.push('', ...targetLines(trials), '');
   return lines.join('\n');
