@@ -25,6 +25,8 @@ const MESH_PORT = 4001;
 const CONVERGE_MS = 60_000;
 /** A receiver that has not finished after this long has failed. */
 const PULL_TIMEOUT_MS = 15 * 60_000;
+/** How often the bridge ports are read for the send timeline. */
+const TIMELINE_STEP_MS = 1_000;
 
 export interface LabOptions {
   /** Devices to create: the largest N of the run. */
@@ -272,16 +274,29 @@ export class FanoutLab {
     let txBefore = 0;
     let portsBefore: { sent: number; received: number }[] = [];
     let cpuBefore: [number, number] = [0, 0];
+    const devices = [seeder, ...receivers].map((device) => this.#devices.indexOf(device));
+    const timeline: NonNullable<Trial['sendTimeline']> = [];
+    let sampler: NodeJS.Timeout | undefined;
+    let startedAt = 0;
     return {
       start: async (): Promise<number> => {
         portsBefore = await this.#network.portBytes();
+        sampler = setInterval(() => {
+          const ms = Math.round(performance.now() - startedAt);
+          void this.#network.portBytes().then(
+            (ports) => timeline.push({ ms, sent: devices.map((i) => ports[i]!.sent - portsBefore[i]!.sent) }),
+            () => {},
+          );
+        }, TIMELINE_STEP_MS);
         txBefore = (await this.#network.interfaceBytes(seeder)).sent;
         cpuBefore = cpuJiffies();
-        return performance.now();
+        startedAt = performance.now();
+        return startedAt;
       },
       finish: async (system: Trial['system'], n: number, image: BenchImage, completions: Promise<Completion>[]): Promise<Trial> => {
         const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('timed out')), PULL_TIMEOUT_MS).unref());
         const settled = await Promise.allSettled(completions.map((c) => Promise.race([c, timeout])));
+        clearInterval(sampler);
         const cpu = busyPercent(cpuBefore, cpuJiffies());
         const portsAfter = await this.#network.portBytes();
         const receiverTxBytes = receivers.map((device) => {
@@ -300,6 +315,7 @@ export class FanoutLab {
           seederTxBytes,
           cpuBusyPercent: cpu,
           receiverTxBytes,
+          sendTimeline: timeline.sort((a, b) => a.ms - b.ms),
           resumes: finished.reduce((sum, c) => sum + c.resumes, 0),
         };
       },

@@ -32,6 +32,8 @@ export interface Trial {
   cpuBusyPercent: number;
   /** Bytes each receiver's interface sent from "go" until the last completion (what it passed on, plus requests and gossip). */
   receiverTxBytes?: number[];
+  /** Every second: bytes each device (seeder first, then the receivers) had sent since "go" (in the JSON only). */
+  sendTimeline?: { ms: number; sent: number[] }[];
   /** Range requests receivers made to resume broken downloads. */
   resumes: number;
 }
