@@ -41,6 +41,12 @@ const ROUTE = /^\/v1\/chunks\/([a-z0-9]+:[a-f0-9]+)\/(\d{1,10}|pick)$/;
 /** A pick's bitmap rides in a header: room for ~147 000 chunks, as on the libp2p path. */
 const MAX_HEADER_BYTES = 32 * 1024;
 const silentLog: MeshLog = { debug() {}, warn() {} };
+
+/** A request waiting for an upload slot: `grant(false)` answers it busy. */
+interface Waiter {
+  peer: string;
+  grant(granted: boolean): void;
+}
 /** Chunks of the default size fit; a larger chunk gets a buffer of its own. */
 const POOLED_BUFFER_BYTES = 1024 * 1024;
 const POOL_SIZE = 16;
@@ -61,8 +67,9 @@ export class ChunkDataPlane {
   readonly #byPeer = new Map<string, string>();
   #server: Server | undefined;
   #active = 0;
-  /** Requests waiting for an upload slot, first come first served. */
-  readonly #waiting: ((granted: boolean) => void)[] = [];
+  /** Requests waiting for an upload slot (see #acquire), and the slots each peer holds. */
+  readonly #waiting: Waiter[] = [];
+  readonly #serving = new Map<string, number>();
   readonly #free: Buffer[] = [];
   #bytesServed = 0;
   #refused = 0;
@@ -134,39 +141,70 @@ export class ChunkDataPlane {
   }
 
   /**
-   * An upload slot for the request answering on `res`: at once, after a wait, or none (then it
-   * has been answered busy, or its client went away while it waited).
+   * An upload slot for `peer`'s request answering on `res`: at once, after a wait, or none (then
+   * it has been answered busy, or its client went away while it waited). Slots go round the
+   * peers: a waiting request of a peer with nothing in service goes before those of peers being
+   * served, and when the queue is full it takes the place of the request of the peer holding the
+   * most slots. First come, first served, a seeder's slots stayed with the few devices whose
+   * next request arrived as their last chunk ended, while the others, answered busy and pausing,
+   * waited ten seconds for a first chunk they could pass on.
    */
-  async #acquire(res: ServerResponse): Promise<boolean> {
+  async #acquire(res: ServerResponse, peer: string): Promise<boolean> {
     const { maxUploads } = this.#options;
     if (this.#active < maxUploads) {
-      this.#active++;
+      this.#take(peer);
       return true;
     }
     if (this.#waiting.length >= maxUploads) {
+      const greediest = this.#waiting.reduce((a, b) => (this.#load(b.peer) > this.#load(a.peer) ? b : a));
+      if (this.#load(greediest.peer) <= this.#load(peer) + 1) {
+        this.#refused++;
+        answer(res, 503);
+        return false;
+      }
+      this.#waiting.splice(this.#waiting.indexOf(greediest), 1);
       this.#refused++;
-      answer(res, 503);
-      return false;
+      greediest.grant(false);
     }
     return new Promise<boolean>((resolve) => {
+      const waiter: Waiter = {
+        peer,
+        grant: (granted) => {
+          res.off('close', gone);
+          if (!granted && !res.headersSent) answer(res, 503);
+          resolve(granted);
+        },
+      };
       const gone = (): void => {
-        this.#waiting.splice(this.#waiting.indexOf(take), 1);
+        this.#waiting.splice(this.#waiting.indexOf(waiter), 1);
         resolve(false);
       };
-      const take = (granted: boolean): void => {
-        res.off('close', gone);
-        resolve(granted);
-      };
-      this.#waiting.push(take);
+      this.#waiting.push(waiter);
       res.once('close', gone);
     });
   }
 
-  /** Hands the slot to the next waiting request, if any. */
-  #release(): void {
-    const next = this.#waiting.shift();
-    if (next) next(true);
-    else this.#active--;
+  /** Slots `peer` holds and requests it has waiting. */
+  #load(peer: string): number {
+    return (this.#serving.get(peer) ?? 0) + this.#waiting.filter((w) => w.peer === peer).length;
+  }
+
+  #take(peer: string): void {
+    this.#active++;
+    this.#serving.set(peer, (this.#serving.get(peer) ?? 0) + 1);
+  }
+
+  /** Frees `peer`'s slot and hands it to the waiting request of the peer with the fewest in service. */
+  #release(peer: string): void {
+    this.#active--;
+    const left = (this.#serving.get(peer) ?? 1) - 1;
+    if (left > 0) this.#serving.set(peer, left);
+    else this.#serving.delete(peer);
+    if (this.#waiting.length === 0) return;
+    const next = this.#waiting.reduce((a, b) => ((this.#serving.get(b.peer) ?? 0) < (this.#serving.get(a.peer) ?? 0) ? b : a));
+    this.#waiting.splice(this.#waiting.indexOf(next), 1);
+    this.#take(next.peer);
+    next.grant(true);
   }
 
   /** The chunk a pick request gets, undefined when none of the wanted ones is held; ChunkProtocolError for a bad bitmap. */
@@ -183,7 +221,7 @@ export class ChunkDataPlane {
     const auth = /^Bearer (\S+)$/.exec(req.headers.authorization ?? '');
     const entry = auth ? this.#tickets.get(auth[1]!) : undefined;
     if (!entry || entry.expires <= Date.now()) return answer(res, 401);
-    if (!(await this.#acquire(res))) return;
+    if (!(await this.#acquire(res, entry.peer))) return;
     const blob = route[1]!;
     const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES);
     let reusable = true;
@@ -207,7 +245,7 @@ export class ChunkDataPlane {
       if (!res.headersSent) answer(res, err instanceof ChunkProtocolError ? 400 : 500);
       else res.destroy();
     } finally {
-      this.#release();
+      this.#release(entry.peer);
       // Buffers are reused rather than allocated per chunk: 1 MiB allocations drive V8 into a
       // full GC every 64 MiB, which cost more CPU than the serving itself.
       if (reusable && this.#free.length < POOL_SIZE) this.#free.push(buffer);

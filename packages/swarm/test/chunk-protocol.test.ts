@@ -652,6 +652,31 @@ test('a data plane sends maxUploads chunks at once, queues as many more and answ
   }
 });
 
+test("a data plane's slots go round the peers: a peer with nothing in service takes the queued place of one being served", async () => {
+  const source = new MemorySource();
+  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', maxUploads: 1 });
+  await dataPlane.start();
+  try {
+    await withRig({ clients: 2, server: { dataPlane } }, async ({ source: rigSource, serverId, transports: [greedy, newcomer] }) => {
+      const blob = rigSource.add(3 * MiB);
+      source.blobs.set(blob.index.blob, blob);
+      for (const t of [greedy!, newcomer!]) await t.fetchHolding(serverId, blob.index.blob, signal());
+      source.delayMs = 300;
+      const served = greedy!.fetchChunk(serverId, blob.index.blob, 0, signal());
+      while (source.active === 0) await sleep(5);
+      const queued = greedy!.fetchChunk(serverId, blob.index.blob, 1, signal());
+      await sleep(50);
+      const fair = newcomer!.fetchChunk(serverId, blob.index.blob, 2, signal());
+      await assert.rejects(queued, ChunkBusyError, "the greedy peer's queued request gave way");
+      assert.equal(sha256Hex((await served)!), blob.index.chunks[0]);
+      assert.equal(sha256Hex((await fair)!), blob.index.chunks[2], 'the newcomer was served next');
+      assert.equal(dataPlane.uploadsRefused, 1);
+    });
+  } finally {
+    await dataPlane.stop();
+  }
+});
+
 test('the data plane applies the corrupt switch too', async () => {
   const source = new MemorySource();
   const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', corrupt: () => true });
