@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { finished } from 'node:stream/promises';
 import type { AddressInfo } from 'node:net';
 import type { MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
@@ -237,7 +238,12 @@ export class ChunkDataPlane {
       res.end(payload);
       // The socket may still hold the bytes: the buffer is free again once they are written.
       reusable = false;
-      const written = await Promise.race([once(res, 'finish').then(() => true), once(res, 'close').then(() => res.writableFinished)]);
+      // finished() also settles for an answer whose client left before it was written: waiting
+      // for a 'close' already emitted held the upload slot for good.
+      const written = await finished(res).then(
+        () => true,
+        () => res.writableFinished,
+      );
       reusable = written;
       this.#bytesServed += payload.byteLength;
     } catch (err) {

@@ -15,6 +15,7 @@ import {
   ChunkProtocolError,
   ChunkServer,
   ChunkStallError,
+  DataPlaneClient,
   Libp2pChunkTransport,
   type Availability,
   type ChunkServerOptions,
@@ -673,6 +674,34 @@ test("a data plane's slots go round the peers: a peer with nothing in service ta
       assert.equal(dataPlane.uploadsRefused, 1);
     });
   } finally {
+    await dataPlane.stop();
+  }
+});
+
+test('a client that leaves while its chunk is read from disk gives its upload slot back', async () => {
+  const source = new MemorySource();
+  const blob = source.add(2 * MiB);
+  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', maxUploads: 1 });
+  await dataPlane.start();
+  const client = new DataPlaneClient();
+  try {
+    const { port, ticket } = dataPlane.ticketFor('peer')!;
+    const get = (i: number, s: AbortSignal) =>
+      client.get({ host: '127.0.0.1', port }, `/v1/chunks/${blob.index.blob}/${i}`, { authorization: `Bearer ${ticket}` }, s, (head) =>
+        head.status === 200 ? Buffer.alloc(head.length) : undefined,
+      );
+    source.delayMs = 200;
+    const controller = new AbortController();
+    const left = get(0, controller.signal);
+    while (source.active === 0) await sleep(5);
+    controller.abort(new Error('no longer wanted'));
+    await assert.rejects(left, /no longer wanted/);
+    // The read ends after its client has gone; the answer is never written.
+    while (source.active > 0) await sleep(5);
+    source.delayMs = 0;
+    assert.equal((await get(1, signal(5_000))).status, 200, 'the one slot was free again');
+  } finally {
+    client.close();
     await dataPlane.stop();
   }
 });
