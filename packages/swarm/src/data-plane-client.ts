@@ -68,16 +68,15 @@ export class DataPlaneClient {
     if (this.#closed) throw new Error('data plane client is closed');
     signal.throwIfAborted();
     const request = encodeRequest(origin, path, headers);
-    const key = `${origin.host}:${origin.port}`;
-    const pooled = this.#idle.get(key)?.pop();
+    const pooled = this.#idle.get(originKey(origin))?.pop();
     if (pooled) {
       try {
-        return await this.#exchange(key, pooled, request, signal, body);
+        return await this.#exchange(pooled, request, signal, body);
       } catch (err) {
         if (!(err instanceof StaleConnectionError)) throw err;
       }
     }
-    return this.#exchange(key, this.#connect(origin), request, signal, body);
+    return this.#exchange(this.#connect(origin), request, signal, body);
   }
 
   /** Closes every connection; requests in flight reject. */
@@ -98,14 +97,12 @@ export class DataPlaneClient {
     return connection;
   }
 
-  async #exchange(key: string, connection: Connection, request: string, signal: AbortSignal, body: BodyTarget): Promise<ResponseHead> {
+  /** One request on `connection`, which then goes back to the pool if it may. */
+  async #exchange(connection: Connection, request: string, signal: AbortSignal, body: BodyTarget): Promise<ResponseHead> {
     const head = await connection.exchange(request, signal, body);
-    if (this.#closed || !connection.reusable) {
-      connection.socket.destroy();
-      return head;
-    }
+    const key = originKey(connection.origin);
     const idle = this.#idle.get(key) ?? [];
-    if (idle.length >= this.#options.maxIdlePerOrigin) {
+    if (this.#closed || !connection.reusable || idle.length >= this.#options.maxIdlePerOrigin) {
       connection.socket.destroy();
       return head;
     }
@@ -116,7 +113,7 @@ export class DataPlaneClient {
   }
 
   #forgetIdle(connection: Connection): void {
-    const key = `${connection.origin.host}:${connection.origin.port}`;
+    const key = originKey(connection.origin);
     const idle = this.#idle.get(key);
     const at = idle?.indexOf(connection) ?? -1;
     if (at < 0) return;
@@ -211,9 +208,8 @@ class Connection {
   #nextBuffer(): Uint8Array {
     const exchange = this.#exchange;
     if (exchange?.head) {
-      const rest = exchange.head.length - exchange.filled;
       if (exchange.target) return exchange.target.subarray(exchange.filled);
-      return this.#head.subarray(0, Math.min(rest, MAX_HEAD_BYTES));
+      return this.#head.subarray(0, Math.min(exchange.head.length - exchange.filled, MAX_HEAD_BYTES));
     }
     // A full head buffer fails the request before this is asked; a whole buffer keeps reads valid.
     return this.#headLength < MAX_HEAD_BYTES ? this.#head.subarray(this.#headLength) : this.#head;
@@ -269,6 +265,11 @@ class Connection {
     this.socket.destroy();
     exchange?.reject(err);
   }
+}
+
+/** The pool's key for a data plane. */
+function originKey(origin: DataPlaneOrigin): string {
+  return `${origin.host}:${origin.port}`;
 }
 
 function encodeRequest(origin: DataPlaneOrigin, path: string, headers: Record<string, string>): string {

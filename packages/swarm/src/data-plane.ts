@@ -42,15 +42,15 @@ const ROUTE = /^\/v1\/chunks\/([a-z0-9]+:[a-f0-9]+)\/(\d{1,10}|pick)$/;
 /** A pick's bitmap rides in a header: room for ~147 000 chunks, as on the libp2p path. */
 const MAX_HEADER_BYTES = 32 * 1024;
 const silentLog: MeshLog = { debug() {}, warn() {} };
+/** Chunks of the default size fit; a larger chunk gets a buffer of its own. */
+const POOLED_BUFFER_BYTES = 1024 * 1024;
+const POOL_SIZE = 16;
 
 /** A request waiting for an upload slot: `grant(false)` answers it busy. */
 interface Waiter {
   peer: string;
   grant(granted: boolean): void;
 }
-/** Chunks of the default size fit; a larger chunk gets a buffer of its own. */
-const POOLED_BUFFER_BYTES = 1024 * 1024;
-const POOL_SIZE = 16;
 
 /**
  * The bulk path for chunks: plain HTTP beside the libp2p host. libp2p's noise and yamux cost
@@ -159,12 +159,10 @@ export class ChunkDataPlane {
     if (this.#waiting.length >= maxUploads) {
       const greediest = this.#waiting.reduce((a, b) => (this.#load(b.peer) > this.#load(a.peer) ? b : a));
       if (this.#load(greediest.peer) <= this.#load(peer) + 1) {
-        this.#refused++;
-        answer(res, 503);
+        this.#refuse(res);
         return false;
       }
       this.#waiting.splice(this.#waiting.indexOf(greediest), 1);
-      this.#refused++;
       greediest.grant(false);
     }
     return new Promise<boolean>((resolve) => {
@@ -172,7 +170,7 @@ export class ChunkDataPlane {
         peer,
         grant: (granted) => {
           res.off('close', gone);
-          if (!granted && !res.headersSent) answer(res, 503);
+          if (!granted && !res.headersSent) this.#refuse(res);
           resolve(granted);
         },
       };
@@ -183,6 +181,12 @@ export class ChunkDataPlane {
       this.#waiting.push(waiter);
       res.once('close', gone);
     });
+  }
+
+  /** Answers busy: the peer asks again later or asks another holder. */
+  #refuse(res: ServerResponse): void {
+    this.#refused++;
+    answer(res, 503);
   }
 
   /** Slots `peer` holds and requests it has waiting. */
