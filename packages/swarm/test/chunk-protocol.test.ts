@@ -18,6 +18,7 @@ import {
   DataPlaneClient,
   Libp2pChunkTransport,
   type Availability,
+  type ChunkDataPlaneOptions,
   type ChunkServerOptions,
   type ChunkSource,
   type Holding,
@@ -114,6 +115,37 @@ async function withRig(
     await Promise.all(transports.map((t) => t.close()));
     await chunkServer?.stop();
     await Promise.all(hosts.map((host) => host.stop()));
+  }
+}
+
+/**
+ * A rig whose server also runs a ChunkDataPlane (options `plane`, sharing its ledger with the chunk
+ * server) over a MemorySource of its own, `planeSource`, for delays and counts on that path only;
+ * `addBlob` puts a blob in both sources.
+ */
+async function withDataPlaneRig(
+  plane: Omit<ChunkDataPlaneOptions, 'host'>,
+  clients: number,
+  fn: (rig: Rig & { dataPlane: ChunkDataPlane; planeSource: MemorySource; addBlob: MemorySource['add'] }) => Promise<void>,
+): Promise<void> {
+  const planeSource = new MemorySource();
+  const dataPlane = new ChunkDataPlane(planeSource, { host: '127.0.0.1', ...plane });
+  await dataPlane.start();
+  try {
+    await withRig({ clients, server: { dataPlane, ledger: plane.ledger } }, (rig) =>
+      fn({
+        ...rig,
+        dataPlane,
+        planeSource,
+        addBlob: (...args) => {
+          const blob = rig.source.add(...args);
+          planeSource.blobs.set(blob.index.blob, blob);
+          return blob;
+        },
+      }),
+    );
+  } finally {
+    await dataPlane.stop();
   }
 }
 
@@ -543,140 +575,103 @@ test('throughput sanity: 64 MiB in 1 MiB chunks, 4 requests in flight (printed, 
   });
 });
 
-test('with a data plane, chunks travel over HTTP with a ticket from the holding answer; without one, over the stream', async () => {
-  const source = new MemorySource();
-  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1' });
-  await dataPlane.start();
-  try {
-    await withRig({ server: { dataPlane } }, async ({ source: rigSource, chunkServer, serverId, transports: [transport] }) => {
-      const blob = rigSource.add(3 * MiB + 5);
-      source.blobs.set(blob.index.blob, blob);
-      assert.ok(await transport!.fetchHolding(serverId, blob.index.blob, signal()));
-      for (let i = 0; i < 4; i++) {
-        const bytes = await transport!.fetchChunk(serverId, blob.index.blob, i, signal());
-        assert.equal(sha256Hex(bytes!), blob.index.chunks[i]);
-      }
-      assert.equal(dataPlane.bytesServed, blob.data.length, 'every chunk came over the data plane');
-      assert.equal(chunkServer.chunksServed, 0);
-      assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length, libp2p: 0 });
-      assert.equal(await transport!.fetchChunk(serverId, UNKNOWN, 0, signal()), undefined, 'a 404 is not-found');
-      assert.equal(sha256Hex((await transport!.fetchChunk(serverId, blob.index.blob, 0, signal()))!), blob.index.chunks[0]);
-      assert.equal(chunkServer.chunksServed, 0, 'the 404 left the data plane in use: no request went over the stream');
+test('with a data plane, chunks travel over HTTP with a ticket from the holding answer; without one, over the stream', () =>
+  withDataPlaneRig({}, 1, async ({ addBlob, dataPlane, chunkServer, serverId, transports: [transport] }) => {
+    const blob = addBlob(3 * MiB + 5);
+    assert.ok(await transport!.fetchHolding(serverId, blob.index.blob, signal()));
+    for (let i = 0; i < 4; i++) {
+      const bytes = await transport!.fetchChunk(serverId, blob.index.blob, i, signal());
+      assert.equal(sha256Hex(bytes!), blob.index.chunks[i]);
+    }
+    assert.equal(dataPlane.bytesServed, blob.data.length, 'every chunk came over the data plane');
+    assert.equal(chunkServer.chunksServed, 0);
+    assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length, libp2p: 0 });
+    assert.equal(await transport!.fetchChunk(serverId, UNKNOWN, 0, signal()), undefined, 'a 404 is not-found');
+    assert.equal(sha256Hex((await transport!.fetchChunk(serverId, blob.index.blob, 0, signal()))!), blob.index.chunks[0]);
+    assert.equal(chunkServer.chunksServed, 0, 'the 404 left the data plane in use: no request went over the stream');
 
-      // A request without a valid ticket is refused; the transport falls back to the stream.
-      const plain = await fetch(`http://127.0.0.1:${dataPlane.port}/v1/chunks/${blob.index.blob}/0`, { headers: { authorization: 'Bearer nope' } });
-      assert.equal(plain.status, 401);
-      await dataPlane.stop();
-      const again = await transport!.fetchChunk(serverId, blob.index.blob, 1, signal());
-      assert.equal(sha256Hex(again!), blob.index.chunks[1]);
-      assert.equal(chunkServer.chunksServed, 1, 'served over the libp2p stream once the data plane was gone');
-      assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length + MiB, libp2p: MiB });
-    });
-  } finally {
+    // A request without a valid ticket is refused; the transport falls back to the stream.
+    const plain = await fetch(`http://127.0.0.1:${dataPlane.port}/v1/chunks/${blob.index.blob}/0`, { headers: { authorization: 'Bearer nope' } });
+    assert.equal(plain.status, 401);
     await dataPlane.stop();
-  }
-});
+    const again = await transport!.fetchChunk(serverId, blob.index.blob, 1, signal());
+    assert.equal(sha256Hex(again!), blob.index.chunks[1]);
+    assert.equal(chunkServer.chunksServed, 1, 'served over the libp2p stream once the data plane was gone');
+    assert.deepEqual(transport!.bytesReceived, { dataPlane: blob.data.length + MiB, libp2p: MiB });
+  }));
 
-test('pick: the holder sends the wanted chunk it has sent least, over the data plane and the stream, counted in one ledger', async () => {
-  const ledger = new UploadLedger();
-  const source = new MemorySource();
-  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', ledger });
-  await dataPlane.start();
-  try {
-    await withRig({ server: { dataPlane, ledger } }, async ({ source: rigSource, chunkServer, serverId, transports: [transport] }) => {
-      // Chunk 5 is missing at the holder: it is never picked.
-      const blob = rigSource.add(6 * MiB + 5, MiB, (i) => i !== 5);
-      source.blobs.set(blob.index.blob, blob);
-      const digest = blob.index.blob;
-      await transport!.fetchHolding(serverId, digest, signal());
-      const want = ChunkBitmap.full(7);
-      want.clear(6);
-      const bytes = await transport!.fetchChunk(serverId, digest, 0, signal());
-      assert.equal(sha256Hex(bytes!), blob.index.chunks[0]);
-      const picked: number[] = [];
-      const heard: number[] = [];
-      const pick = async () => {
-        const got = await transport!.pickChunk(serverId, digest, want, signal(), (i) => heard.push(i));
-        assert.ok(got, 'a wanted chunk the holder has');
-        assert.equal(sha256Hex(got.bytes), blob.index.chunks[got.index], `chunk ${got.index} has its own bytes`);
-        picked.push(got.index);
-      };
-      await pick();
-      await pick();
-      assert.equal(dataPlane.bytesServed, 3 * MiB, 'over the data plane');
-      await dataPlane.stop();
-      await pick();
-      await pick();
-      assert.equal(chunkServer.chunksServed, 2, 'then over the stream');
-      assert.deepEqual(heard, picked, 'onPicked named each chunk');
-      assert.deepEqual(
-        [...picked].sort(),
-        [1, 2, 3, 4],
-        'the chunks never sent, each once: chunk 0 went out by index, chunk 5 is not held, chunk 6 not wanted',
-      );
-      await pick();
-      assert.ok([0, 1, 2, 3, 4].includes(picked.at(-1)!), 'then one sent once');
-      const none = new ChunkBitmap(7);
-      none.set(5);
-      assert.equal(await transport!.pickChunk(serverId, digest, none, signal()), undefined, 'none of the wanted chunks is held');
-    });
-  } finally {
+test('pick: the holder sends the wanted chunk it has sent least, over the data plane and the stream, counted in one ledger', () =>
+  withDataPlaneRig({ ledger: new UploadLedger() }, 1, async ({ addBlob, dataPlane, chunkServer, serverId, transports: [transport] }) => {
+    // Chunk 5 is missing at the holder: it is never picked.
+    const blob = addBlob(6 * MiB + 5, MiB, (i) => i !== 5);
+    const digest = blob.index.blob;
+    await transport!.fetchHolding(serverId, digest, signal());
+    const want = ChunkBitmap.full(7);
+    want.clear(6);
+    const bytes = await transport!.fetchChunk(serverId, digest, 0, signal());
+    assert.equal(sha256Hex(bytes!), blob.index.chunks[0]);
+    const picked: number[] = [];
+    const heard: number[] = [];
+    const pick = async () => {
+      const got = await transport!.pickChunk(serverId, digest, want, signal(), (i) => heard.push(i));
+      assert.ok(got, 'a wanted chunk the holder has');
+      assert.equal(sha256Hex(got.bytes), blob.index.chunks[got.index], `chunk ${got.index} has its own bytes`);
+      picked.push(got.index);
+    };
+    await pick();
+    await pick();
+    assert.equal(dataPlane.bytesServed, 3 * MiB, 'over the data plane');
     await dataPlane.stop();
-  }
-});
+    await pick();
+    await pick();
+    assert.equal(chunkServer.chunksServed, 2, 'then over the stream');
+    assert.deepEqual(heard, picked, 'onPicked named each chunk');
+    assert.deepEqual(
+      [...picked].sort(),
+      [1, 2, 3, 4],
+      'the chunks never sent, each once: chunk 0 went out by index, chunk 5 is not held, chunk 6 not wanted',
+    );
+    await pick();
+    assert.ok([0, 1, 2, 3, 4].includes(picked.at(-1)!), 'then one sent once');
+    const none = new ChunkBitmap(7);
+    none.set(5);
+    assert.equal(await transport!.pickChunk(serverId, digest, none, signal()), undefined, 'none of the wanted chunks is held');
+  }));
 
-test('a data plane sends maxUploads chunks at once, queues as many more and answers the rest busy; the transport says so and does not fall back to the stream', async () => {
-  const source = new MemorySource();
-  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', maxUploads: 1 });
-  await dataPlane.start();
-  try {
-    await withRig({ server: { dataPlane } }, async ({ source: rigSource, chunkServer, serverId, transports: [transport] }) => {
-      const blob = rigSource.add(3 * MiB);
-      source.blobs.set(blob.index.blob, blob);
-      await transport!.fetchHolding(serverId, blob.index.blob, signal());
-      source.delayMs = 300;
-      const first = transport!.fetchChunk(serverId, blob.index.blob, 0, signal());
-      while (source.active === 0) await sleep(5);
-      const second = transport!.fetchChunk(serverId, blob.index.blob, 1, signal());
-      await sleep(50);
-      assert.equal(source.reads + source.active, 1, 'the second request waits for the one slot');
-      await assert.rejects(transport!.fetchChunk(serverId, blob.index.blob, 2, signal()), ChunkBusyError);
-      for (const [i, pending] of [first, second].entries()) assert.equal(sha256Hex((await pending)!), blob.index.chunks[i]);
-      assert.equal(source.maxActive, 1, 'one chunk sent at a time');
-      assert.equal(dataPlane.uploadsRefused, 1);
-      assert.equal(chunkServer.chunksServed, 0, 'the busy request did not go over the libp2p stream instead');
-      source.delayMs = 0;
-      assert.equal(sha256Hex((await transport!.fetchChunk(serverId, blob.index.blob, 2, signal()))!), blob.index.chunks[2], 'asked again once a slot was free');
-    });
-  } finally {
-    await dataPlane.stop();
-  }
-});
+test('a data plane sends maxUploads chunks at once, queues as many more and answers the rest busy; the transport says so and does not fall back to the stream', () =>
+  withDataPlaneRig({ maxUploads: 1 }, 1, async ({ addBlob, planeSource: source, dataPlane, chunkServer, serverId, transports: [transport] }) => {
+    const blob = addBlob(3 * MiB);
+    await transport!.fetchHolding(serverId, blob.index.blob, signal());
+    source.delayMs = 300;
+    const first = transport!.fetchChunk(serverId, blob.index.blob, 0, signal());
+    while (source.active === 0) await sleep(5);
+    const second = transport!.fetchChunk(serverId, blob.index.blob, 1, signal());
+    await sleep(50);
+    assert.equal(source.reads + source.active, 1, 'the second request waits for the one slot');
+    await assert.rejects(transport!.fetchChunk(serverId, blob.index.blob, 2, signal()), ChunkBusyError);
+    for (const [i, pending] of [first, second].entries()) assert.equal(sha256Hex((await pending)!), blob.index.chunks[i]);
+    assert.equal(source.maxActive, 1, 'one chunk sent at a time');
+    assert.equal(dataPlane.uploadsRefused, 1);
+    assert.equal(chunkServer.chunksServed, 0, 'the busy request did not go over the libp2p stream instead');
+    source.delayMs = 0;
+    assert.equal(sha256Hex((await transport!.fetchChunk(serverId, blob.index.blob, 2, signal()))!), blob.index.chunks[2], 'asked again once a slot was free');
+  }));
 
-test("a data plane's slots go round the peers: a peer with nothing in service takes the queued place of one being served", async () => {
-  const source = new MemorySource();
-  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', maxUploads: 1 });
-  await dataPlane.start();
-  try {
-    await withRig({ clients: 2, server: { dataPlane } }, async ({ source: rigSource, serverId, transports: [greedy, newcomer] }) => {
-      const blob = rigSource.add(3 * MiB);
-      source.blobs.set(blob.index.blob, blob);
-      for (const t of [greedy!, newcomer!]) await t.fetchHolding(serverId, blob.index.blob, signal());
-      source.delayMs = 300;
-      const served = greedy!.fetchChunk(serverId, blob.index.blob, 0, signal());
-      while (source.active === 0) await sleep(5);
-      const queued = greedy!.fetchChunk(serverId, blob.index.blob, 1, signal());
-      await sleep(50);
-      const fair = newcomer!.fetchChunk(serverId, blob.index.blob, 2, signal());
-      await assert.rejects(queued, ChunkBusyError, "the greedy peer's queued request gave way");
-      assert.equal(sha256Hex((await served)!), blob.index.chunks[0]);
-      assert.equal(sha256Hex((await fair)!), blob.index.chunks[2], 'the newcomer was served next');
-      assert.equal(dataPlane.uploadsRefused, 1);
-    });
-  } finally {
-    await dataPlane.stop();
-  }
-});
+test("a data plane's slots go round the peers: a peer with nothing in service takes the queued place of one being served", () =>
+  withDataPlaneRig({ maxUploads: 1 }, 2, async ({ addBlob, planeSource: source, dataPlane, serverId, transports: [greedy, newcomer] }) => {
+    const blob = addBlob(3 * MiB);
+    for (const t of [greedy!, newcomer!]) await t.fetchHolding(serverId, blob.index.blob, signal());
+    source.delayMs = 300;
+    const served = greedy!.fetchChunk(serverId, blob.index.blob, 0, signal());
+    while (source.active === 0) await sleep(5);
+    const queued = greedy!.fetchChunk(serverId, blob.index.blob, 1, signal());
+    await sleep(50);
+    const fair = newcomer!.fetchChunk(serverId, blob.index.blob, 2, signal());
+    await assert.rejects(queued, ChunkBusyError, "the greedy peer's queued request gave way");
+    assert.equal(sha256Hex((await served)!), blob.index.chunks[0]);
+    assert.equal(sha256Hex((await fair)!), blob.index.chunks[2], 'the newcomer was served next');
+    assert.equal(dataPlane.uploadsRefused, 1);
+  }));
 
 test('a client that leaves while its chunk is read from disk gives its upload slot back', async () => {
   const source = new MemorySource();
@@ -706,20 +701,11 @@ test('a client that leaves while its chunk is read from disk gives its upload sl
   }
 });
 
-test('the data plane applies the corrupt switch too', async () => {
-  const source = new MemorySource();
-  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', corrupt: () => true });
-  await dataPlane.start();
-  try {
-    await withRig({ server: { dataPlane } }, async ({ source: rigSource, serverId, transports: [transport] }) => {
-      const blob = rigSource.add(MiB);
-      source.blobs.set(blob.index.blob, blob);
-      await transport!.fetchHolding(serverId, blob.index.blob, signal());
-      const bytes = await transport!.fetchChunk(serverId, blob.index.blob, 0, signal());
-      assert.notEqual(sha256Hex(bytes!), blob.index.chunks[0]);
-      assert.equal(dataPlane.bytesServed, MiB);
-    });
-  } finally {
-    await dataPlane.stop();
-  }
-});
+test('the data plane applies the corrupt switch too', () =>
+  withDataPlaneRig({ corrupt: () => true }, 1, async ({ addBlob, dataPlane, serverId, transports: [transport] }) => {
+    const blob = addBlob(MiB);
+    await transport!.fetchHolding(serverId, blob.index.blob, signal());
+    const bytes = await transport!.fetchChunk(serverId, blob.index.blob, 0, signal());
+    assert.notEqual(sha256Hex(bytes!), blob.index.chunks[0]);
+    assert.equal(dataPlane.bytesServed, MiB);
+  }));
