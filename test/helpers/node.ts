@@ -12,11 +12,15 @@ import { netnsGet, type NetnsResponse } from './netns.ts';
 export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 /** The `shoal` executable users run (node/bin/shoal.js); tests spawn it with process.execPath. */
 export const SHOAL_BIN = join(REPO_ROOT, 'node', 'bin', 'shoal.js');
+const SHEBANG_WORDS = readFileSync(SHOAL_BIN, 'utf8').split('\n', 1)[0]!.split(/\s+/);
 /**
- * The V8 flags on node/bin/shoal.js's first line, which users get through the executable; tests
- * and benchmarks spawn process.execPath with the same ones.
+ * The Node flags and the environment (NAME=value) on node/bin/shoal.js's first line, which users
+ * get through the executable; tests and benchmarks spawn process.execPath with the same ones.
  */
-export const RUNTIME_FLAGS = readFileSync(SHOAL_BIN, 'utf8').split('\n', 1)[0]!.split(/\s+/).filter((word) => word.startsWith('--'));
+export const RUNTIME_FLAGS = SHEBANG_WORDS.filter((word) => word.startsWith('--'));
+export const RUNTIME_ENV: Record<string, string> = Object.fromEntries(
+  SHEBANG_WORDS.filter((word) => /^[A-Z_]+=/.test(word)).map((word) => [word.slice(0, word.indexOf('=')), word.slice(word.indexOf('=') + 1)]),
+);
 /** Log lines a RunningShoalNode keeps. */
 export const MAX_LOG_LINES = 5000;
 
@@ -154,7 +158,7 @@ async function waitForExit(child: ChildProcess, timeoutMs: number): Promise<bool
  */
 export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<RunningShoalNode> {
   const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'shoal-node-')));
-  // The same V8 flag as node/bin/shoal.js, so tests and benchmarks see the daemon users run.
+  // The same runtime flags as node/bin/shoal.js, so tests and benchmarks see the daemon users run.
   const args = [...RUNTIME_FLAGS, ...(options.runtimeFlags ?? []), SHOAL_BIN, 'node', '--data-dir', dataDir];
   args.push('--gateway', options.gateway ?? '127.0.0.1:0', '--api', options.api ?? '127.0.0.1:0');
   // Tests on one host: no fixed port 4001, no multicast on the default namespace's loopback.
@@ -175,7 +179,7 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
   // execs the command in place, so the child's pid is the node's and signals reach it.
   const { netns } = options;
   const [command, commandArgs] = netns ? ['ip', ['netns', 'exec', netns, process.execPath, ...args]] : [process.execPath, args];
-  const env = options.env ? { ...process.env, ...options.env } : process.env;
+  const env = { ...process.env, ...RUNTIME_ENV, ...options.env };
   const child = spawn(command, commandArgs, { cwd: REPO_ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
   const entries: LogEntry[] = [];
   const rawLines: string[] = [];
