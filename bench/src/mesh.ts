@@ -1,17 +1,20 @@
-// npm run bench:mesh [-- --devices 4,8,16 --settle-s 20 --quiet-s 60]
+// npm run bench:mesh [-- --devices 4,8,16 --settle-s 20 --quiet-s 120]
 //
 // For each N, starts N real `shoal node` processes at once, each in its own network namespace on
 // one bridge (mDNS only, one shared swarm key), and measures: time to full view, time until a
 // device killed with -9 is marked down by all others, membership traffic per device over a quiet
 // window (veth counters), idle RSS per node, and machine CPU busy % during startup.
 // Writes bench/results/mesh.{json,md}. A benchmark: it reports, it does not assert on time.
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { meshPeerId } from '../../test/helpers/devices.ts';
 import { run } from '../../test/helpers/exec.ts';
-import { netnsGet, TestNetwork } from '../../test/helpers/netns.ts';
+import { TestNetwork } from '../../test/helpers/netns.ts';
 import { SHOAL_BIN, startShoalNode, type PeerRecord, type RunningShoalNode } from '../../test/helpers/node.ts';
 import { Scratch } from '../../test/helpers/scratch.ts';
 import { describeMachine, markdownMachine, rssOf } from './machine.ts';
@@ -21,7 +24,7 @@ const { values } = parseArgs({
   options: {
     devices: { type: 'string', default: '4,8,16' },
     'settle-s': { type: 'string', default: '20' },
-    'quiet-s': { type: 'string', default: '60' },
+    'quiet-s': { type: 'string', default: '120' },
     out: { type: 'string', default: new URL('../results/', import.meta.url).pathname },
   },
 });
@@ -29,8 +32,9 @@ const DEVICE_COUNTS = values.devices!.split(',').map(Number);
 // After full view, devices still finish start-up work (DHT, identify, tag tables); the quiet
 // window measures the steady state after this long.
 const SETTLE_MS = Number(values['settle-s']) * 1000;
-// Long enough to hold two mDNS rounds (every 30 s, all devices at once) and, at 16 devices, about one
-// heartbeat of each (every ~48 s): a shorter window reads high or low depending on its phase.
+// Long enough to hold four mDNS rounds (every 30 s, all devices at once) and, at 16 devices, two
+// to three heartbeats of each (every ~48 s): a 60 s window read 1.6-2.0 KB/s from run to run
+// depending on its phase.
 const QUIET_MS = Number(values['quiet-s']) * 1000;
 const POLL_MS = 100;
 // Give up waiting for a state after this long; the figure is then reported as not reached.
@@ -61,34 +65,54 @@ interface MeshResult {
   startupMs: number;
   /** Whole-machine CPU busy % from launch until the last device listened. */
   startupCpuBusyPercent: number;
-}
-
-async function peersOf(netns: string, node: RunningShoalNode): Promise<PeerRecord[]> {
-  const response = await netnsGet(netns, new URL('/api/peers', node.apiUrl).toString());
-  if (response.status !== 200) throw new Error(`GET /api/peers: HTTP ${response.status}`);
-  return JSON.parse(response.body) as PeerRecord[];
+  /** Whole-machine CPU busy % from the last device listening until the full view. */
+  fullViewCpuBusyPercent: number;
 }
 
 /**
  * Polls every device concurrently, each every POLL_MS until `done(table)` holds for it, and
  * returns the ms from `since` until the last device got there (null after GIVE_UP_MS).
+ *
+ * One curl per device makes all of that device's requests (`--rate`, one URL per poll, one
+ * kept-alive connection): spawning `ip netns exec ... curl` per poll, 160 processes a second at
+ * 16 devices, took much of the 2 cores the starting nodes were waiting for.
  */
 async function untilEveryTable(
   devices: { netns: string; node: RunningShoalNode }[],
   since: number,
   done: (peers: PeerRecord[]) => boolean,
 ): Promise<number | null> {
+  const polls = Math.ceil(GIVE_UP_MS / POLL_MS);
   const times = await Promise.all(
     devices.map(async ({ netns, node }) => {
-      while (performance.now() - since < GIVE_UP_MS) {
-        const peers = await peersOf(netns, node).catch(() => []);
-        if (done(peers)) return performance.now() - since;
-        await sleep(POLL_MS);
+      const url = new URL(`/api/peers?poll=[1-${polls}]`, node.apiUrl).toString();
+      const curl = spawn('ip', ['netns', 'exec', netns, 'curl', '-s', '--rate', `${1000 / POLL_MS}/s`, '--max-time', '5', '-w', '\\n', url], {
+        stdio: ['ignore', 'pipe', 'ignore'],
+      });
+      const exited = once(curl, 'exit');
+      try {
+        // A failed request (the API not up yet) leaves an empty line; the next poll follows.
+        for await (const line of createInterface({ input: curl.stdout! })) {
+          if (performance.now() - since >= GIVE_UP_MS) break;
+          if (done(parsePeers(line))) return performance.now() - since;
+        }
+        return null;
+      } finally {
+        curl.kill();
+        await exited;
       }
-      return null;
     }),
   );
   return times.some((t) => t === null) ? null : Math.max(...(times as number[]));
+}
+
+function parsePeers(line: string): PeerRecord[] {
+  try {
+    const peers: unknown = JSON.parse(line);
+    return Array.isArray(peers) ? (peers as PeerRecord[]) : [];
+  } catch {
+    return [];
+  }
 }
 
 async function measureMesh(count: number, scratch: Scratch, swarmKey: string): Promise<MeshResult> {
@@ -125,6 +149,7 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     const everyoneAlive = (peers: PeerRecord[]) =>
       peerIds.every((peerId) => peers.some((peer) => peer.peerId === peerId && peer.status === 'alive'));
     const fullViewMs = await untilEveryTable(devices, allListening, everyoneAlive);
+    const fullViewCpuBusyPercent = busyPercent(cpuAfter, cpuJiffies());
     console.log(`N=${count}: full view ${fullViewMs === null ? 'not reached' : `${fullViewMs.toFixed(0)} ms`}`);
 
     await sleep(SETTLE_MS);
@@ -168,6 +193,7 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
       maxRssMiB: Number((Math.max(...rss) / 2 ** 20).toFixed(1)),
       startupMs: Math.round(allListening - launched),
       startupCpuBusyPercent: Math.round(startupCpuBusyPercent),
+      fullViewCpuBusyPercent: Math.round(fullViewCpuBusyPercent),
     };
   } finally {
     await Promise.all(nodes.map((node) => node.kill9()));
@@ -203,15 +229,19 @@ async function report(results: MeshResult[]): Promise<void> {
     rss: verdict(largest.maxRssMiB * 2 ** 20, TARGETS.rssBytes),
   };
   const cpuBound = results.filter((r) => r.startupCpuBusyPercent >= 90).map((r) => r.devices);
+  const fullViewCpuBound = results.filter((r) => r.fullViewCpuBusyPercent >= 90).map((r) => r.devices);
   const idleCpuBound = results.filter((r) => r.quietCpuBusyPercent >= 90).map((r) => r.devices);
   const limit = [
     cpuBound.length > 0
       ? `Startup was CPU bound at N = ${cpuBound.join(', ')} (machine CPU >= 90 % busy from launch until the last device listened): ${machine.cores} cores start all Node processes at once, so startup time and time to full view are limited by CPU, not by the protocol alone.`
       : `Startup was not CPU bound (machine CPU below 90 % busy during startup at every N).`,
+    fullViewCpuBound.length > 0
+      ? `The machine stayed >= 90 % busy from the last device listening until the full view at N = ${fullViewCpuBound.join(', ')}: the devices were still finishing start-up work (connections, DHT, identify) on the shared cores.`
+      : '',
     idleCpuBound.length > 0
       ? `Even the idle mesh kept the machine >= 90 % busy at N = ${idleCpuBound.join(', ')}, so the traffic and down figures there were measured on a saturated CPU.`
       : '',
-  ].join(' ');
+  ].filter(Boolean).join(' ');
   const parameters = {
     deviceCounts: DEVICE_COUNTS,
     settleSeconds: SETTLE_MS / 1000,
@@ -226,16 +256,16 @@ async function report(results: MeshResult[]): Promise<void> {
     '',
     markdownMachine(machine),
     `Each device is a real \`shoal node\` in its own network namespace (veth to one bridge), mDNS only, one shared swarm key; all N launched at once. ` +
-      `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled with curl every ${POLL_MS} ms. ` +
+      `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled every ${POLL_MS} ms by one curl process of its own (one kept-alive connection, so the polling takes little of the CPU the starting nodes share). ` +
       `Down: from kill -9 of one device until every other device shows it down (${MEMBERSHIP_DEFAULTS}; the killed device's closed connections make the others probe it at once). ` +
       `Rejoin: the killed device started again (same data dir and peer id) into the settled mesh, from its listening until every device shows all N alive (the brief's \"a device that joins is visible everywhere within 2 s\"). ` +
       `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s starting ${SETTLE_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window. CPU busy: whole machine, from /proc/stat.`,
     '',
-    '| devices | full view | down after kill -9 | rejoin | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup | CPU busy while idle |',
-    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+    '| devices | full view | down after kill -9 | rejoin | tx B/s per device | rx B/s per device | RSS mean | RSS max | startup (launch to last listening) | CPU busy during startup | CPU busy until full view | CPU busy while idle |',
+    '|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ...results.map(
       (r) =>
-        `| ${r.devices} | ${ms(r.fullViewMs)} | ${ms(r.downMs)} | ${ms(r.rejoinMs)} | ${r.meanTxBytesPerSecond} | ${r.meanRxBytesPerSecond} | ${r.meanRssMiB} MiB | ${r.maxRssMiB} MiB | ${r.startupMs} ms | ${r.startupCpuBusyPercent} % | ${r.quietCpuBusyPercent} % |`,
+        `| ${r.devices} | ${ms(r.fullViewMs)} | ${ms(r.downMs)} | ${ms(r.rejoinMs)} | ${r.meanTxBytesPerSecond} | ${r.meanRxBytesPerSecond} | ${r.meanRssMiB} MiB | ${r.maxRssMiB} MiB | ${r.startupMs} ms | ${r.startupCpuBusyPercent} % | ${r.fullViewCpuBusyPercent} % | ${r.quietCpuBusyPercent} % |`,
     ),
     '',
     targets
