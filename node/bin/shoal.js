@@ -5,26 +5,13 @@
 // that grows in small steps) costs no measurable CPU per GB and keeps ~10 MB off an idle node;
 // two malloc arenas instead of one per libuv thread keep ~20 MB of freed stream buffers from
 // lingering while a node serves or receives layers.
-import { readFileSync, statSync } from 'node:fs';
 import { enableCompileCache } from 'node:module';
+import { currentBundle } from './bundle.js';
 
 // The compile cache (in the OS temp dir, keyed by file contents) keeps V8's code between
 // starts, and for the sources the stripped TypeScript: a restarted daemon compiles nothing.
 enableCompileCache();
 
-const bundle = new URL('../dist/shoal.mjs', import.meta.url);
-const inputs = new URL('../dist/inputs.json', import.meta.url);
-
-/** Whether `npm run build`'s bundle exists and is newer than every file it was built from. */
-function bundleIsCurrent() {
-  try {
-    const built = statSync(bundle).mtimeMs;
-    return JSON.parse(readFileSync(inputs, 'utf8')).every((file) => statSync(file).mtimeMs <= built);
-  } catch {
-    return false;
-  }
-}
-
 // The bundle starts faster and idles smaller (node/build.ts); after an edit that was not built
 // yet, the sources run directly (Node strips their types), so what runs is never stale.
-await import(bundleIsCurrent() ? bundle.href : '../src/cli.ts');
+await import(currentBundle(new URL('../dist/', import.meta.url))?.href ?? '../src/cli.ts');
