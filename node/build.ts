@@ -2,9 +2,9 @@
 // packages included) into node/dist/shoal.mjs, which node/bin/shoal.js runs while it is newer
 // than every file it was built from (node/dist/inputs.json lists them).
 //
-// Why a bundle: from ~1000 ES modules a node spends ~1.3 CPU s starting (resolving and linking
-// each) and keeps every module's full source text in its heap; from one file with comments and
-// whitespace stripped it starts in ~0.3 CPU s and idles ~20 MB smaller (bench/results/mesh.md).
+// Why a bundle: from ~1400 separate files a node spends ~1.3 CPU s starting (resolving and
+// linking each) and keeps every file's full source text in its heap; from one file with comments
+// and whitespace stripped it starts in ~0.4 CPU s and idles ~20 MB smaller (bench/results/mesh.md).
 // Identifiers are kept, so stack traces still name the functions.
 import { build } from 'esbuild';
 import { mkdir, rename, writeFile } from 'node:fs/promises';
