@@ -5,9 +5,9 @@ import { finished } from 'node:stream/promises';
 import type { AddressInfo } from 'node:net';
 import type { MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
-import { chunkCount } from '@shoal/store';
+import { ChunkBitmap, chunkCount } from '@shoal/store';
 import { ChunkProtocolError, corrupted, decodeBitmap } from './chunk-protocol.ts';
-import type { ChunkSource, DataPlaneTicket } from './types.ts';
+import type { Availability, ChunkSource, DataPlaneTicket } from './types.ts';
 import { UploadLedger } from './upload-ledger.ts';
 
 export interface ChunkDataPlaneOptions {
@@ -46,9 +46,17 @@ const silentLog: MeshLog = { debug() {}, warn() {} };
 const POOLED_BUFFER_BYTES = 1024 * 1024;
 const POOL_SIZE = 16;
 
+/** What a request asks for, and what this device holds of its blob (undefined: nothing). */
+interface Wanted {
+  ask: number | ChunkBitmap;
+  have: Availability | undefined;
+}
+
 /** A request waiting for an upload slot: `grant(false)` answers it busy. */
 interface Waiter {
   peer: string;
+  /** How many times this device has sent what the request would get now (see UploadLedger.sends). */
+  sends(): number;
   grant(granted: boolean): void;
 }
 
@@ -143,31 +151,38 @@ export class ChunkDataPlane {
 
   /**
    * An upload slot for `peer`'s request answering on `res`: at once, after a wait, or none (then
-   * it has been answered busy, or its client went away while it waited). Slots go round the
-   * peers: a waiting request of a peer with nothing in service goes before those of peers being
-   * served, and when the queue is full it takes the place of the request of the peer holding the
-   * most slots. First come, first served, a seeder's slots stayed with the few devices whose
-   * next request arrived as their last chunk ended, while the others, answered busy and pausing,
+   * it has been answered busy, or its client went away while it waited). Waiting requests are
+   * served by what they would get, chunks this device has sent fewest times first: a seeder
+   * asked for two layers at once sent copies of one layer's chunks while the other still had
+   * chunks it had never sent, which nobody else could pass on, and the pull ended waiting on it.
+   * Among equals, slots go round the peers: a waiting request of a peer with nothing in service
+   * goes before those of peers being served, and when the queue is full a request takes the
+   * place of a worse one: one that would get a chunk sent more often, or one of a peer holding
+   * more slots. First come, first served, a seeder's slots stayed with the few devices whose next
+   * request arrived as their last chunk ended, while the others, answered busy and pausing,
    * waited ten seconds for a first chunk they could pass on.
    */
-  async #acquire(res: ServerResponse, peer: string): Promise<boolean> {
+  async #acquire(res: ServerResponse, peer: string, sends: () => number): Promise<boolean> {
     const { maxUploads } = this.#options;
     if (this.#active < maxUploads) {
       this.#take(peer);
       return true;
     }
     if (this.#waiting.length >= maxUploads) {
-      const greediest = this.#waiting.reduce((a, b) => (this.#load(b.peer) > this.#load(a.peer) ? b : a));
-      if (this.#load(greediest.peer) <= this.#load(peer) + 1) {
+      const rank = (waiter: Waiter) => [waiter.sends(), this.#load(waiter.peer)] as const;
+      const worst = this.#waiting.reduce((a, b) => (before(rank(a), rank(b)) ? b : a));
+      // A peer's own load counts the request it is making, so two peers one slot apart do not swap places forever.
+      if (!before([sends(), this.#load(peer) + 1], rank(worst))) {
         this.#refuse(res);
         return false;
       }
-      this.#waiting.splice(this.#waiting.indexOf(greediest), 1);
-      greediest.grant(false);
+      this.#waiting.splice(this.#waiting.indexOf(worst), 1);
+      worst.grant(false);
     }
     return new Promise<boolean>((resolve) => {
       const waiter: Waiter = {
         peer,
+        sends,
         grant: (granted) => {
           res.off('close', gone);
           if (!granted && !res.headersSent) this.#refuse(res);
@@ -199,25 +214,30 @@ export class ChunkDataPlane {
     this.#serving.set(peer, (this.#serving.get(peer) ?? 0) + 1);
   }
 
-  /** Frees `peer`'s slot and hands it to the waiting request of the peer with the fewest in service. */
+  /** Frees `peer`'s slot and hands it to the best waiting request (see #acquire). */
   #release(peer: string): void {
     this.#active--;
     const left = (this.#serving.get(peer) ?? 1) - 1;
     if (left > 0) this.#serving.set(peer, left);
     else this.#serving.delete(peer);
     if (this.#waiting.length === 0) return;
-    const next = this.#waiting.reduce((a, b) => ((this.#serving.get(b.peer) ?? 0) < (this.#serving.get(a.peer) ?? 0) ? b : a));
+    const rank = (waiter: Waiter) => [waiter.sends(), this.#serving.get(waiter.peer) ?? 0] as const;
+    const next = this.#waiting.reduce((a, b) => (before(rank(b), rank(a)) ? b : a));
     this.#waiting.splice(this.#waiting.indexOf(next), 1);
     this.#take(next.peer);
     next.grant(true);
   }
 
-  /** The chunk a pick request gets, undefined when none of the wanted ones is held; ChunkProtocolError for a bad bitmap. */
-  async #pick(blob: string, want: string | string[] | undefined): Promise<number | undefined> {
-    if (typeof want !== 'string') throw new ChunkProtocolError('pick request without a shoal-want bitmap');
+  /**
+   * What a request asks for: chunk `index`, or for a pick the wanted chunks' bitmap; and what this
+   * device holds of the blob (undefined when nothing). ChunkProtocolError for a bad bitmap.
+   */
+  async #wanted(blob: string, index: string, want: string | string[] | undefined): Promise<Wanted> {
     const holding = await this.#source.holding(blob);
-    if (!holding) return undefined;
-    return this.#options.ledger.pick(blob, decodeBitmap(want, chunkCount(holding.index), 'pick request'), holding.have);
+    if (index !== 'pick') return { ask: Number(index), have: holding?.have };
+    if (typeof want !== 'string') throw new ChunkProtocolError('pick request without a shoal-want bitmap');
+    if (!holding) return { ask: new ChunkBitmap(0), have: undefined };
+    return { ask: decodeBitmap(want, chunkCount(holding.index), 'pick request'), have: holding.have };
   }
 
   async #handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -226,15 +246,36 @@ export class ChunkDataPlane {
     const auth = /^Bearer (\S+)$/.exec(req.headers.authorization ?? '');
     const entry = auth ? this.#tickets.get(auth[1]!) : undefined;
     if (!entry || entry.expires <= Date.now()) return answer(res, 401);
-    if (!(await this.#acquire(res, entry.peer))) return;
     const blob = route[1]!;
+    let wanted: Wanted;
+    try {
+      wanted = await this.#wanted(blob, route[2]!, req.headers['shoal-want']);
+    } catch (err) {
+      this.#options.log.debug({ peer: entry.peer, blob, err }, 'data plane request failed');
+      return answer(res, err instanceof ChunkProtocolError ? 400 : 500);
+    }
+    const { ask, have } = wanted;
+    const { ledger } = this.#options;
+    // What nothing held answers (a 404) is cheap, so it goes first.
+    const sends = () => (have ? (ledger.sends(blob, ask, have) ?? -1) : -1);
+    if (!(await this.#acquire(res, entry.peer, sends))) return;
     const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES);
     let reusable = true;
     let index: number | undefined;
+    // A send counted in the ledger that does not reach the requester (it timed out waiting, or
+    // the chunk is gone) is taken back: counted, a chunk nobody received passed for sent, and a
+    // seeder offered it again only after every other chunk.
+    let delivered = false;
     try {
-      index = route[2] === 'pick' ? await this.#pick(blob, req.headers['shoal-want']) : Number(route[2]);
+      if (typeof ask === 'number') {
+        index = ask;
+        ledger.record(blob, index);
+      } else {
+        // A partial holder's chunks grew while the request waited.
+        const holding = await this.#source.holding(blob);
+        index = holding && ask.length === chunkCount(holding.index) ? ledger.pick(blob, ask, holding.have) : undefined;
+      }
       if (index === undefined) return answer(res, 404);
-      if (route[2] !== 'pick') this.#options.ledger.record(blob, index);
       const data = await this.#source.readChunk(blob, index, buffer);
       if (!data) return answer(res, 404);
       const payload = this.#options.corrupt?.(blob, index) ? corrupted(data) : data;
@@ -249,18 +290,27 @@ export class ChunkDataPlane {
         () => res.writableFinished,
       );
       reusable = written;
+      if (!written) return;
+      delivered = true;
       this.#bytesServed += payload.byteLength;
     } catch (err) {
       this.#options.log.debug({ peer: entry.peer, blob, index, err }, 'data plane request failed');
       if (!res.headersSent) answer(res, err instanceof ChunkProtocolError ? 400 : 500);
       else res.destroy();
     } finally {
+      if (index !== undefined && !delivered) ledger.unrecord(blob, index);
       this.#release(entry.peer);
       // Buffers are reused rather than allocated per chunk: 1 MiB allocations drive V8 into a
       // full GC every 64 MiB, which cost more CPU than the serving itself.
       if (reusable && this.#free.length < POOL_SIZE) this.#free.push(buffer);
     }
   }
+}
+
+/** Whether rank `a` goes before rank `b`: compared field by field, lower first. */
+function before(a: readonly number[], b: readonly number[]): boolean {
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return a[i]! < b[i]!;
+  return false;
 }
 
 /** An answer without a body. Its length is explicit: node would send `writeHead(n).end()` chunked. */

@@ -34,7 +34,10 @@ export interface DownloaderOptions {
    * this many waiting, no new request goes out until one is stored. Default 4.
    */
   maxStoringChunks?: number;
-  /** A chunk not received within this time is asked of another holder. Default 10 000 ms. */
+  /**
+   * A chunk not received within this time is asked of another holder; for a pick, the time counts
+   * again from when the holder names its chunk (starts sending). Default 10 000 ms.
+   */
   chunkTimeoutMs?: number;
   /** Limit for asking one peer what it holds. Default 3 000 ms. */
   holdingTimeoutMs?: number;
@@ -285,14 +288,24 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     onPicked?: (index: number) => void,
     onReceived?: () => void,
   ): Promise<ChunkOutcome> {
-    const { transport } = this.options;
-    const limited = AbortSignal.any([signal, AbortSignal.timeout(this.options.chunkTimeoutMs)]);
+    const { transport, chunkTimeoutMs } = this.options;
+    const deadline = new AbortController();
+    const expire = () => deadline.abort(new DOMException(`no chunk within ${chunkTimeoutMs} ms`, 'TimeoutError'));
+    let timer = setTimeout(expire, chunkTimeoutMs);
+    const limited = AbortSignal.any([signal, deadline.signal]);
+    // A holder names its pick when it starts sending: the time it kept the request queued does
+    // not count against the sending, or a busy seeder's chunks were dropped half sent.
+    const named = (index: number): void => {
+      clearTimeout(timer);
+      timer = setTimeout(expire, chunkTimeoutMs);
+      onPicked?.(index);
+    };
     let fetched: { index: number; bytes: Uint8Array } | undefined;
     try {
       fetched =
         typeof ask === 'number'
           ? await transport.fetchChunk(peer, partial.digest, ask, limited).then((bytes) => bytes && { index: ask, bytes })
-          : await transport.pickChunk(peer, partial.digest, ask, limited, onPicked);
+          : await transport.pickChunk(peer, partial.digest, ask, limited, named);
     } catch (err) {
       if (signal.aborted) return { outcome: 'aborted' };
       if (err instanceof ChunkBusyError) {
@@ -301,6 +314,9 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       }
       this.options.log.debug({ peer, blob: partial.digest, chunk: ask, err }, 'chunk request failed');
       return { outcome: 'failed' };
+    }
+    finally {
+      clearTimeout(timer);
     }
     if (!fetched) return { outcome: 'missing' };
     onReceived?.();

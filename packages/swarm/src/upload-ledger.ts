@@ -6,11 +6,12 @@ const MAX_BLOBS = 64;
 
 /**
  * How many times this device has sent each chunk of each blob, so that a holder asked to choose
- * (a `pick` request) hands out the chunk it has sent least. Only the holder knows at once what it
- * has sent: receivers learn of each other's chunks through gossip, a second or so late, and left
- * to choose for themselves they keep asking a seeder for chunks another receiver got moments
- * before, so the seeder's uplink carries the image several times over (BitTorrent's
- * super-seeding answers the same problem from the seeder's side).
+ * (a `pick` request) hands out the chunk it has sent least, and serves first the requests that
+ * bring the swarm chunks it has never sent. Only the holder knows at once what it has sent:
+ * receivers learn of each other's chunks through gossip, a second or so late, and left to choose
+ * for themselves they keep asking a seeder for chunks another receiver got moments before, so
+ * the seeder's uplink carries the image several times over (BitTorrent's super-seeding answers
+ * the same problem from the seeder's side).
  */
 export class UploadLedger {
   /** Sparse: a chunk never sent has no entry. */
@@ -22,27 +23,32 @@ export class UploadLedger {
     counts[index] = (counts[index] ?? 0) + 1;
   }
 
+  /** Takes back one counted send of chunk `index` of `blob` that never reached its requester. */
+  unrecord(blob: string, index: number): void {
+    const counts = this.#sent.get(blob);
+    if (counts?.[index]) counts[index]--;
+  }
+
   /**
-   * The chunk in `want` that this device holds (`have`) and has sent least, ties broken at
-   * random, counted as sent; undefined when it holds none of them.
+   * The chunk in `want` that this device holds (`have`) and has sent least, the first of those
+   * in blob order, counted as sent; undefined when it holds none of them.
    */
   pick(blob: string, want: ChunkBitmap, have: Availability): number | undefined {
     const counts = this.#counts(blob);
-    let best: number | undefined;
-    let bestCount = Infinity;
-    let ties = 0;
-    for (let i = 0; i < want.length; i++) {
-      if (!want.has(i) || (have !== 'all' && !have.has(i))) continue;
-      const count = counts[i] ?? 0;
-      if (count < bestCount) {
-        [best, bestCount, ties] = [i, count, 1];
-      } else if (count === bestCount && Math.random() * ++ties < 1) {
-        // Reservoir sampling: every tied chunk is equally likely, so receivers asking at once get different ones.
-        best = i;
-      }
-    }
-    if (best !== undefined) counts[best] = bestCount + 1;
+    const { best, fewest } = leastSent(counts, want, have);
+    if (best !== undefined) counts[best] = fewest + 1;
     return best;
+  }
+
+  /**
+   * How many times this device has sent what a request would get: chunk `want`, or the least
+   * sent chunk of the set `want` it holds; undefined when it holds none of them.
+   */
+  sends(blob: string, want: number | ChunkBitmap, have: Availability): number | undefined {
+    const counts = this.#counts(blob);
+    if (typeof want === 'number') return counts[want] ?? 0;
+    const { best, fewest } = leastSent(counts, want, have);
+    return best === undefined ? undefined : fewest;
   }
 
   #counts(blob: string): number[] {
@@ -52,4 +58,20 @@ export class UploadLedger {
     if (this.#sent.size > MAX_BLOBS) this.#sent.delete(this.#sent.keys().next().value!);
     return counts;
   }
+}
+
+/**
+ * The held chunk of `want` sent fewest times, the first of them in blob order, and that number.
+ * In order, so that a client streaming the blob gets its next bytes first; devices asking at once
+ * still get different chunks, as each pick counts as a send before the next is answered.
+ */
+function leastSent(counts: number[], want: ChunkBitmap, have: Availability): { best: number | undefined; fewest: number } {
+  let best: number | undefined;
+  let fewest = Infinity;
+  for (let i = 0; i < want.length && fewest > 0; i++) {
+    if (!want.has(i) || (have !== 'all' && !have.has(i))) continue;
+    const count = counts[i] ?? 0;
+    if (count < fewest) [best, fewest] = [i, count];
+  }
+  return { best, fewest };
 }

@@ -673,10 +673,49 @@ test("a data plane's slots go round the peers: a peer with nothing in service ta
     assert.equal(dataPlane.uploadsRefused, 1);
   }));
 
-test('a client that leaves while its chunk is read from disk gives its upload slot back', async () => {
+test("a data plane serves first what it has never sent: a request for a new chunk takes the queued place of one for a chunk sent before, even from a peer being served", () =>
+  withDataPlaneRig({ maxUploads: 1, ledger: new UploadLedger() }, 2, async ({ addBlob, planeSource: source, dataPlane, serverId, transports: [first, second] }) => {
+    const sent = addBlob(3 * MiB);
+    const fresh = addBlob(2 * MiB);
+    for (const t of [first!, second!]) for (const blob of [sent, fresh]) await t.fetchHolding(serverId, blob.index.blob, signal());
+    assert.ok(await first!.fetchChunk(serverId, sent.index.blob, 0, signal()), 'chunk 0 of one layer has been sent once');
+    source.delayMs = 300;
+    const served = first!.fetchChunk(serverId, sent.index.blob, 1, signal());
+    while (source.active === 0) await sleep(5);
+    const copy = second!.fetchChunk(serverId, sent.index.blob, 0, signal());
+    await sleep(50);
+    // From the peer already being served, which among equals would have to give way.
+    const novel = first!.fetchChunk(serverId, fresh.index.blob, 0, signal());
+    await assert.rejects(copy, ChunkBusyError, 'the copy gave up its queued place');
+    assert.equal(sha256Hex((await served)!), sent.index.chunks[1]);
+    assert.equal(sha256Hex((await novel)!), fresh.index.chunks[0]);
+    assert.equal(dataPlane.uploadsRefused, 1);
+
+  }));
+
+test('among waiting requests a data plane grants first the one for a chunk it has never sent, whoever asked first', () =>
+  withDataPlaneRig({ maxUploads: 2, ledger: new UploadLedger() }, 2, async ({ addBlob, planeSource: source, serverId, transports: [first, second] }) => {
+    const sent = addBlob(3 * MiB);
+    const fresh = addBlob(2 * MiB);
+    for (const t of [first!, second!]) for (const blob of [sent, fresh]) await t.fetchHolding(serverId, blob.index.blob, signal());
+    assert.ok(await first!.fetchChunk(serverId, sent.index.blob, 0, signal()));
+    const reads: string[] = [];
+    source.onRead = (blob, index) => reads.push(`${blob === fresh.index.blob ? 'fresh' : 'sent'} ${index}`);
+    source.delayMs = 300;
+    const served = [1, 2].map((i) => first!.fetchChunk(serverId, sent.index.blob, i, signal()));
+    while (source.active < 2) await sleep(5);
+    const copy = second!.fetchChunk(serverId, sent.index.blob, 0, signal());
+    await sleep(50);
+    const novel = second!.pickChunk(serverId, fresh.index.blob, ChunkBitmap.full(2), signal());
+    await Promise.all([...served, copy, novel]);
+    assert.deepEqual(reads.slice(2), [`fresh ${(await novel)!.index}`, 'sent 0'], 'the new chunk was read first, though asked for last');
+  }));
+
+test('a client that leaves while its chunk is read from disk gives its upload slot back, and the send is not counted', async () => {
   const source = new MemorySource();
   const blob = source.add(2 * MiB);
-  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', maxUploads: 1 });
+  const ledger = new UploadLedger();
+  const dataPlane = new ChunkDataPlane(source, { host: '127.0.0.1', maxUploads: 1, ledger });
   await dataPlane.start();
   const client = new DataPlaneClient();
   try {
@@ -695,6 +734,8 @@ test('a client that leaves while its chunk is read from disk gives its upload sl
     while (source.active > 0) await sleep(5);
     source.delayMs = 0;
     assert.equal((await get(1, signal(5_000))).status, 200, 'the one slot was free again');
+    assert.equal(ledger.sends(blob.index.blob, 0, 'all'), 0, 'the chunk that never left is not counted as sent');
+    assert.equal(ledger.sends(blob.index.blob, 1, 'all'), 1);
   } finally {
     client.close();
     await dataPlane.stop();

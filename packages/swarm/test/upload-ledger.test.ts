@@ -5,18 +5,17 @@ import { UploadLedger } from '@shoal/swarm';
 
 const BLOB = `sha256:${'a'.repeat(64)}`;
 
-test('a ledger hands out every wanted chunk once before any twice, in no fixed order', () => {
-  const orders = new Set<string>();
-  for (let round = 0; round < 5; round++) {
-    const ledger = new UploadLedger();
-    const want = ChunkBitmap.full(32);
-    const first = Array.from({ length: 32 }, () => ledger.pick(BLOB, want, 'all')!);
-    assert.deepEqual([...first].sort((a, b) => a - b), Array.from({ length: 32 }, (_, i) => i), 'each chunk once');
-    const second = Array.from({ length: 32 }, () => ledger.pick(BLOB, want, 'all')!);
-    assert.equal(new Set(second).size, 32, 'then each a second time');
-    orders.add(first.join());
-  }
-  assert.ok(orders.size > 1, 'ties are broken at random, so devices asking at once get different chunks');
+test('a ledger hands out every wanted chunk once before any twice, each round in blob order', () => {
+  const ledger = new UploadLedger();
+  const want = ChunkBitmap.full(32);
+  const inOrder = Array.from({ length: 32 }, (_, i) => i);
+  const first = Array.from({ length: 32 }, () => ledger.pick(BLOB, want, 'all')!);
+  assert.deepEqual(first, inOrder, 'each chunk once, in order: devices asking one after another get different chunks');
+  const second = Array.from({ length: 32 }, () => ledger.pick(BLOB, want, 'all')!);
+  assert.deepEqual(second, inOrder, 'then each a second time');
+  ledger.record(BLOB, 0);
+  ledger.record(BLOB, 2);
+  assert.deepEqual([ledger.pick(BLOB, want, 'all'), ledger.pick(BLOB, want, 'all')], [1, 3], 'the first of the least sent');
 });
 
 test('a ledger picks only wanted chunks the device holds, counting sends by index too', () => {
@@ -33,4 +32,26 @@ test('a ledger picks only wanted chunks the device holds, counting sends by inde
   unheld.set(0);
   assert.equal(ledger.pick(BLOB, unheld, have), undefined, 'nothing wanted is held');
   assert.equal(ledger.pick(`sha256:${'b'.repeat(64)}`, unheld, 'all'), 0, 'another blob has counts of its own');
+});
+
+test('a ledger tells how often a request would get a chunk sent, without counting a send', () => {
+  const ledger = new UploadLedger();
+  const have = new ChunkBitmap(4);
+  for (const i of [0, 1, 2]) have.set(i);
+  ledger.record(BLOB, 0);
+  ledger.record(BLOB, 0);
+  ledger.record(BLOB, 1);
+  assert.equal(ledger.sends(BLOB, 0, have), 2, 'by index');
+  assert.equal(ledger.sends(BLOB, 3, have), 0, 'never sent');
+  const want = new ChunkBitmap(4);
+  want.set(0);
+  want.set(1);
+  assert.equal(ledger.sends(BLOB, want, have), 1, 'a pick gets the least sent of those wanted and held');
+  assert.equal(ledger.sends(BLOB, want, have), 1, 'asking did not count as a send');
+  const unheld = new ChunkBitmap(4);
+  unheld.set(3);
+  assert.equal(ledger.sends(BLOB, unheld, have), undefined, 'none held');
+  ledger.unrecord(BLOB, 1);
+  ledger.unrecord(BLOB, 1);
+  assert.equal(ledger.sends(BLOB, 1, have), 0, 'a send taken back, never below none');
 });
