@@ -45,6 +45,11 @@ const ENDGAME_MIN_WAIT_MS = 250;
 /** Pauses before a busy holder is asked again: doubled per busy answer in a row, jittered. */
 const BUSY_PAUSE_MIN_MS = 100;
 const BUSY_PAUSE_MAX_MS = 2_000;
+/**
+ * How far ahead of a reader a whole holder may pick: a holder that served the blob unevenly
+ * before hands out its least-sent chunks first, and the reader should not wait long for its next.
+ */
+const IN_ORDER_WINDOW = 16;
 /** Weight of the newest chunk time in the transfer's running average. */
 const CHUNK_TIME_WEIGHT = 0.2;
 
@@ -344,12 +349,21 @@ export class Transfer {
     // and asking for them would make the holder send every chunk to everyone (a central
     // registry again). Rarest-first spreads distinct chunks, which the devices then trade; the
     // blob is whole no later, and clients such as containerd unpack a layer only once it is.
-    // With whole holders only, nobody competes: in order, the client's first bytes come after
-    // one chunk, not after a random share of the blob, and chunks land in the order the
-    // whole-blob hash takes them, so none is read back from disk to be hashed.
-    if (![...this.#peers.values()].some((other) => other.have !== 'all')) {
+    // With whole holders only, it goes in order: the client's first bytes come after one chunk,
+    // not after a random share of the blob, and chunks land in the order the whole-blob hash
+    // takes them, so none is read back from disk to be hashed. Each whole holder is asked to
+    // pick among the next open chunks of its share: it hands out the first it has not sent, which
+    // for a lone client is the next in order, while devices that start pulling together, before
+    // gossip tells them of each other, get different chunks rather than each the first ones.
+    const wholeHolders = [...this.#peers].filter(([, s]) => s.have === 'all').map(([p]) => p).sort();
+    if (wholeHolders.length === this.#peers.size) {
+      const mine = wholeHolders.indexOf(peer);
       for (const position of this.#readers.values()) {
-        for (let i = position; i < partial.have.length; i++) if (open(i)) return i;
+        const next: number[] = [];
+        for (let i = position; i < partial.have.length && next.length < IN_ORDER_WINDOW; i++) {
+          if (i % wholeHolders.length === mine && open(i)) next.push(i);
+        }
+        if (next.length > 0) return pickAmong(next, partial.have.length);
       }
     }
     // A holder of the whole blob picks among the rarest: it alone knows at once which of them it
@@ -371,15 +385,11 @@ export class Transfer {
     if (rarest.length > 0) {
       // A pick is only named once its answer comes, so what it may bring is asked of no one
       // else meanwhile, and whole holders asked at once each pick from a share of their own.
-      const holders = [...this.#peers].filter(([, s]) => s.have === 'all').map(([p]) => p).sort();
-      const mine = holders.indexOf(peer);
-      const share = rarest.filter((i) => i % holders.length === mine);
+      const mine = wholeHolders.indexOf(peer);
+      const share = rarest.filter((i) => i % wholeHolders.length === mine);
       const unnamed = [...this.#unnamedPicks.values()];
       const from = (share.length > 0 ? share : rarest).filter((i) => !unnamed.some((w) => w.has(i)));
-      if (from.length <= 1) return from[0];
-      const want = new ChunkBitmap(chunks);
-      for (const i of from) want.set(i);
-      return want;
+      return from.length <= 1 ? from[0] : pickAmong(from, chunks);
     }
     // Endgame: every missing chunk is asked of someone; ask a second peer for the oldest late one.
     const { endgameDuplicates } = this.#downloader.options;
@@ -542,4 +552,12 @@ export class Transfer {
     this.#progress = Promise.withResolvers<void>();
     current.resolve();
   }
+}
+
+/** A request for one of `chunks` (in a blob of `length` chunks): by index when there is one, else a pick. */
+function pickAmong(chunks: number[], length: number): number | ChunkBitmap {
+  if (chunks.length === 1) return chunks[0]!;
+  const want = new ChunkBitmap(length);
+  for (const i of chunks) want.set(i);
+  return want;
 }
