@@ -35,8 +35,8 @@ export interface DownloaderOptions {
    */
   maxStoringChunks?: number;
   /**
-   * A chunk not received within this time is asked of another holder; for a pick, the time counts
-   * again from when the holder names its chunk (starts sending). Default 10 000 ms.
+   * A chunk not received within this time is asked of another holder; a pick only has to be
+   * answered (its chunk named) within it. Default 10 000 ms.
    */
   chunkTimeoutMs?: number;
   /** Limit for asking one peer what it holds. Default 3 000 ms. */
@@ -290,14 +290,14 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
   ): Promise<ChunkOutcome> {
     const { transport, chunkTimeoutMs } = this.options;
     const deadline = new AbortController();
-    const expire = () => deadline.abort(new DOMException(`no chunk within ${chunkTimeoutMs} ms`, 'TimeoutError'));
-    let timer = setTimeout(expire, chunkTimeoutMs);
+    const timer = setTimeout(() => deadline.abort(new DOMException(`no answer within ${chunkTimeoutMs} ms`, 'TimeoutError')), chunkTimeoutMs);
     const limited = AbortSignal.any([signal, deadline.signal]);
-    // A holder names its pick when it starts sending: the time it kept the request queued does
-    // not count against the sending, or a busy seeder's chunks were dropped half sent.
+    // A holder names its pick when it starts sending. From then on only a stall (the transport's
+    // limit) ends the request: a busy seeder's chunks, sent a share of its uplink at a time, were
+    // dropped half sent at the limit, which wasted the uplink every device waits on. A chunk that
+    // is merely slow is asked of a second holder in the endgame.
     const named = (index: number): void => {
       clearTimeout(timer);
-      timer = setTimeout(expire, chunkTimeoutMs);
       onPicked?.(index);
     };
     let fetched: { index: number; bytes: Uint8Array } | undefined;
