@@ -32,6 +32,8 @@ interface PeerState {
   /** Answered busy: not asked again before this (performance.now()), and the pause after the next busy answer. */
   busyUntil: number;
   busyPauseMs: number;
+  /** Running average of its request-to-chunk time, ms; undefined until it sent one. */
+  chunkMs: number | undefined;
 }
 
 /** Bytes a reader copies from the partial file per step. */
@@ -273,7 +275,7 @@ export class Transfer {
       if (holding.index.chunks.length > partial.index.chunks.length && !(await partial.learn(holding.index))) continue;
       const state = this.#peers.get(peer);
       if (state) state.have = holding.have;
-      else this.#peers.set(peer, { have: holding.have, inFlight: new Map(), failures: 0, busyUntil: 0, busyPauseMs: BUSY_PAUSE_MIN_MS });
+      else this.#peers.set(peer, { have: holding.have, inFlight: new Map(), failures: 0, busyUntil: 0, busyPauseMs: BUSY_PAUSE_MIN_MS, chunkMs: undefined });
     }
   }
 
@@ -317,8 +319,12 @@ export class Transfer {
       return;
     }
     const { maxInFlightPerPeer, maxStoringChunks } = this.#downloader.options;
-    // Shuffled, so no peer is always asked first.
-    const peers = shuffle([...this.#peers.entries()]);
+    // The quickest holders choose first, so a chunk several hold goes to the one that sends it
+    // soonest: a seeder every device asks at once answers in seconds, and asked for chunks the
+    // receivers also held it kept the last ones of a fan-out waiting on it while their uplinks
+    // idled. Shuffled first, so peers alike (or not yet timed) take turns.
+    const expectedMs = (state: PeerState) => state.chunkMs ?? this.#chunkMs ?? 0;
+    const peers = shuffle([...this.#peers.entries()]).sort(([, a], [, b]) => expectedMs(a) - expectedMs(b));
     const now = performance.now();
     let asked = true;
     while (asked) {
@@ -461,7 +467,8 @@ export class Transfer {
         }
         if (result.outcome === 'ok') {
           const ms = performance.now() - started;
-          this.#chunkMs = this.#chunkMs === undefined ? ms : this.#chunkMs + CHUNK_TIME_WEIGHT * (ms - this.#chunkMs);
+          this.#chunkMs = average(this.#chunkMs, ms);
+          state.chunkMs = average(state.chunkMs, ms);
         }
         this.#settled(peer, state, result);
       },
@@ -560,4 +567,9 @@ function pickAmong(chunks: number[], length: number): number | ChunkBitmap {
   const want = new ChunkBitmap(length);
   for (const i of chunks) want.set(i);
   return want;
+}
+
+/** A running average of chunk times with `ms` taken in. */
+function average(current: number | undefined, ms: number): number {
+  return current === undefined ? ms : current + CHUNK_TIME_WEIGHT * (ms - current);
 }
