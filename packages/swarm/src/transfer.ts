@@ -527,10 +527,8 @@ export class Transfer {
       const info = await this.#partial!.commit();
       this.#state = 'complete';
       this.#notify();
+      // The store's commit event has the blob announced (see MeshPublisher), as for any other.
       this.#settle.resolve(info);
-      this.#downloader.options.directory.announce(this.blob).catch((err) =>
-        this.#downloader.options.log.debug({ blob: this.blob, err }, 'announcing a fetched blob failed'),
-      );
     } catch (err) {
       this.#finishing = false;
       this.#fail(err as Error);
