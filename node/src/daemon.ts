@@ -187,6 +187,7 @@ export class ShoalNode {
       // A device membership has marked down is not worth a dial.
       isUsable: (peer) => this.#membership?.list().find((m) => m.peerId === peer)?.status !== 'down',
       fallbackCandidates: () => (this.#membership?.list() ?? []).filter((m) => !m.self && m.status === 'alive').map((m) => m.peerId),
+      busy: () => (this.#downloader?.list().length ?? 0) > 0,
       log: swarmLog,
     });
     this.#directory.start();

@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { TopicValidatorResult, type Message } from '@libp2p/gossipsub';
 import { TypedEventEmitter, type PeerId } from '@libp2p/interface';
 import type { MeshHost, MeshLog, MeshNode } from '@shoal/mesh';
@@ -13,6 +14,8 @@ export const AVAILABILITY_TOPIC = '/shoal/availability/2';
 /** Most blobs one availability message speaks for. */
 const MAX_ENTRIES = 64;
 const SHA256_CODE = 0x12;
+/** How often a provide waiting for the device to be idle checks again. */
+const PROVIDE_POLL_MS = 500;
 
 export interface MeshProviderDirectoryOptions {
   /** Gossipsub topic for availability. Default `/shoal/availability/2`. */
@@ -33,6 +36,15 @@ export interface MeshProviderDirectoryOptions {
   partialTtlMs?: number;
   /** Largest availability message accepted. Default 16 KiB (a bitmap for a 100 GiB blob). */
   maxMessageBytes?: number;
+  /**
+   * While this returns true (the device is downloading), DHT provide records wait, up to
+   * maxProvideDelayMs; gossip announces a blob at once regardless. Each provide messages every
+   * DHT server: ten devices fanning out one image, each providing every blob as it landed, took
+   * the CPU the transfers needed, and the pulls ended ~2.5 s later. Default never busy.
+   */
+  busy?: () => boolean;
+  /** Longest a provide record waits for `busy` to end. Default 60 000 ms. */
+  maxProvideDelayMs?: number;
   /** Peers this returns false for (devices membership has marked down) are left out. Default all kept. */
   isUsable?: (peer: string) => boolean;
   /**
@@ -69,12 +81,14 @@ export function blobCid(digest: string): CID {
  */
 export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEvents> implements ProviderDirectory {
   readonly #host: MeshHost;
-  readonly #options: Required<Omit<MeshProviderDirectoryOptions, 'isUsable' | 'fallbackCandidates'>> &
-    Pick<MeshProviderDirectoryOptions, 'isUsable' | 'fallbackCandidates'>;
+  readonly #options: Required<Omit<MeshProviderDirectoryOptions, 'isUsable' | 'fallbackCandidates' | 'busy'>> &
+    Pick<MeshProviderDirectoryOptions, 'isUsable' | 'fallbackCandidates' | 'busy'>;
   /** blob -> peer -> when last heard (performance.now()). */
   readonly #gossiped = new Map<string, Map<string, number>>();
   /** Partial blobs whose bitmap grew since this device last said so, with the bitmap. */
   readonly #pendingPartial = new Map<string, ChunkBitmap>();
+  /** Blobs announced whose provide record has not gone out yet; a withdrawal takes a blob out. */
+  readonly #toProvide = new Set<string>();
   /** Partial blobs this device has said it holds some of (until it announces or withdraws them). */
   readonly #saidPartial = new Set<string>();
   #lastPartialAt = -Infinity;
@@ -95,6 +109,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
       maxProviders: 32,
       partialTtlMs: 60_000,
       maxMessageBytes: 16 * 1024,
+      maxProvideDelayMs: 60_000,
       log: silentLog,
       ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
     };
@@ -116,6 +131,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     this.#partialTimer = undefined;
     this.#pendingPartial.clear();
     this.#saidPartial.clear();
+    this.#toProvide.clear();
     node.services.pubsub.removeEventListener('message', this.#onMessage);
     node.services.pubsub.unsubscribe(this.#options.topic);
     node.services.pubsub.topicValidators.delete(this.#options.topic);
@@ -157,16 +173,24 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     return [...found].filter((peer) => !usable || usable(peer));
   }
 
+  /** Gossips that this device holds `blob`, then provides its DHT record once not busy; resolves when that is out. */
   async announce(blob: string): Promise<void> {
     this.#pendingPartial.delete(blob);
     this.#saidPartial.delete(blob);
+    this.#toProvide.add(blob);
     await this.#publish([{ blob, have: 'all' }]);
-    await this.#node?.contentRouting.provide(blobCid(blob), { signal: AbortSignal.timeout(30_000) });
+    const { busy, maxProvideDelayMs } = this.#options;
+    const until = performance.now() + maxProvideDelayMs;
+    while (busy?.() && this.#node && performance.now() < until) await sleep(PROVIDE_POLL_MS, undefined, { ref: false });
+    const node = this.#node;
+    if (!node || !this.#toProvide.delete(blob)) return;
+    await node.contentRouting.provide(blobCid(blob), { signal: AbortSignal.timeout(30_000) });
   }
 
   async withdraw(blob: string): Promise<void> {
     this.#pendingPartial.delete(blob);
     this.#saidPartial.delete(blob);
+    this.#toProvide.delete(blob);
     await this.#publish([{ blob, have: null }]);
     await this.#node?.contentRouting.cancelReprovide(blobCid(blob)).catch(() => {});
   }

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { sha256Of } from '@shoal/oci';
 import { ChunkBitmap } from '@shoal/store';
-import { AVAILABILITY_TOPIC, MeshProviderDirectory, type AvailabilityUpdate } from '@shoal/swarm';
+import { AVAILABILITY_TOPIC, blobCid, MeshProviderDirectory, type AvailabilityUpdate } from '@shoal/swarm';
 import { TestMesh, waitFor } from '../../mesh/test/fixtures/membership-mesh.ts';
 
 test('MeshProviderDirectory: DHT records for whole blobs, gossip for partial ones and withdrawals', async () => {
@@ -83,6 +83,58 @@ test('MeshProviderDirectory: DHT records for whole blobs, gossip for partial one
     await da!.announce(sha256Of('another'));
     await waitFor('a later good message', () => updates.length > updatesBefore);
     assert.deepEqual(updates.slice(updatesBefore).map((u) => u.blob), [sha256Of('another')]);
+  } finally {
+    for (const d of directories) d.stop();
+    await mesh.stopAll();
+  }
+});
+
+test('MeshProviderDirectory: while the device is busy, an announced blob is gossiped at once and its DHT record waits', async () => {
+  const mesh = new TestMesh();
+  const directories: MeshProviderDirectory[] = [];
+  try {
+    const a = await mesh.host();
+    const c = await mesh.host([a]);
+    let busy = true;
+    const da = new MeshProviderDirectory(a.host, { busy: () => busy });
+    const dc = new MeshProviderDirectory(c.host);
+    for (const d of [da, dc]) {
+      d.start();
+      directories.push(d);
+    }
+    const dhtSize = (d: typeof a) => (d.host.node.services.dht as unknown as { routingTable: { size: number } }).routingTable.size;
+    await waitFor('DHT routing tables', () => [a, c].every((d) => dhtSize(d) >= 1));
+    await waitFor('availability subscriptions', () => [a, c].every((d) => d.host.node.services.pubsub.getSubscribers(AVAILABILITY_TOPIC).length >= 1));
+    const updates: AvailabilityUpdate[] = [];
+    dc.addEventListener('availability', (e) => updates.push(e.detail));
+    const dhtProviders = async (blob: string) => {
+      const found: string[] = [];
+      const signal = AbortSignal.timeout(2_000);
+      try {
+        for await (const provider of c.host.node.contentRouting.findProviders(blobCid(blob), { signal })) found.push(provider.id.toString());
+      } catch {
+        // Timed out: what was found so far is the answer.
+      }
+      return found;
+    };
+
+    const blob = sha256Of('a layer landed mid-pull');
+    let provided = false;
+    const announced = da.announce(blob).then(() => (provided = true));
+    await waitFor('the announcement gossiped', () => updates.some((u) => u.peer === a.id && u.blob === blob && u.have === 'all'));
+    assert.deepEqual(await dhtProviders(blob), [], 'no DHT record while busy');
+    assert.equal(provided, false);
+    busy = false;
+    await announced;
+    assert.deepEqual(await dhtProviders(blob), [a.id], 'the record once idle');
+
+    busy = true;
+    const withdrawn = sha256Of('deleted before it was provided');
+    const waiting = da.announce(withdrawn);
+    await da.withdraw(withdrawn);
+    busy = false;
+    await waiting;
+    assert.deepEqual(await dhtProviders(withdrawn), [], 'a blob withdrawn meanwhile is never provided');
   } finally {
     for (const d of directories) d.stop();
     await mesh.stopAll();
