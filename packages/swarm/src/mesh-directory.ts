@@ -40,7 +40,7 @@ export interface MeshProviderDirectoryOptions {
    * While this returns true (the device is downloading), DHT provide records wait, up to
    * maxProvideDelayMs; gossip announces a blob at once regardless. Each provide messages every
    * DHT server: ten devices fanning out one image, each providing every blob as it landed, took
-   * the CPU the transfers needed, and the pulls ended ~2.5 s later. Default never busy.
+   * the CPU the transfers needed just as they started. Default never busy.
    */
   busy?: () => boolean;
   /** Longest a provide record waits for `busy` to end. Default 60 000 ms. */
