@@ -46,10 +46,10 @@ const silentLog: MeshLog = { debug() {}, warn() {} };
 const POOLED_BUFFER_BYTES = 1024 * 1024;
 const POOL_SIZE = 16;
 
-/** What a request asks for, and what this device holds of its blob (undefined: nothing). */
+/** What a request asks for, and for a pick what this device holds of its blob. */
 interface Wanted {
   ask: number | ChunkBitmap;
-  have: Availability | undefined;
+  have: Availability;
 }
 
 /** A request waiting for an upload slot: `grant(false)` answers it busy. */
@@ -229,14 +229,17 @@ export class ChunkDataPlane {
   }
 
   /**
-   * What a request asks for: chunk `index`, or for a pick the wanted chunks' bitmap; and what this
-   * device holds of the blob (undefined when nothing). ChunkProtocolError for a bad bitmap.
+   * What a request asks for: chunk `index`, or for a pick the wanted chunks' bitmap with what this
+   * device holds of the blob (an empty bitmap when nothing). Only a pick looks the blob up: for a
+   * blob still being pulled through, that builds its provisional index, and doing so for every
+   * request, refused ones included, cost a cold start's seeder the CPU it fed the others with.
+   * ChunkProtocolError for a bad bitmap.
    */
   async #wanted(blob: string, index: string, want: string | string[] | undefined): Promise<Wanted> {
-    const holding = await this.#source.holding(blob);
-    if (index !== 'pick') return { ask: Number(index), have: holding?.have };
+    if (index !== 'pick') return { ask: Number(index), have: 'all' };
     if (typeof want !== 'string') throw new ChunkProtocolError('pick request without a shoal-want bitmap');
-    if (!holding) return { ask: new ChunkBitmap(0), have: undefined };
+    const holding = await this.#source.holding(blob);
+    if (!holding) return { ask: new ChunkBitmap(0), have: 'all' };
     return { ask: decodeBitmap(want, chunkCount(holding.index), 'pick request'), have: holding.have };
   }
 
@@ -256,8 +259,8 @@ export class ChunkDataPlane {
     }
     const { ask, have } = wanted;
     const { ledger } = this.#options;
-    // What nothing held answers (a 404) is cheap, so it goes first.
-    const sends = () => (have ? (ledger.sends(blob, ask, have) ?? -1) : -1);
+    // A pick of nothing held is answered 404, which is cheap, so it goes first.
+    const sends = () => ledger.sends(blob, ask, have) ?? -1;
     if (!(await this.#acquire(res, entry.peer, sends))) return;
     const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES);
     let reusable = true;
