@@ -314,8 +314,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       }
       this.options.log.debug({ peer, blob: partial.digest, chunk: ask, err }, 'chunk request failed');
       return { outcome: 'failed' };
-    }
-    finally {
+    } finally {
       clearTimeout(timer);
     }
     if (!fetched) return { outcome: 'missing' };

@@ -362,12 +362,14 @@ export class Transfer {
     // for a lone client is the next in order, while devices that start pulling together, before
     // gossip tells them of each other, get different chunks rather than each the first ones.
     const wholeHolders = [...this.#peers].filter(([, s]) => s.have === 'all').map(([p]) => p).sort();
+    // This whole holder's share of the chunks: index mod the number of whole holders.
+    const mine = wholeHolders.indexOf(peer);
+    const inShare = (i: number) => i % wholeHolders.length === mine;
     if (wholeHolders.length === this.#peers.size) {
-      const mine = wholeHolders.indexOf(peer);
       for (const position of this.#readers.values()) {
         const next: number[] = [];
         for (let i = position; i < partial.have.length && next.length < IN_ORDER_WINDOW; i++) {
-          if (i % wholeHolders.length === mine && open(i)) next.push(i);
+          if (inShare(i) && open(i)) next.push(i);
         }
         if (next.length > 0) return pickAmong(next, partial.have.length);
       }
@@ -391,8 +393,7 @@ export class Transfer {
     if (rarest.length > 0) {
       // A pick is only named once its answer comes, so what it may bring is asked of no one
       // else meanwhile, and whole holders asked at once each pick from a share of their own.
-      const mine = wholeHolders.indexOf(peer);
-      const share = rarest.filter((i) => i % wholeHolders.length === mine);
+      const share = rarest.filter(inShare);
       const unnamed = [...this.#unnamedPicks.values()];
       const from = (share.length > 0 ? share : rarest).filter((i) => !unnamed.some((w) => w.has(i)));
       return from.length <= 1 ? from[0] : pickAmong(from, chunks);
