@@ -64,7 +64,8 @@ export async function getBlob(
 
 /**
  * Serves a blob through its pooled sender, writing the prepared headers on the raw response.
- * fastify skips its response log for hijacked replies, so it is written here.
+ * fastify logs a hijacked reply once the response finishes; one that ended early never does,
+ * so that one is logged here.
  */
 async function sendHijacked(reply: FastifyReply, request: FastifyRequest, sendTo: (out: Writable) => Promise<void>) {
   reply.hijack();
@@ -76,8 +77,8 @@ async function sendHijacked(reply: FastifyReply, request: FastifyRequest, sendTo
   } catch (err) {
     res.destroy();
     request.log.debug({ err }, 'blob send ended early');
+    request.log.info({ res: { statusCode: reply.statusCode }, responseTime: reply.elapsedTime }, 'request completed');
   }
-  request.log.info({ res: { statusCode: reply.statusCode }, responseTime: reply.elapsedTime }, 'request completed');
   return reply;
 }
 

@@ -33,3 +33,26 @@ test('the observer hears of every response: its endpoint, method, status and the
     await gw.close();
   }
 });
+
+test('every response is logged once, a blob sent from its file and one the client left early included', async () => {
+  const lines: { reqId?: string; msg?: string; req?: { url?: string } }[] = [];
+  const gw = await startGateway({ logger: { level: 'info', stream: { write: (line: string) => void lines.push(JSON.parse(line)) } } });
+  try {
+    const blob = randomBytes(8 * 1024 * 1024);
+    const digest = sha256Of(blob);
+    assert.equal((await fetch(`${gw.url}/v2/lib/app/blobs/uploads/?digest=${digest}`, { method: 'POST', body: blob })).status, 201);
+    assert.equal(Buffer.from(await (await fetch(`${gw.url}/v2/lib/app/blobs/${digest}`)).arrayBuffer()).length, blob.length);
+    const abort = new AbortController();
+    const left = await fetch(`${gw.url}/v2/lib/app/blobs/${digest}`, { signal: abort.signal });
+    await left.body!.getReader().read();
+    abort.abort();
+    const blobRequests = () => lines.filter((l) => l.msg === 'incoming request' && l.req?.url?.includes('/blobs/sha256:')).map((l) => l.reqId);
+    const completions = (reqId: string | undefined) => lines.filter((l) => l.reqId === reqId && l.msg === 'request completed').length;
+    for (let i = 0; completions(blobRequests()[1]) === 0 && i < 100; i++) await sleep(10);
+    await sleep(50);
+    assert.equal(blobRequests().length, 2);
+    assert.deepEqual(blobRequests().map(completions), [1, 1]);
+  } finally {
+    await gw.close();
+  }
+});
