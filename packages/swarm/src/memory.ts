@@ -4,8 +4,8 @@ import { ChunkBusyError } from './chunk-protocol.ts';
 import type { AvailabilityUpdate, ChunkSource, ChunkTransport, Holding, ProviderDirectory, ProviderDirectoryEvents } from './types.ts';
 import { UploadLedger } from './upload-ledger.ts';
 
-/** What a memory peer does when asked for a chunk: serve it, or misbehave. */
-export type Fault = 'none' | 'corrupt' | 'fail' | 'stall';
+/** What a memory peer does when asked for a chunk: serve it, or misbehave (`busy`: answer every chunk request busy). */
+export type Fault = 'none' | 'corrupt' | 'fail' | 'stall' | 'busy';
 
 interface MemoryPeer {
   source: ChunkSource;
@@ -93,7 +93,7 @@ export class MemoryNetwork {
       countRequest(name);
       const peer = this.#peers.get(name);
       if (!peer) return call(name, signal, fn);
-      if (peer.online && peer.uploads >= peer.maxUploads) throw new ChunkBusyError(`${name} is sending all it sends at once`);
+      if (peer.online && (peer.fault === 'busy' || peer.uploads >= peer.maxUploads)) throw new ChunkBusyError(`${name} is sending all it sends at once`);
       peer.uploads++;
       try {
         return await call(name, signal, fn);

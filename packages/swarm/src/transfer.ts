@@ -331,7 +331,14 @@ export class Transfer {
       asked = false;
       for (const [peer, state] of peers) {
         if (this.#storing >= maxStoringChunks) return;
-        if (state.inFlight.size >= maxInFlightPerPeer || state.busyUntil > now || !this.#peers.has(peer)) continue;
+        if (state.inFlight.size >= maxInFlightPerPeer || !this.#peers.has(peer)) continue;
+        if (state.busyUntil > now) {
+          // Armed here, at every pass, not only on the busy answer: a wake set for an earlier
+          // pause fired while this one still ran, and with no wake left for it the transfer of a
+          // blob only that holder had waited forever.
+          this.#pumpIn(state.busyUntil - now);
+          continue;
+        }
         const chunk = this.#pick(peer, state);
         if (chunk === undefined) continue;
         this.#request(peer, state, chunk);
@@ -498,7 +505,6 @@ export class Transfer {
         const pause = state.busyPauseMs * (0.75 + Math.random() / 2);
         state.busyUntil = performance.now() + pause;
         state.busyPauseMs = Math.min(BUSY_PAUSE_MAX_MS, 2 * state.busyPauseMs);
-        this.#pumpIn(pause);
         break;
       }
       case 'missing':

@@ -116,6 +116,29 @@ test('a holder answering busy is asked again after a pause, not counted as faili
     assert.equal(fromSeeder.size, 24, 'every chunk still came from the seeder at least once');
   }));
 
+test('a reader whose only holder answered two requests busy in a row still gets the blob once the holder has room', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(8 * CHUNK);
+    const seeder = await f.device('seeder');
+    const digest = await f.seed(seeder, bytes);
+    f.net.setFault('seeder', 'busy');
+    const d = await f.device('d', { maxInFlightPerPeer: 2 });
+    const transfer = await d.downloader.fetch(digest);
+    const body = buffer(transfer.read(0, bytes.length - 1).stream);
+    body.catch(() => {});
+    // After the first busy answer the waiting reader has two requests go out at once, and both
+    // come back busy: the second pause is the longer one, and the wake armed for the first fires
+    // while the second still runs.
+    for (let waited = 0; d.downloader.stats.requestsBusy < 3; waited += 10) {
+      assert.ok(waited < 3_000, `${d.downloader.stats.requestsBusy} busy answers`);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    f.net.setFault('seeder', 'none');
+    const stuck = new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`no progress: ${JSON.stringify(transfer.info())}`)), 5_000).unref());
+    assert.ok((await Promise.race([body, stuck])).equals(bytes));
+    await transfer.done;
+  }));
+
 test('nobody holding the blob is a NoHolderError', () =>
   withFixture(async (f) => {
     const d = await f.device('d');
