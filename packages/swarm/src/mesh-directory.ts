@@ -67,6 +67,12 @@ interface WireAvailability {
 
 const silentLog: MeshLog = { debug() {}, warn() {} };
 
+/** A holder gossip named: when last heard (performance.now()), and whether of the whole blob. */
+interface GossipedHolder {
+  at: number;
+  whole: boolean;
+}
+
 /** The DHT key of a blob: a CIDv1 (raw codec) over its sha256 digest. */
 export function blobCid(digest: string): CID {
   if (!digest.startsWith('sha256:')) throw new Error(`only sha256 blobs are announced, not ${digest}`);
@@ -83,8 +89,8 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
   readonly #host: MeshHost;
   readonly #options: Required<Omit<MeshProviderDirectoryOptions, 'isUsable' | 'fallbackCandidates' | 'busy'>> &
     Pick<MeshProviderDirectoryOptions, 'isUsable' | 'fallbackCandidates' | 'busy'>;
-  /** blob -> peer -> when last heard (performance.now()). */
-  readonly #gossiped = new Map<string, Map<string, number>>();
+  /** blob -> peer -> what gossip last said of it. */
+  readonly #gossiped = new Map<string, Map<string, GossipedHolder>>();
   /** Partial blobs whose bitmap grew since this device last said so, with the bitmap. */
   readonly #pendingPartial = new Map<string, ChunkBitmap>();
   /** Blobs announced whose provide record has not gone out yet; a withdrawal takes a blob out. */
@@ -141,9 +147,26 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     const node = this.#node;
     if (!node) return [];
     const self = node.peerId.toString();
+    const usable = (peer: string) => peer !== self && (this.#options.isUsable?.(peer) ?? true);
     const found = new Set<string>();
     const cutoff = performance.now() - this.#options.partialTtlMs;
-    for (const [peer, at] of this.#gossiped.get(blob) ?? []) if (at >= cutoff) found.add(peer);
+    let wholeKnown = false;
+    for (const [peer, { at, whole }] of this.#gossiped.get(blob) ?? []) {
+      if (at < cutoff) continue;
+      found.add(peer);
+      wholeKnown ||= whole && usable(peer);
+    }
+    // A live device said it holds the whole blob: a source, and the DHT query would only add
+    // others. Each query opens a stream to every DHT server and every device looks up every blob:
+    // ten devices fanning out an image kept ~80 % of the machine busy at 20 Mbit/s with it, ~65 %
+    // without.
+    if (!wholeKnown) await this.#queryProviders(node, blob, found, signal);
+    if (found.size === 0) for (const peer of this.#options.fallbackCandidates?.() ?? []) found.add(peer);
+    return [...found].filter(usable);
+  }
+
+  /** Adds the DHT's providers of `blob` to `found`; once one holder is known, waits graceMs more at most. */
+  async #queryProviders(node: MeshNode, blob: string, found: Set<string>, signal: AbortSignal): Promise<void> {
     // The query only ends when every DHT server has answered: once a holder is known, give the
     // rest a short grace instead of the whole timeout, so a small blob is not held up by it.
     const enough = new AbortController();
@@ -167,10 +190,6 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     } finally {
       clearTimeout(grace);
     }
-    if (found.size === 0) for (const peer of this.#options.fallbackCandidates?.() ?? []) found.add(peer);
-    found.delete(self);
-    const usable = this.#options.isUsable;
-    return [...found].filter((peer) => !usable || usable(peer));
   }
 
   /** Gossips that this device holds `blob`, then provides its DHT record once not busy; resolves when that is out. */
@@ -265,8 +284,8 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     if (!updates || updates[0]?.peer === this.#node?.peerId.toString()) return;
     this.#forgetStale();
     for (const update of updates) {
-      const peers = this.#gossiped.get(update.blob) ?? new Map<string, number>();
-      if (update.have) peers.set(update.peer, performance.now());
+      const peers = this.#gossiped.get(update.blob) ?? new Map<string, GossipedHolder>();
+      if (update.have) peers.set(update.peer, { at: performance.now(), whole: update.have === 'all' });
       else peers.delete(update.peer);
       if (peers.size > 0) this.#gossiped.set(update.blob, peers);
       else this.#gossiped.delete(update.blob);
@@ -281,7 +300,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     this.#sweptAt = now;
     const cutoff = now - this.#options.partialTtlMs;
     for (const [blob, peers] of this.#gossiped) {
-      for (const [peer, at] of peers) if (at < cutoff) peers.delete(peer);
+      for (const [peer, { at }] of peers) if (at < cutoff) peers.delete(peer);
       if (peers.size === 0) this.#gossiped.delete(blob);
     }
   }

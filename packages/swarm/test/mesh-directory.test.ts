@@ -89,12 +89,13 @@ test('MeshProviderDirectory: DHT records for whole blobs, gossip for partial one
   }
 });
 
-test('MeshProviderDirectory: while the device is busy, an announced blob is gossiped at once and its DHT record waits', async () => {
+test('MeshProviderDirectory: while the device is busy, an announced blob is gossiped at once and its DHT record waits; a gossiped whole holder spares the DHT lookup', async () => {
   const mesh = new TestMesh();
   const directories: MeshProviderDirectory[] = [];
   try {
     const a = await mesh.host();
-    const c = await mesh.host([a]);
+    const b = await mesh.host([a]);
+    const c = await mesh.host([a, b]);
     let busy = true;
     const da = new MeshProviderDirectory(a.host, { busy: () => busy });
     const dc = new MeshProviderDirectory(c.host);
@@ -103,7 +104,7 @@ test('MeshProviderDirectory: while the device is busy, an announced blob is goss
       directories.push(d);
     }
     const dhtSize = (d: typeof a) => (d.host.node.services.dht as unknown as { routingTable: { size: number } }).routingTable.size;
-    await waitFor('DHT routing tables', () => [a, c].every((d) => dhtSize(d) >= 1));
+    await waitFor('DHT routing tables', () => [a, b, c].every((d) => dhtSize(d) >= 2));
     await waitFor('availability subscriptions', () => [a, c].every((d) => d.host.node.services.pubsub.getSubscribers(AVAILABILITY_TOPIC).length >= 1));
     const updates: AvailabilityUpdate[] = [];
     dc.addEventListener('availability', (e) => updates.push(e.detail));
@@ -119,14 +120,18 @@ test('MeshProviderDirectory: while the device is busy, an announced blob is goss
     };
 
     const blob = sha256Of('a layer landed mid-pull');
+    // b is a provider in the DHT only, never gossiped.
+    await b.host.node.contentRouting.provide(blobCid(blob), { signal: AbortSignal.timeout(5_000) });
+    assert.deepEqual(await dc.findHolders(blob, AbortSignal.timeout(5_000)), [b.id], 'found in the DHT');
     let provided = false;
     const announced = da.announce(blob).then(() => (provided = true));
     await waitFor('the announcement gossiped', () => updates.some((u) => u.peer === a.id && u.blob === blob && u.have === 'all'));
-    assert.deepEqual(await dhtProviders(blob), [], 'no DHT record while busy');
+    assert.deepEqual(await dhtProviders(blob), [b.id], 'no DHT record of a while busy');
     assert.equal(provided, false);
+    assert.deepEqual(await dc.findHolders(blob, AbortSignal.timeout(5_000)), [a.id], 'a gossiped whole holder: no DHT lookup');
     busy = false;
     await announced;
-    assert.deepEqual(await dhtProviders(blob), [a.id], 'the record once idle');
+    assert.deepEqual(new Set(await dhtProviders(blob)), new Set([a.id, b.id]), 'the record once idle');
 
     busy = true;
     const withdrawn = sha256Of('deleted before it was provided');
