@@ -6,6 +6,7 @@ import { buffer } from 'node:stream/consumers';
 import { sha256Of } from '@shoal/oci';
 import { ChunkBitmap, chunkIndexDigest, chunkSpan } from '@shoal/store';
 import { MemoryNetwork, NoHolderError } from '@shoal/swarm';
+import { waitFor } from '../../mesh/test/fixtures/membership-mesh.ts';
 import { CHUNK, indexOf, stored, withFixture } from './fixtures/devices.ts';
 
 test('a blob is fetched from several holders at once, verified and announced', () =>
@@ -129,10 +130,7 @@ test('a reader whose only holder answered two requests busy in a row still gets 
     // After the first busy answer the waiting reader has two requests go out at once, and both
     // come back busy: the second pause is the longer one, and the wake armed for the first fires
     // while the second still runs.
-    for (let waited = 0; d.downloader.stats.requestsBusy < 3; waited += 10) {
-      assert.ok(waited < 3_000, `${d.downloader.stats.requestsBusy} busy answers`);
-      await new Promise((resolve) => setTimeout(resolve, 10));
-    }
+    await waitFor('three busy answers', () => d.downloader.stats.requestsBusy >= 3, 3_000);
     f.net.setFault('seeder', 'none');
     const stuck = new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`no progress: ${JSON.stringify(transfer.info())}`)), 5_000).unref());
     assert.ok((await Promise.race([body, stuck])).equals(bytes));
