@@ -9,20 +9,13 @@ import { CID } from 'multiformats/cid';
 import * as raw from 'multiformats/codecs/raw';
 import { sha256 } from 'multiformats/hashes/sha2';
 import { MeshHost, generateSwarmKey, loadOrCreatePeerKey, parseSwarmKey, type MeshHostOptions } from '../src/index.ts';
+import { waitFor } from './fixtures/membership-mesh.ts';
 
 // mDNS stays off: the default network namespace's lo has no multicast.
 const LOOPBACK = ['/ip4/127.0.0.1/tcp/0'];
 // A handshake through mismatched pnet keys is garbage to the other side: depending on the random
 // bytes it fails at once or stalls until libp2p's dial timeout (5 s). Either way it must fail.
 const rejectedDial = () => ({ signal: AbortSignal.timeout(1_000) });
-
-async function waitFor(what: string, condition: () => boolean, timeoutMs = 5_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 20));
-  }
-}
 
 describe('MeshHost over TCP on 127.0.0.1', () => {
   const swarmKey = parseSwarmKey(generateSwarmKey());

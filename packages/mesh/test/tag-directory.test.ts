@@ -25,7 +25,7 @@ import {
   type TagFields,
   type TagRecord,
 } from '../src/index.ts';
-import { LOOPBACK, waitFor } from './fixtures/membership-mesh.ts';
+import { LOOPBACK, waitFor, waitForSubscriptions } from './fixtures/membership-mesh.ts';
 
 const digest = (n: number) => `sha256:${n.toString(16).padStart(64, '0')}`;
 const LIMITS = { maxBytes: 1 << 20, maxRecords: 100, maxRecordBytes: 256 * 1024 };
@@ -85,15 +85,6 @@ async function stopDevice(device: Device): Promise<void> {
 }
 
 /** Waits until each device has every other as a subscriber of the tag topic, so one publish reaches them all. */
-async function waitForSubscriptions(devices: Device[]): Promise<void> {
-  await waitFor('tag topic subscriptions to be exchanged', () =>
-    devices.every((device) => {
-      const subscribers = device.host.node.services.pubsub.getSubscribers(TAG_TOPIC).map(String);
-      return devices.every((other) => other === device || subscribers.includes(other.id));
-    }),
-  );
-}
-
 /** Plays the asking side of a table exchange from a raw host: sends `payload`, returns the answer. */
 async function askSync(from: Device, to: Device, payload: Uint8Array): Promise<Uint8Array> {
   const stream = await from.host.node.dialProtocol(to.host.multiaddrs[0], TAG_SYNC_PROTOCOL);
@@ -174,7 +165,7 @@ test('a record published on one device is on the others within 2 s, with its chu
     const a = await mesh.device();
     const b = await mesh.device([a]);
     const c = await mesh.device([a, b]);
-    await waitForSubscriptions([a, b, c]);
+    await waitForSubscriptions([a, b, c], TAG_TOPIC);
 
     const started = Date.now();
     const record = await a.tags!.publish(fields('latest', 1));
@@ -254,7 +245,7 @@ test('a record that reached one peer by sync only reaches the others by the peri
   try {
     const a = await mesh.device([], { resyncIntervalMs: 200 });
     const b = await mesh.device([a], { resyncIntervalMs: 200 });
-    await waitForSubscriptions([a, b]);
+    await waitForSubscriptions([a, b], TAG_TOPIC);
     // A third party's record handed to b alone: b applies it but does not gossip it.
     const outsider = await mesh.host();
     const record = await signTagRecord({ ...fields('relayed', 4), time: Date.now(), publisher: outsider.id }, outsider.key);
@@ -313,7 +304,7 @@ test('forged records are dropped from gossip and from sync, never relayed, and t
     const forger = await mesh.host([a]);
     const pubsub = forger.host.node.services.pubsub;
     pubsub.subscribe(TAG_TOPIC);
-    await waitForSubscriptions([a, c]);
+    await waitForSubscriptions([a, c], TAG_TOPIC);
     await waitFor('the forger and a to exchange subscriptions', () =>
       pubsub.getSubscribers(TAG_TOPIC).some((id) => id.toString() === a.id) &&
       a.host.node.services.pubsub.getSubscribers(TAG_TOPIC).some((id) => id.toString() === forger.id),
@@ -401,7 +392,7 @@ test('a directory restarted with the same file has its records; a tampered recor
     const file = join(dir, 'state', 'tags.json');
     const a = await mesh.device([], { file });
     const b = await mesh.device([a]);
-    await waitForSubscriptions([a, b]);
+    await waitForSubscriptions([a, b], TAG_TOPIC);
     const own = await a.tags!.publish(fields('v1', 1));
     const heard = await b.tags!.publish(fields('v2', 2));
     await waitFor('a to have b\'s record', () => a.tags!.list().length === 2);

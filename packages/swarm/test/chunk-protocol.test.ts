@@ -25,6 +25,7 @@ import {
   type UploadEvent,
   UploadLedger,
 } from '../src/index.ts';
+import { waitFor } from '../../mesh/test/fixtures/membership-mesh.ts';
 import { decodeRequest, encodeFrame, FrameReader } from '../src/chunk-protocol.ts';
 
 // mDNS stays off (lo has no multicast here); hosts meet by bootstrap on 127.0.0.1.
@@ -166,14 +167,6 @@ function signal(ms = 30_000): AbortSignal {
 
 function chunkStreams(host: MeshHost): Stream[] {
   return host.node.getConnections().flatMap((connection) => connection.streams.filter((stream) => stream.protocol === CHUNK_PROTOCOL));
-}
-
-async function waitFor(what: string, condition: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
-  }
 }
 
 /** Opens a raw chunk stream, sends `bytes` (and half-closes if asked), and resolves with how the stream ended. */
