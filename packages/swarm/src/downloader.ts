@@ -35,8 +35,9 @@ export interface DownloaderOptions {
    */
   maxStoringChunks?: number;
   /**
-   * A chunk not received within this time is asked of another holder; a pick only has to be
-   * answered (its chunk named) within it. Default 10 000 ms.
+   * A chunk the holder has not started sending within this time is asked of another holder.
+   * Once it has started (a pick named its chunk, or the answer's header is in), only a stall of
+   * the transport ends the request. Default 10 000 ms.
    */
   chunkTimeoutMs?: number;
   /** Limit for asking one peer what it holds. Default 3 000 ms. */
@@ -292,19 +293,22 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     const deadline = new AbortController();
     const timer = setTimeout(() => deadline.abort(new DOMException(`no answer within ${chunkTimeoutMs} ms`, 'TimeoutError')), chunkTimeoutMs);
     const limited = AbortSignal.any([signal, deadline.signal]);
-    // A holder names its pick when it starts sending. From then on only a stall (the transport's
-    // limit) ends the request: a busy seeder's chunks, sent a share of its uplink at a time, were
-    // dropped half sent at the limit, which wasted the uplink every device waits on. A chunk that
-    // is merely slow is asked of a second holder in the endgame.
+    // Once the holder starts sending, only a stall (the transport's limit) ends the request: a
+    // busy seeder's chunks, sent a share of its uplink at a time, were dropped half sent at the
+    // limit, which wasted the uplink every device waits on; at 10 Mbit/s the chunks receivers
+    // trade by index, sharing a downlink eight ways, were too (up to 36 MB of a 50 MB image
+    // received and thrown away by one device). A chunk that is merely slow is asked of a second
+    // holder in the endgame.
+    const started = (): void => clearTimeout(timer);
     const named = (index: number): void => {
-      clearTimeout(timer);
+      started();
       onPicked?.(index);
     };
     let fetched: { index: number; bytes: Uint8Array } | undefined;
     try {
       fetched =
         typeof ask === 'number'
-          ? await transport.fetchChunk(peer, partial.digest, ask, limited).then((bytes) => bytes && { index: ask, bytes })
+          ? await transport.fetchChunk(peer, partial.digest, ask, limited, started).then((bytes) => bytes && { index: ask, bytes })
           : await transport.pickChunk(peer, partial.digest, ask, limited, named);
     } catch (err) {
       if (signal.aborted) return { outcome: 'aborted' };

@@ -109,18 +109,16 @@ export class Libp2pChunkTransport implements ChunkTransport {
 
   /**
    * Chunk `index` of `blob` from `peer`, or undefined when the peer lacks it. Its length must be
-   * `expectedLength` if given, else what the peer's last fetchHolding index implies, else at most
-   * MAX_CHUNK_BYTES. Chunk hashes are not checked here.
+   * what the peer's last fetchHolding index implies, else at most MAX_CHUNK_BYTES. Chunk hashes
+   * are not checked here. `onStarted` hears when the answer's header is in and the bytes follow.
    */
-  async fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal, expectedLength?: number): Promise<Uint8Array | undefined> {
+  async fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal, onStarted?: () => void): Promise<Uint8Array | undefined> {
     checkDigest(blob);
     if (!Number.isInteger(index) || index < 0 || index >= 2 ** 31) throw new RangeError(`bad chunk index ${index}`);
-    if (expectedLength !== undefined && !(Number.isInteger(expectedLength) && expectedLength > 0 && expectedLength <= MAX_CHUNK_BYTES)) {
-      throw new RangeError(`bad expected chunk length ${expectedLength}`);
-    }
     const check = (got: number, length: number): void => {
       if (got !== index) throw new ChunkProtocolError(`peer sent chunk ${got} when asked for chunk ${index}`);
-      this.#checkLength(peer, blob, index, length, expectedLength);
+      this.#checkLength(peer, blob, index, length);
+      onStarted?.();
     };
     return (await this.#fetch(peer, blob, index, check, signal))?.bytes;
   }
@@ -180,13 +178,12 @@ export class Libp2pChunkTransport implements ChunkTransport {
   }
 
   /**
-   * Throws ChunkProtocolError unless `length` is what chunk `index` must be: `expected` if given,
-   * else what the peer's last holding answer implies (nothing past its own index), else 1 byte
-   * to MAX_CHUNK_BYTES.
+   * Throws ChunkProtocolError unless `length` is what chunk `index` must be: what the peer's last
+   * holding answer implies (nothing past its own index), else 1 byte to MAX_CHUNK_BYTES.
    */
-  #checkLength(peer: string, blob: string, index: number, length: number, expected?: number): void {
+  #checkLength(peer: string, blob: string, index: number, length: number): void {
     const geometry = this.#geometry.get(key(peer, blob));
-    const required = expected ?? (geometry ? chunkLength(geometry, index) : undefined);
+    const required = geometry ? chunkLength(geometry, index) : undefined;
     if (geometry && required === undefined) throw new ChunkProtocolError(`peer sent chunk ${index}, past the end of its own index`);
     if (length === 0 || length > MAX_CHUNK_BYTES || (required !== undefined && length !== required)) {
       throw new ChunkProtocolError(`peer announced ${length} bytes for chunk ${index}, expected ${required ?? 'at most 16 MiB'}`);

@@ -12,6 +12,8 @@ interface MemoryPeer {
   fault: Fault;
   /** Delay before each answer, to let requests overlap. */
   delayMs: number;
+  /** How long a chunk's bytes take once the peer has started sending it (named it). */
+  sendMs: number;
   online: boolean;
   ledger: UploadLedger;
   /** Chunk requests it serves at once; more are answered busy, as ChunkDataPlane does. */
@@ -40,12 +42,16 @@ export class MemoryNetwork {
     this.#gossipDelayMs = options.gossipDelayMs ?? 0;
   }
 
-  /** `maxUploads`: chunk requests served at once, more are answered busy. Default no limit. */
-  add(peer: string, source: ChunkSource, opts: { fault?: Fault; delayMs?: number; maxUploads?: number } = {}): void {
+  /**
+   * `maxUploads`: chunk requests served at once, more are answered busy. Default no limit.
+   * `sendMs`: how long a chunk's bytes take after the peer starts sending it. Default 0.
+   */
+  add(peer: string, source: ChunkSource, opts: { fault?: Fault; delayMs?: number; sendMs?: number; maxUploads?: number } = {}): void {
     this.#peers.set(peer, {
       source,
       fault: opts.fault ?? 'none',
       delayMs: opts.delayMs ?? 0,
+      sendMs: opts.sendMs ?? 0,
       online: true,
       ledger: new UploadLedger(),
       maxUploads: opts.maxUploads ?? Infinity,
@@ -117,12 +123,20 @@ export class MemoryNetwork {
       bad[0] = bad[0]! ^ 0xff;
       return bad;
     };
+    /** The bytes of a chunk the peer has started sending, once they are all there. */
+    const sending = async (p: MemoryPeer, bytes: Uint8Array, signal: AbortSignal): Promise<Uint8Array> => {
+      if (p.sendMs > 0) await delay(p.sendMs, signal);
+      return bytes;
+    };
     return {
       fetchHolding: (name, blob, signal) => call<Holding | undefined>(name, signal, (p) => p.source.holding(blob)),
-      fetchChunk: (name, blob, index, signal) =>
-        upload(name, signal, (p) => {
+      fetchChunk: (name, blob, index, signal, onStarted) =>
+        upload(name, signal, async (p) => {
           p.ledger.record(blob, index);
-          return serve(name, p, blob, index);
+          const bytes = await serve(name, p, blob, index);
+          if (!bytes) return undefined;
+          onStarted?.();
+          return sending(p, bytes, signal);
         }),
       pickChunk: (name, blob, want, signal, onPicked) =>
         upload(name, signal, async (p) => {
@@ -131,7 +145,7 @@ export class MemoryNetwork {
           if (index === undefined) return undefined;
           onPicked?.(index);
           const bytes = await serve(name, p, blob, index);
-          return bytes && { index, bytes };
+          return bytes && { index, bytes: await sending(p, bytes, signal) };
         }),
     };
   }

@@ -33,7 +33,8 @@ export interface ChunkSource {
  */
 export interface ChunkTransport {
   fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined>;
-  fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal): Promise<Uint8Array | undefined>;
+  /** Chunk `index`; `onStarted` hears when the peer starts sending it (its answer's header is in). */
+  fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal, onStarted?: () => void): Promise<Uint8Array | undefined>;
   /**
    * A chunk that `peer` chooses among those set in `want`: the one it has sent least, so that
    * receivers asking one holder at once get different chunks. Undefined when it holds none.

@@ -496,9 +496,13 @@ test('the transport rejects a peer that breaks the protocol', async () => {
     }
     serve(encodeFrame({ status: 'ok', length: 2 }), Buffer.from([1, 2]));
     assert.deepEqual([...(await transport.fetchChunk(peer, blob, 2, signal()))!], [1, 2]);
-    // An explicit expected length overrides what the peer's index said.
+    // onStarted hears a chunk's answer header (the bytes follow), not a not-found answer.
+    let headers = 0;
     serve(encodeFrame({ status: 'ok', length: 2 }), Buffer.from([1, 2]));
-    await assert.rejects(transport.fetchChunk(peer, blob, 2, signal(), 3), ChunkProtocolError);
+    assert.deepEqual([...(await transport.fetchChunk(peer, blob, 2, signal(), () => headers++))!], [1, 2]);
+    serve(encodeFrame({ status: 'not-found' }));
+    assert.equal(await transport.fetchChunk(peer, blob, 2, signal(), () => headers++), undefined);
+    assert.equal(headers, 1);
     serve(encodeFrame({ status: 'ok', length: 5 }), Buffer.alloc(5));
     await assert.rejects(transport.fetchRange(peer, blob, 0, 4, signal()), ChunkProtocolError);
     // A pick must name a chunk that was asked for, with that chunk's length.

@@ -137,6 +137,27 @@ test('a reader whose only holder answered two requests busy in a row still gets 
     await transfer.done;
   }));
 
+test('a chunk its holder has started to send is not abandoned at chunkTimeoutMs, however long its bytes take', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(6 * CHUNK);
+    const index = indexOf(bytes);
+    // A device still downloading is asked for chunks by index (a whole holder picks); this one
+    // starts each answer at once and takes three times the limit to send it.
+    const p = await f.device('p', { sendMs: 300 });
+    const partial = await p.store.openPartial(index);
+    for (let i = 0; i < 6; i++) {
+      const { offset, length } = chunkSpan(index, i);
+      await partial.writeChunk(i, bytes.subarray(offset, offset + length));
+    }
+    f.net.directory('p').announcePartial(index.blob, partial.have);
+    const d = await f.device('d', { chunkTimeoutMs: 100, maxPeerFailures: 1 });
+    const transfer = await d.downloader.fetch(index.blob);
+    const stuck = new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`no progress: ${JSON.stringify(transfer.info())}`)), 5_000).unref());
+    await Promise.race([transfer.done, stuck]);
+    assert.ok((await stored(d.store, index.blob)).equals(bytes));
+    assert.equal(f.net.requests.get('p'), 6, 'each chunk was asked for once');
+  }));
+
 test('nobody holding the blob is a NoHolderError', () =>
   withFixture(async (f) => {
     const d = await f.device('d');
