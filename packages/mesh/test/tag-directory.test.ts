@@ -84,7 +84,6 @@ async function stopDevice(device: Device): Promise<void> {
   await device.host.stop();
 }
 
-/** Waits until each device has every other as a subscriber of the tag topic, so one publish reaches them all. */
 /** Plays the asking side of a table exchange from a raw host: sends `payload`, returns the answer. */
 async function askSync(from: Device, to: Device, payload: Uint8Array): Promise<Uint8Array> {
   const stream = await from.host.node.dialProtocol(to.host.multiaddrs[0], TAG_SYNC_PROTOCOL);

@@ -7,7 +7,7 @@ import { sha256Of } from '@shoal/oci';
 import { ChunkBitmap, chunkIndexDigest, chunkSpan } from '@shoal/store';
 import { MemoryNetwork, NoHolderError } from '@shoal/swarm';
 import { waitFor } from '../../mesh/test/fixtures/membership-mesh.ts';
-import { CHUNK, indexOf, stored, withFixture } from './fixtures/devices.ts';
+import { CHUNK, indexOf, noProgressAfter, stored, withFixture, writeChunks } from './fixtures/devices.ts';
 
 test('a blob is fetched from several holders at once, verified and announced', () =>
   withFixture(async (f) => {
@@ -132,8 +132,7 @@ test('a reader whose only holder answered two requests busy in a row still gets 
     // while the second still runs.
     await waitFor('three busy answers', () => d.downloader.stats.requestsBusy >= 3, 3_000);
     f.net.setFault('seeder', 'none');
-    const stuck = new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`no progress: ${JSON.stringify(transfer.info())}`)), 5_000).unref());
-    assert.ok((await Promise.race([body, stuck])).equals(bytes));
+    assert.ok((await Promise.race([body, noProgressAfter(transfer, 5_000)])).equals(bytes));
     await transfer.done;
   }));
 
@@ -145,15 +144,11 @@ test('a chunk its holder has started to send is not abandoned at chunkTimeoutMs,
     // starts each answer at once and takes three times the limit to send it.
     const p = await f.device('p', { sendMs: 300 });
     const partial = await p.store.openPartial(index);
-    for (let i = 0; i < 6; i++) {
-      const { offset, length } = chunkSpan(index, i);
-      await partial.writeChunk(i, bytes.subarray(offset, offset + length));
-    }
+    await writeChunks(partial, bytes, 6);
     f.net.directory('p').announcePartial(index.blob, partial.have);
     const d = await f.device('d', { chunkTimeoutMs: 100, maxPeerFailures: 1 });
     const transfer = await d.downloader.fetch(index.blob);
-    const stuck = new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`no progress: ${JSON.stringify(transfer.info())}`)), 5_000).unref());
-    await Promise.race([transfer.done, stuck]);
+    await Promise.race([transfer.done, noProgressAfter(transfer, 5_000)]);
     assert.ok((await stored(d.store, index.blob)).equals(bytes));
     assert.equal(f.net.requests.get('p'), 6, 'each chunk was asked for once');
   }));
@@ -305,10 +300,7 @@ test('a resumed download fetches only the chunks it lacks', () =>
     const digest = await f.seed(a, bytes);
     const d = await f.device('d');
     const partial = await d.store.openPartial(index);
-    for (let i = 0; i < 10; i++) {
-      const { offset, length } = chunkSpan(index, i);
-      await partial.writeChunk(i, bytes.subarray(offset, offset + length));
-    }
+    await writeChunks(partial, bytes, 10);
     await partial.close();
     const [resumable] = await d.store.partialBlobs();
     const transfer = await d.downloader.fetch(digest, resumable);
