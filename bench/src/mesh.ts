@@ -5,7 +5,7 @@
 // device killed with -9 is marked down by all others, membership traffic per device over a quiet
 // window (veth counters), idle RSS per node, and machine CPU busy % during startup.
 // Writes bench/results/mesh.{json,md}. A benchmark: it reports, it does not assert on time.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -70,40 +70,66 @@ interface MeshResult {
 }
 
 /**
- * Polls every device concurrently, each every POLL_MS until `done(table)` holds for it, and
- * returns the ms from `since` until the last device got there (null after GIVE_UP_MS).
- *
- * One curl per device makes all of that device's requests (`--rate`, one URL per poll, one
- * kept-alive connection): spawning `ip netns exec ... curl` per poll, 160 processes a second at
- * 16 devices, took much of the 2 cores the starting nodes were waiting for.
+ * Polls one device's /api/peers every POLL_MS from when it is created until stop(): one curl
+ * process makes all the requests (`--rate`, one URL per poll, one kept-alive connection), since
+ * spawning `ip netns exec ... curl` per poll, 160 processes a second at 16 devices, took much of
+ * the 2 cores the starting nodes were waiting for. Pollers start before the moment they time
+ * from: started together after it, sixteen curls on a busy machine gave their first answers
+ * 1-3 s late, and that delay was counted as the mesh's.
  */
-async function untilEveryTable(
-  devices: { netns: string; node: RunningShoalNode }[],
-  since: number,
-  done: (peers: PeerRecord[]) => boolean,
-): Promise<number | null> {
-  const polls = Math.ceil(GIVE_UP_MS / POLL_MS);
-  const times = await Promise.all(
-    devices.map(async ({ netns, node }) => {
-      const url = new URL(`/api/peers?poll=[1-${polls}]`, node.apiUrl).toString();
-      const curl = spawn('ip', ['netns', 'exec', netns, 'curl', '-s', '--rate', `${1000 / POLL_MS}/s`, '--max-time', '5', '-w', '\\n', url], {
-        stdio: ['ignore', 'pipe', 'ignore'],
-      });
-      const exited = once(curl, 'exit');
-      try {
-        // A failed request (the API not up yet) leaves an empty line; the next poll follows.
-        for await (const line of createInterface({ input: curl.stdout! })) {
-          if (performance.now() - since >= GIVE_UP_MS) break;
-          if (done(parsePeers(line))) return performance.now() - since;
-        }
-        return null;
-      } finally {
-        curl.kill();
-        await exited;
-      }
-    }),
-  );
-  return times.some((t) => t === null) ? null : Math.max(...(times as number[]));
+class TablePoller {
+  readonly #curl: ChildProcess;
+  readonly #exited: Promise<unknown>;
+  readonly #listeners = new Set<(peers: PeerRecord[]) => void>();
+  /** Resolves with the first answer (or an empty line for a failed request). */
+  readonly answered: Promise<void>;
+
+  constructor(netns: string, apiUrl: string) {
+    const polls = Math.ceil((2 * GIVE_UP_MS) / POLL_MS);
+    const url = new URL(`/api/peers?poll=[1-${polls}]`, apiUrl).toString();
+    this.#curl = spawn('ip', ['netns', 'exec', netns, 'curl', '-s', '--rate', `${1000 / POLL_MS}/s`, '--max-time', '5', '-w', '\\n', url], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    this.#exited = once(this.#curl, 'exit');
+    const lines = createInterface({ input: this.#curl.stdout! });
+    this.answered = once(lines, 'line').then(() => undefined);
+    // A failed request (the API not up, or the device killed) leaves an empty line; the next poll follows.
+    lines.on('line', (line) => {
+      const peers = parsePeers(line);
+      for (const listener of this.#listeners) listener(peers);
+    });
+  }
+
+  /** performance.now() of the first answer from now on for which `done` holds; null after `giveUpAt`. */
+  until(done: (peers: PeerRecord[]) => boolean, giveUpAt: number): Promise<number | null> {
+    return new Promise((resolve) => {
+      const finish = (at: number | null) => {
+        clearTimeout(timer);
+        this.#listeners.delete(listener);
+        resolve(at);
+      };
+      const listener = (peers: PeerRecord[]) => {
+        if (done(peers)) finish(performance.now());
+      };
+      const timer = setTimeout(() => finish(null), Math.max(0, giveUpAt - performance.now()));
+      this.#listeners.add(listener);
+    });
+  }
+
+  async stop(): Promise<void> {
+    this.#curl.kill();
+    await this.#exited;
+  }
+}
+
+/** The ms from `since` until `done` held for every poller's device (null if one did not get there within GIVE_UP_MS). */
+async function untilEveryTable(pollers: TablePoller[], since: number, done: (peers: PeerRecord[]) => boolean): Promise<number | null> {
+  const times = await Promise.all(pollers.map((poller) => poller.until(done, since + GIVE_UP_MS)));
+  return times.some((t) => t === null) ? null : Math.max(...(times as number[])) - since;
+}
+
+async function stopAll(pollers: TablePoller[]): Promise<void> {
+  await Promise.all(pollers.map((poller) => poller.stop()));
 }
 
 function parsePeers(line: string): PeerRecord[] {
@@ -118,9 +144,11 @@ function parsePeers(line: string): PeerRecord[] {
 async function measureMesh(count: number, scratch: Scratch, swarmKey: string): Promise<MeshResult> {
   const network = await TestNetwork.create({ devices: count });
   const nodes: RunningShoalNode[] = [];
+  const everyPoller: TablePoller[] = [];
   try {
     const cpuBefore = cpuJiffies();
     const launched = performance.now();
+    const pollers: TablePoller[] = [];
     const start = async (i: number): Promise<RunningShoalNode> => {
       const device = network.devices[i]!;
       const node = await startShoalNode({
@@ -137,19 +165,31 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
       nodes.push(node);
       return node;
     };
-    const started = await Promise.all(network.devices.map((_, i) => start(i)));
+    const poll = (i: number, node: RunningShoalNode) => {
+      const poller = new TablePoller(network.devices[i]!.netns, node.apiUrl);
+      everyPoller.push(poller);
+      return poller;
+    };
+    // Each device's poller starts as soon as that device is up, well before the last one listens.
+    const started = await Promise.all(
+      network.devices.map(async (_, i) => {
+        const node = await start(i);
+        pollers[i] = poll(i, node);
+        return node;
+      }),
+    );
     // startShoalNode resolves once the node logged both "listening" lines and answered /healthz.
     const allListening = performance.now();
     const cpuAfter = cpuJiffies();
     const startupCpuBusyPercent = busyPercent(cpuBefore, cpuAfter);
-    const devices = started.map((node, i) => ({ netns: network.devices[i]!.netns, node }));
     const counters = () => Promise.all(network.devices.map((device) => network.interfaceBytes(device)));
     const peerIds = started.map(meshPeerId);
 
     const everyoneAlive = (peers: PeerRecord[]) =>
       peerIds.every((peerId) => peers.some((peer) => peer.peerId === peerId && peer.status === 'alive'));
-    const fullViewMs = await untilEveryTable(devices, allListening, everyoneAlive);
+    const fullViewMs = await untilEveryTable(pollers, allListening, everyoneAlive);
     const fullViewCpuBusyPercent = busyPercent(cpuAfter, cpuJiffies());
+    await stopAll(pollers);
     console.log(`N=${count}: full view ${fullViewMs === null ? 'not reached' : `${fullViewMs.toFixed(0)} ms`}`);
 
     await sleep(SETTLE_MS);
@@ -166,19 +206,21 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
     const meanRxBytesPerSecond = mean(after.map((a, i) => a.received - before[i]!.received)) / seconds;
     const rss = started.map((node) => rssOf(node.pid));
 
-    const victim = devices.at(-1)!;
+    const victim = started.at(-1)!;
     const victimId = peerIds.at(-1)!;
+    const survivors = started.slice(0, -1).map((node, i) => poll(i, node));
+    await Promise.all(survivors.map((poller) => poller.answered));
     const killed = performance.now();
-    await victim.node.kill9();
-    const downMs = await untilEveryTable(devices.slice(0, -1), killed, (peers) =>
-      peers.some((peer) => peer.peerId === victimId && peer.status === 'down'),
-    );
+    await victim.kill9();
+    const downMs = await untilEveryTable(survivors, killed, (peers) => peers.some((peer) => peer.peerId === victimId && peer.status === 'down'));
     console.log(`N=${count}: killed device marked down ${downMs === null ? 'never' : `after ${downMs.toFixed(0)} ms`}`);
 
     // The same device starts again (same data dir, so the same peer id) into the settled mesh.
     const restarted = await start(count - 1);
     const rejoinListening = performance.now();
-    const rejoinMs = await untilEveryTable([...devices.slice(0, -1), { netns: victim.netns, node: restarted }], rejoinListening, everyoneAlive);
+    const rejoiner = poll(count - 1, restarted);
+    const rejoinMs = await untilEveryTable([...survivors, rejoiner], rejoinListening, everyoneAlive);
+    await stopAll([...survivors, rejoiner]);
     console.log(`N=${count}: restarted device alive everywhere ${rejoinMs === null ? 'never' : `after ${rejoinMs.toFixed(0)} ms`}`);
 
     return {
@@ -196,6 +238,7 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
       fullViewCpuBusyPercent: Math.round(fullViewCpuBusyPercent),
     };
   } finally {
+    await stopAll(everyPoller);
     await Promise.all(nodes.map((node) => node.kill9()));
     network.destroy();
   }
@@ -256,8 +299,8 @@ async function report(results: MeshResult[]): Promise<void> {
     '',
     markdownMachine(machine),
     `Each device is a real \`shoal node\` in its own network namespace (veth to one bridge), mDNS only, one shared swarm key; all N launched at once. ` +
-      `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled every ${POLL_MS} ms by one curl process of its own (one kept-alive connection, so the polling takes little of the CPU the starting nodes share). ` +
-      `Down: from kill -9 of one device until every other device shows it down (${MEMBERSHIP_DEFAULTS}; the killed device's closed connections make the others probe it at once). ` +
+      `Full view: from the last device listening (and answering /healthz) until every device's /api/peers shows all N alive, each device polled every ${POLL_MS} ms by one curl process of its own (one kept-alive connection, so the polling takes little of the CPU the starting nodes share), started as soon as that device is up. ` +
+      `Down: from kill -9 of one device (once every other device's poller answers) until every other device shows it down (${MEMBERSHIP_DEFAULTS}; the killed device's closed connections make the others probe it at once). ` +
       `Rejoin: the killed device started again (same data dir and peer id) into the settled mesh, from its listening until every device shows all N alive (the brief's \"a device that joins is visible everywhere within 2 s\"). ` +
       `Traffic: eth0 counters in each namespace over a quiet window of ${QUIET_MS / 1000} s starting ${SETTLE_MS / 1000} s after full view (nothing polls during it). RSS: VmRSS after the window. CPU busy: whole machine, from /proc/stat.`,
     '',
