@@ -78,7 +78,7 @@ const silentLog: MeshLog = { debug() {}, warn() {} };
 const STREAM_BUFFER_BYTES = 4 * 1024 * 1024;
 
 const MDNS_DIAL_RETRIES = 3;
-/** How long the device with the greater peer id waits for the other to dial (see #onDiscovered). */
+/** How long the device with the smaller peer id waits for the other to dial (see #onDiscovered). */
 const MDNS_YIELD_MS = 2_000;
 /**
  * Gossipsub's defaults suit a public network of thousands; on a LAN of tens of devices nearly
@@ -271,7 +271,7 @@ export class MeshHost {
    * Dials a device mDNS found. Every answer to anyone's query reaches every device, so a device
    * starting among many hears each peer many times: one dial (or wait) per peer at a time. Both
    * devices of a pair hear each other at once, and two dials crossing cost twice the handshakes
-   * on machines busy starting up; so the one with the greater peer id gives the other a moment to
+   * on machines busy starting up; so the one with the smaller peer id gives the other a moment to
    * dial first. Devices that start together are all busy at once and dials time out, while the
    * next answer may be a whole mDNS interval away, so a failed dial is tried again a few times,
    * 1 s, 2 s and 4 s later.
