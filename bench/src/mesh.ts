@@ -81,7 +81,7 @@ class TablePoller {
   readonly #curl: ChildProcess;
   readonly #exited: Promise<unknown>;
   readonly #listeners = new Set<(peers: PeerRecord[]) => void>();
-  /** Resolves with the first answer (or an empty line for a failed request). */
+  /** Resolves with the first answer (or an empty line for a failed request), or when curl ends without one. */
   readonly answered: Promise<void>;
 
   constructor(netns: string, apiUrl: string) {
@@ -92,7 +92,8 @@ class TablePoller {
     });
     this.#exited = once(this.#curl, 'exit');
     const lines = createInterface({ input: this.#curl.stdout! });
-    this.answered = once(lines, 'line').then(() => undefined);
+    // Without the exit, a curl that could not start would leave the down phase waiting forever.
+    this.answered = Promise.race([once(lines, 'line'), this.#exited]).then(() => undefined);
     // A failed request (the API not up, or the device killed) leaves an empty line; the next poll follows.
     lines.on('line', (line) => {
       const peers = parsePeers(line);
