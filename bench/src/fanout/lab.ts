@@ -23,8 +23,12 @@ const GATEWAY_PORT = 5000;
 const API_PORT = 7070;
 const MESH_PORT = 4001;
 const CONVERGE_MS = 60_000;
-/** A receiver that has not finished after this long has failed. */
-const PULL_TIMEOUT_MS = 15 * 60_000;
+/**
+ * A receiver that has not finished after this long has failed: 15 minutes, or twice what a
+ * central registry needs to send every receiver the image over the seeder's link, whichever is
+ * longer (at 12 Mbit/s ten devices take the registry ~20 minutes for 200 MB).
+ */
+const PULL_TIMEOUT_MIN_MS = 15 * 60_000;
 /** How often the bridge ports are read for the send timeline. */
 const TIMELINE_STEP_MS = 1_000;
 
@@ -294,7 +298,9 @@ export class FanoutLab {
         return startedAt;
       },
       finish: async (system: Trial['system'], n: number, image: BenchImage, completions: Promise<Completion>[]): Promise<Trial> => {
-        const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('timed out')), PULL_TIMEOUT_MS).unref());
+        const registryMs = (n - 1) * ((image.bytes * 8) / this.#rateBits) * 1000;
+        const limitMs = Math.max(PULL_TIMEOUT_MIN_MS, 2 * registryMs);
+        const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('timed out')), limitMs).unref());
         const settled = await Promise.allSettled(completions.map((c) => Promise.race([c, timeout])));
         clearInterval(sampler);
         const cpu = busyPercent(cpuBefore, cpuJiffies());
