@@ -13,7 +13,7 @@ import { MAX_LOG_LINES, startShoalNode, type RunningShoalNode, type ShoalNodeOpt
 import { busyPercent, cpuJiffies } from '../shared.ts';
 import type { BenchImage } from './image.ts';
 import type { PullerResult } from './puller.ts';
-import type { Trial } from './report.ts';
+import { idealMs, type Trial } from './report.ts';
 
 const PULLER = fileURLToPath(new URL('./puller.ts', import.meta.url));
 /** What every receiver pulls; Shoal files it under the default namespace, docker.io. */
@@ -298,8 +298,7 @@ export class FanoutLab {
         return startedAt;
       },
       finish: async (system: Trial['system'], n: number, image: BenchImage, completions: Promise<Completion>[]): Promise<Trial> => {
-        const registryMs = (n - 1) * ((image.bytes * 8) / this.#rateBits) * 1000;
-        const limitMs = Math.max(PULL_TIMEOUT_MIN_MS, 2 * registryMs);
+        const limitMs = Math.max(PULL_TIMEOUT_MIN_MS, 2 * (n - 1) * idealMs(image.bytes, this.#rateBits));
         const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('timed out')), limitMs).unref());
         const settled = await Promise.allSettled(completions.map((c) => Promise.race([c, timeout])));
         clearInterval(sampler);

@@ -428,9 +428,8 @@ export class Transfer {
 
   /**
    * How many peers hold each chunk, and the whole holders: counted once per pump rather than
-   * per pick, as neither changes while a pump runs. Counted per pick (peers times chunks for
-   * each of up to twice as many picks as peers), it was the swarm's largest CPU cost in a
-   * ten-device fan-out.
+   * per pick (peers times chunks for each of up to twice as many picks as peers), as neither
+   * changes while a pump runs.
    */
   #pickView(): PickView {
     const chunks = this.#partial!.have.length;
