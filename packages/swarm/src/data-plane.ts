@@ -23,7 +23,9 @@ export interface ChunkDataPlaneOptions {
    * asks again later or asks another holder. Few uploads at full speed finish each chunk soon,
    * and a chunk is worth passing on only once it is whole: a seeder on a 20 Mbit/s link sending
    * 36 chunks at once took 15 s per chunk, past the receivers' 10 s limit, and its whole uplink
-   * went into chunks that were abandoned. Default 4.
+   * went into chunks that were abandoned. A send ends once the kernel holds its bytes: its
+   * socket buffer may take a whole chunk at once, so this bounds what is handed to the kernel,
+   * not what is still on the wire. Default 4.
    */
   maxUploads?: number;
   /** What this device has sent, for pick requests (share the chunk server's). Default a ledger of its own. */
