@@ -64,6 +64,8 @@ export class FsPartialBlob implements PartialBlob {
   readonly have: ChunkBitmap;
   readonly #paths: PartialBlobPaths;
   readonly #fh: FileHandle;
+  /** The bitmap file, open for the partial blob's life and written in place. */
+  readonly #bitmapFh: FileHandle;
   readonly #adopt: AdoptFile;
   readonly #onClose: () => void;
   /** Whole-blob hash of the contiguous prefix of held chunks, advanced as chunks land. */
@@ -82,12 +84,22 @@ export class FsPartialBlob implements PartialBlob {
   #bitmapDirty = false;
   #closed = false;
 
-  private constructor(digest: string, index: ChunkIndex, have: ChunkBitmap, paths: PartialBlobPaths, fh: FileHandle, adopt: AdoptFile, onClose: () => void) {
+  private constructor(
+    digest: string,
+    index: ChunkIndex,
+    have: ChunkBitmap,
+    paths: PartialBlobPaths,
+    fh: FileHandle,
+    bitmapFh: FileHandle,
+    adopt: AdoptFile,
+    onClose: () => void,
+  ) {
     this.digest = digest;
     this.index = index;
     this.have = have;
     this.#paths = paths;
     this.#fh = fh;
+    this.#bitmapFh = bitmapFh;
     this.#adopt = adopt;
     this.#onClose = onClose;
   }
@@ -119,8 +131,12 @@ export class FsPartialBlob implements PartialBlob {
       }
     }
     await writeFileReplacing(paths.index, encodeChunkIndex(index));
-    const blob = new FsPartialBlob(index.blob, index, have, paths, fh, adopt, onClose);
+    const bitmapFh = await open(paths.bitmap, saved ? 'r+' : 'w+');
+    const blob = new FsPartialBlob(index.blob, index, have, paths, fh, bitmapFh, adopt, onClose);
     if (saved) await blob.#reverify();
+    // What the file says from now on; a saved bitmap of another shape is cut to this one's length.
+    await blob.#writeBitmap();
+    await bitmapFh.truncate(Math.ceil(have.length / 8));
     await blob.#hashAhead();
     return blob;
   }
@@ -229,18 +245,28 @@ export class FsPartialBlob implements PartialBlob {
     return this.#hashing;
   }
 
-  /** Writes the bitmap (rename, no fsync: resume re-verifies what it claims); writes coalesce. */
+  /**
+   * Writes the bitmap over its file in place, no fsync: resume re-verifies what it claims, so a
+   * torn write costs at most a chunk fetched again. Writes coalesce. Writing a new file and
+   * renaming it over the old cost an open, a write, a close and a rename per chunk, which grew
+   * with every step down in chunk size.
+   */
   #saveBitmap(): void {
     this.#bitmapDirty = true;
     if (this.#bitmapWrite) return;
     this.#bitmapWrite = (async () => {
       while (this.#bitmapDirty && !this.#closed) {
         this.#bitmapDirty = false;
-        await writeFileReplacing(this.#paths.bitmap, this.have.toBytes());
+        await this.#writeBitmap();
       }
     })()
       .catch(() => {})
       .finally(() => (this.#bitmapWrite = undefined));
+  }
+
+  async #writeBitmap(): Promise<void> {
+    const bits = this.have.toBytes();
+    await this.#bitmapFh.write(bits, 0, bits.byteLength, 0);
   }
 
   async readChunk(i: number, into?: Uint8Array): Promise<Uint8Array | undefined> {
@@ -308,7 +334,8 @@ export class FsPartialBlob implements PartialBlob {
     // A last bitmap write may have been skipped while closing: write the final state.
     await this.#bitmapWrite;
     await this.#indexWrite;
-    await writeFileReplacing(this.#paths.bitmap, this.have.toBytes()).catch(() => {});
+    await this.#writeBitmap().catch(() => {});
+    await this.#bitmapFh.close();
     await this.#fh.close();
   }
 }

@@ -105,6 +105,57 @@ test('a partial blob resumes after a restart and drops a claimed chunk whose byt
   }
 });
 
+test('the bitmap on disk follows the chunks as they land, without a close, so a device killed mid-download resumes from it', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-partial-'));
+  const stores: FsContentStore[] = [];
+  try {
+    const { bytes, index } = blobOf(20 * CHUNK);
+    const bitmapPath = join(dir, 'partial', `sha256-${index.blob.slice(7)}.bitmap`);
+    stores.push(await FsContentStore.open({ dir, chunkSize: CHUNK }));
+    const first = await stores[0]!.openPartial(index);
+    for (const i of [0, 9, 10, 19]) await first.writeChunk(i, chunk(bytes, index, i));
+    const expected = first.have.toBytes();
+    for (let tries = 0; !Buffer.from(await readFile(bitmapPath)).equals(expected); tries++) {
+      assert.ok(tries < 200, 'the bitmap file never caught up with the chunks written');
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    // Killed here: nothing closed. A new process opens the same files.
+    stores.push(await FsContentStore.open({ dir, chunkSize: CHUNK }));
+    const resumed = await stores[1]!.openPartial(index);
+    assert.deepEqual(
+      [...Array(20).keys()].filter((i) => resumed.have.has(i)),
+      [0, 9, 10, 19],
+    );
+    assert.equal((await readFile(bitmapPath)).byteLength, 3, 'one bit per chunk');
+  } finally {
+    for (const store of stores) await store.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
+test('a bitmap file longer than the blob needs (left by another index) is cut to length when a partial blob opens', async () => {
+  const dir = await mkdtemp(join(tmpdir(), 'shoal-partial-'));
+  try {
+    const { bytes, index } = blobOf(4 * CHUNK);
+    let store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    const first = await store.openPartial(index);
+    await first.writeChunk(0, chunk(bytes, index, 0));
+    await store.close();
+    const bitmapPath = join(dir, 'partial', `sha256-${index.blob.slice(7)}.bitmap`);
+    const fh = await open(bitmapPath, 'r+');
+    await fh.write(Buffer.from([0xff, 0xff, 0xff]), 0, 3, 1);
+    await fh.close();
+    store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    const resumed = await store.openPartial(index);
+    assert.equal(resumed.have.count, 0, 'a bitmap of another shape is not trusted');
+    await resumed.writeChunk(2, chunk(bytes, index, 2));
+    await store.close();
+    assert.deepEqual([...(await readFile(bitmapPath))], [0b0010_0000]);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+});
+
 test('a false chunk index fails the whole-blob check and leaves nothing behind', () =>
   withStore(async (store, dir) => {
     const { index } = blobOf(2 * CHUNK);
