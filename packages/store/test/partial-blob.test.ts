@@ -79,20 +79,29 @@ test('chunks written all at once in random order commit intact, though each call
     assert.deepEqual(await partial.commit(), { digest: index.blob, size: bytes.length });
   }));
 
-test('a partial blob resumes after a restart and drops a claimed chunk whose bytes are bad', async () => {
+/** A data dir in which the download of a 4-chunk blob got `chunks` and the store then stopped. */
+async function withStoppedDownload(chunks: number[], fn: (dir: string, bytes: Buffer, index: ChunkIndex) => Promise<void>): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), 'shoal-partial-'));
   try {
     const { bytes, index } = blobOf(4 * CHUNK);
-    let store = await FsContentStore.open({ dir, chunkSize: CHUNK });
-    const first = await store.openPartial(index);
-    for (const i of [0, 1, 3]) await first.writeChunk(i, chunk(bytes, index, i));
+    const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    const partial = await store.openPartial(index);
+    for (const i of chunks) await partial.writeChunk(i, chunk(bytes, index, i));
     await store.close();
+    await fn(dir, bytes, index);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+test('a partial blob resumes after a restart and drops a claimed chunk whose bytes are bad', () =>
+  withStoppedDownload([0, 1, 3], async (dir, bytes, index) => {
     // A torn write: chunk 1's bytes on disk are not what was verified.
     const fh = await open(join(dir, 'partial', `sha256-${index.blob.slice(7)}`), 'r+');
     await fh.write(Buffer.from('torn'), 0, 4, CHUNK + 10);
     await fh.close();
 
-    store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
     assert.deepEqual(await store.partialBlobs(), [index]);
     const resumed = await store.openPartial(index);
     assert.deepEqual([0, 1, 2, 3].map((i) => resumed.have.has(i)), [true, false, false, true]);
@@ -100,10 +109,7 @@ test('a partial blob resumes after a restart and drops a claimed chunk whose byt
     await resumed.commit();
     assert.ok((await store.statBlob(index.blob))?.size === bytes.length);
     await store.close();
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
-});
+  }));
 
 test('the bitmap on disk follows the chunks as they land, without a close, so a device killed mid-download resumes from it', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'shoal-partial-'));
@@ -133,28 +139,19 @@ test('the bitmap on disk follows the chunks as they land, without a close, so a 
   }
 });
 
-test('a bitmap file longer than the blob needs (left by another index) is cut to length when a partial blob opens', async () => {
-  const dir = await mkdtemp(join(tmpdir(), 'shoal-partial-'));
-  try {
-    const { bytes, index } = blobOf(4 * CHUNK);
-    let store = await FsContentStore.open({ dir, chunkSize: CHUNK });
-    const first = await store.openPartial(index);
-    await first.writeChunk(0, chunk(bytes, index, 0));
-    await store.close();
+test('a bitmap file longer than the blob needs (left by another index) is cut to length when a partial blob opens', () =>
+  withStoppedDownload([0], async (dir, bytes, index) => {
     const bitmapPath = join(dir, 'partial', `sha256-${index.blob.slice(7)}.bitmap`);
     const fh = await open(bitmapPath, 'r+');
     await fh.write(Buffer.from([0xff, 0xff, 0xff]), 0, 3, 1);
     await fh.close();
-    store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
     const resumed = await store.openPartial(index);
     assert.equal(resumed.have.count, 0, 'a bitmap of another shape is not trusted');
     await resumed.writeChunk(2, chunk(bytes, index, 2));
     await store.close();
     assert.deepEqual([...(await readFile(bitmapPath))], [0b0010_0000]);
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
-});
+  }));
 
 test('a false chunk index fails the whole-blob check and leaves nothing behind', () =>
   withStore(async (store, dir) => {
