@@ -246,10 +246,10 @@ export class FsPartialBlob implements PartialBlob {
   }
 
   /**
-   * Writes the bitmap over its file in place, no fsync: resume re-verifies what it claims, so a
-   * torn write costs at most a chunk fetched again. Writes coalesce. Writing a new file and
-   * renaming it over the old cost an open, a write, a close and a rename per chunk, which grew
-   * with every step down in chunk size.
+   * Writes the bitmap over its file in place, no fsync: resume re-verifies what it claims, and a
+   * torn write only loses chunks landed since the save before. Writes coalesce. Writing a new
+   * file and renaming it over the old cost an open, a write, a close and a rename per chunk,
+   * which grew with every step down in chunk size.
    */
   #saveBitmap(): void {
     this.#bitmapDirty = true;
