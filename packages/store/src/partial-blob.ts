@@ -121,7 +121,6 @@ export class FsPartialBlob implements PartialBlob {
     } catch {
       // Nothing to resume.
     }
-    const fh = await open(paths.data, saved ? 'r+' : 'w+');
     let have = new ChunkBitmap(chunkCount(index));
     if (saved) {
       try {
@@ -130,15 +129,24 @@ export class FsPartialBlob implements PartialBlob {
         // A bitmap of another shape: start over.
       }
     }
-    await writeFileReplacing(paths.index, encodeChunkIndex(index));
-    const bitmapFh = await open(paths.bitmap, saved ? 'r+' : 'w+');
-    const blob = new FsPartialBlob(index.blob, index, have, paths, fh, bitmapFh, adopt, onClose);
-    if (saved) await blob.#reverify();
-    // What the file says from now on; a saved bitmap of another shape is cut to this one's length.
-    await blob.#writeBitmap();
-    await bitmapFh.truncate(Math.ceil(have.length / 8));
-    await blob.#hashAhead();
-    return blob;
+    const fh = await open(paths.data, saved ? 'r+' : 'w+');
+    let bitmapFh: FileHandle | undefined;
+    try {
+      await writeFileReplacing(paths.index, encodeChunkIndex(index));
+      bitmapFh = await open(paths.bitmap, saved ? 'r+' : 'w+');
+      const blob = new FsPartialBlob(index.blob, index, have, paths, fh, bitmapFh, adopt, onClose);
+      if (saved) await blob.#reverify();
+      // What the file says from now on; a saved bitmap of another shape is cut to this one's length.
+      await blob.#writeBitmap();
+      await bitmapFh.truncate(Math.ceil(have.length / 8));
+      await blob.#hashAhead();
+      return blob;
+    } catch (err) {
+      // A failed open keeps no file open: the store opens the partial blob afresh on the next request.
+      await bitmapFh?.close().catch(() => {});
+      await fh.close().catch(() => {});
+      throw err;
+    }
   }
 
   async #reverify(): Promise<void> {
