@@ -156,8 +156,12 @@ export class FsPartialBlob implements PartialBlob {
         this.have.clear(i);
         continue;
       }
-      const bytes = await this.#readSpan(i);
-      if (sha256Hex(bytes) !== this.index.chunks[i]) this.have.clear(i);
+      // A chunk the file is too short for (its bitmap write reached the disk, the file's growth
+      // did not) is not held, just as one with bad bytes is.
+      const { offset, length } = chunkSpan(this.index, i);
+      const bytes = Buffer.allocUnsafe(length);
+      const read = await readFully(this.#fh, bytes, offset);
+      if (read < length || sha256Hex(bytes) !== this.index.chunks[i]) this.have.clear(i);
     }
   }
 

@@ -111,6 +111,21 @@ test('a partial blob resumes after a restart and drops a claimed chunk whose byt
     await store.close();
   }));
 
+test('a claimed chunk past the end of the data file (its growth lost in a power cut) is fetched again, not fatal to the resume', () =>
+  withStoppedDownload([0, 1, 3], async (dir, bytes, index) => {
+    const fh = await open(join(dir, 'partial', `sha256-${index.blob.slice(7)}`), 'r+');
+    await fh.truncate(3 * CHUNK + 100);
+    await fh.close();
+
+    const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+    const resumed = await store.openPartial(index);
+    assert.deepEqual([0, 1, 2, 3].map((i) => resumed.have.has(i)), [true, true, false, false]);
+    for (const i of [3, 2]) await resumed.writeChunk(i, chunk(bytes, index, i));
+    await resumed.commit();
+    assert.ok((await store.statBlob(index.blob))?.size === bytes.length);
+    await store.close();
+  }));
+
 test('the bitmap on disk follows the chunks as they land, without a close, so a device killed mid-download resumes from it', async () => {
   const dir = await mkdtemp(join(tmpdir(), 'shoal-partial-'));
   const stores: FsContentStore[] = [];
