@@ -10,7 +10,9 @@
 // --devices takes a list (2,4,8,12,16) to sweep N; --chunk-sizes adds Shoal runs at other chunk
 // sizes at N = 10 (or the largest N); --cold adds a cold start at that N (the seeder pulls through
 // from an upstream registry on its own device while the others pull from the mesh); --sweep is
-// all of it: N in 2,4,8,10,12,16, chunks 256KiB and 4MiB, and the cold start. --cpu-prof DIR
+// all of it: N in 2,4,8,10,12,16, chunks 256KiB and 4MiB, and the cold start. --congestion-control
+// sets every device's TCP congestion control (default cubic, Linux's own default, whatever this
+// host runs: on bbr, many flows sharing a shaped downlink starve some of them). --cpu-prof DIR
 // writes a V8 CPU profile of every node there, --logs DIR every node's log.
 // Writes bench/results/fanout.{json,md,svg}. A benchmark: it reports, it never asserts on time.
 import { execFileSync } from 'node:child_process';
@@ -28,6 +30,7 @@ const { values } = parseArgs({
   options: {
     devices: { type: 'string', default: '10' },
     rate: { type: 'string', default: '100mbit' },
+    'congestion-control': { type: 'string', default: 'cubic' },
     size: { type: 'string', default: '200MB' },
     layers: { type: 'string', default: '2' },
     'chunk-sizes': { type: 'string', default: '' },
@@ -76,7 +79,7 @@ async function main(): Promise<void> {
   log(`generating a ${values.size} image in ${layers} layer(s)...`);
   const image = await generateImage(join(scratch, 'image'), imageSize, layers);
   log(`building ${maxN} device namespaces${cold ? ' and an upstream' : ''}, links shaped to ${values.rate} each way...`);
-  const lab = await FanoutLab.create({ devices: maxN, rate: values.rate!, upstream: cold, scratchDir: scratch, log, cpuProfileDir: values['cpu-prof'], logDir: values.logs });
+  const lab = await FanoutLab.create({ devices: maxN, rate: values.rate!, congestionControl: values['congestion-control']!, upstream: cold, scratchDir: scratch, log, cpuProfileDir: values['cpu-prof'], logDir: values.logs });
   const trials: TrialSummary[] = [];
   const record = (label: string, summary: TrialSummary) => {
     trials.push(summary);
@@ -112,6 +115,7 @@ async function main(): Promise<void> {
     machine: describeMachine(),
     command: `npm run bench:fanout -- ${process.argv.slice(2).join(' ')}`.trim(),
     rate: values.rate!,
+    congestionControl: values['congestion-control']!,
     layers,
     commit: commit(),
     trials,

@@ -126,6 +126,16 @@ export class TestNetwork {
   }
 
   /**
+   * Sets the TCP congestion control `device` uses (`cubic`, `bbr`, ...). A new namespace takes
+   * the host's, which on a tuned host (such as a cloud VM running bbr) is not what the devices
+   * being modelled run.
+   */
+  async setCongestionControl(device: TestDevice, algorithm: string): Promise<void> {
+    // /proc/sys/net shows the namespace of whoever opens it, so the write happens inside.
+    await this.exec(device.netns, 'sh', ['-c', 'printf %s "$1" > /proc/sys/net/ipv4/tcp_congestion_control', 'sh', algorithm]);
+  }
+
+  /**
    * Cuts (or restores) `device`'s cable: its bridge port goes down, so nothing it sends arrives
    * and nothing reaches it, and no FIN or RST tells anyone, as when a device loses power.
    */

@@ -37,6 +37,8 @@ export interface LabOptions {
   devices: number;
   /** tc rate of every link, each direction, e.g. `100mbit`. */
   rate: string;
+  /** TCP congestion control of every device, e.g. `cubic`. */
+  congestionControl: string;
   /** Also create an upstream device (its own namespace and shaped link) for cold starts. */
   upstream: boolean;
   /** Where node data directories go (removed after each trial). */
@@ -121,7 +123,10 @@ export class FanoutLab {
       const devices: TestDevice[] = [];
       for (let i = 0; i < options.devices; i++) devices.push(await network.addDevice());
       const upstream = options.upstream ? await network.addDevice() : undefined;
-      for (const device of network.devices) await network.shapeLink(device, options.rate);
+      for (const device of network.devices) {
+        await network.shapeLink(device, options.rate);
+        await network.setCongestionControl(device, options.congestionControl);
+      }
       return new FanoutLab(options, network, devices, upstream);
     } catch (error) {
       network.destroy();

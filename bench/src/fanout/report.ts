@@ -107,6 +107,8 @@ export interface FanoutReport {
   machine: MachineDescription;
   command: string;
   rate: string;
+  /** TCP congestion control every device ran. */
+  congestionControl: string;
   layers: number;
   /** Git commit the run measured. */
   commit: string;
@@ -131,7 +133,7 @@ export function markdownReport(report: FanoutReport): string {
     markdownMachine(report.machine),
     `Commit ${report.commit}. Command: \`${report.command}\`.`,
     '',
-    `Every device is a network namespace on one bridge, its link shaped with tc tbf to ${report.rate} in each direction; each runs a real \`shoal node\` ` +
+    `Every device is a network namespace on one bridge, its link shaped with tc tbf to ${report.rate} in each direction and TCP congestion control ${report.congestionControl}; each runs a real \`shoal node\` ` +
       '(mDNS discovery, default settings). The seeder holds a freshly generated image of random (incompressible) bytes in ' +
       `${report.layers} layer(s); every other device pulls it at the same moment through its own gateway as containerd does (HEAD manifest, GET manifest, ` +
       'GET config and layers three at a time, digests checked, Range resume). **Central registry**: docker-registry 2.8 on the seeder, pulled by all the ' +
