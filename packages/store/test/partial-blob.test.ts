@@ -94,6 +94,21 @@ async function withStoppedDownload(chunks: number[], fn: (dir: string, bytes: Bu
   }
 }
 
+/** Resumes the stopped download in `dir`, checks which chunks it kept, fetches the rest and commits. */
+async function resumeAndFinish(dir: string, bytes: Buffer, index: ChunkIndex, kept: boolean[]): Promise<void> {
+  const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
+  try {
+    assert.deepEqual(await store.partialBlobs(), [index]);
+    const resumed = await store.openPartial(index);
+    assert.deepEqual(kept.map((_, i) => resumed.have.has(i)), kept);
+    for (const [i, held] of kept.entries()) if (!held) await resumed.writeChunk(i, chunk(bytes, index, i));
+    await resumed.commit();
+    assert.equal((await store.statBlob(index.blob))?.size, bytes.length);
+  } finally {
+    await store.close();
+  }
+}
+
 test('a partial blob resumes after a restart and drops a claimed chunk whose bytes are bad', () =>
   withStoppedDownload([0, 1, 3], async (dir, bytes, index) => {
     // A torn write: chunk 1's bytes on disk are not what was verified.
@@ -101,14 +116,7 @@ test('a partial blob resumes after a restart and drops a claimed chunk whose byt
     await fh.write(Buffer.from('torn'), 0, 4, CHUNK + 10);
     await fh.close();
 
-    const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
-    assert.deepEqual(await store.partialBlobs(), [index]);
-    const resumed = await store.openPartial(index);
-    assert.deepEqual([0, 1, 2, 3].map((i) => resumed.have.has(i)), [true, false, false, true]);
-    for (const i of [1, 2]) await resumed.writeChunk(i, chunk(bytes, index, i));
-    await resumed.commit();
-    assert.ok((await store.statBlob(index.blob))?.size === bytes.length);
-    await store.close();
+    await resumeAndFinish(dir, bytes, index, [true, false, false, true]);
   }));
 
 test('a claimed chunk past the end of the data file (its growth lost in a power cut) is fetched again, not fatal to the resume', () =>
@@ -117,13 +125,7 @@ test('a claimed chunk past the end of the data file (its growth lost in a power 
     await fh.truncate(3 * CHUNK + 100);
     await fh.close();
 
-    const store = await FsContentStore.open({ dir, chunkSize: CHUNK });
-    const resumed = await store.openPartial(index);
-    assert.deepEqual([0, 1, 2, 3].map((i) => resumed.have.has(i)), [true, true, false, false]);
-    for (const i of [3, 2]) await resumed.writeChunk(i, chunk(bytes, index, i));
-    await resumed.commit();
-    assert.ok((await store.statBlob(index.blob))?.size === bytes.length);
-    await store.close();
+    await resumeAndFinish(dir, bytes, index, [true, true, false, false]);
   }));
 
 test('the bitmap on disk follows the chunks as they land, without a close, so a device killed mid-download resumes from it', async () => {
