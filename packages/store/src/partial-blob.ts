@@ -158,10 +158,8 @@ export class FsPartialBlob implements PartialBlob {
       }
       // A chunk the file is too short for (its bitmap write reached the disk, the file's growth
       // did not) is not held, just as one with bad bytes is.
-      const { offset, length } = chunkSpan(this.index, i);
-      const bytes = Buffer.allocUnsafe(length);
-      const read = await readFully(this.#fh, bytes, offset);
-      if (read < length || sha256Hex(bytes) !== this.index.chunks[i]) this.have.clear(i);
+      const bytes = await this.#readStored(i);
+      if (!bytes || sha256Hex(bytes) !== this.index.chunks[i]) this.have.clear(i);
     }
   }
 
@@ -293,10 +291,16 @@ export class FsPartialBlob implements PartialBlob {
 
   /** Chunk `i`'s bytes, in `into` when it is big enough (then valid only until its next use). */
   async #readSpan(i: number, into?: Uint8Array): Promise<Uint8Array> {
+    const bytes = await this.#readStored(i, into);
+    if (!bytes) throw new Error(`partial blob ${this.digest} is shorter than chunk ${i}`);
+    return bytes;
+  }
+
+  /** What the file holds where chunk `i` goes (see #readSpan), or undefined when it ends before. */
+  async #readStored(i: number, into?: Uint8Array): Promise<Uint8Array | undefined> {
     const { offset, length } = chunkSpan(this.index, i);
     const buffer = into && into.byteLength >= length ? into.subarray(0, length) : Buffer.allocUnsafe(length);
-    if ((await readFully(this.#fh, buffer, offset)) < length) throw new Error(`partial blob ${this.digest} is shorter than chunk ${i}`);
-    return buffer;
+    return (await readFully(this.#fh, buffer, offset)) < length ? undefined : buffer;
   }
 
   async read(buffer: Uint8Array, position: number): Promise<number> {
