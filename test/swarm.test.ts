@@ -250,6 +250,8 @@ describe('the swarm: devices fetch images chunk by chunk from each other (networ
       'containerd did not fetch the layer through B\'s gateway',
     );
 
+    // The manifest rode in A's tag record: neither device fetched it from a holder.
+    for (const i of [B, C]) assert.deepEqual(meshFetches(node(i), pushed.manifest.digest), [], `device-${i} fetched the manifest from the mesh`);
     const big = pushed.layers[1]!.digest;
     const fetches = [B, C].map((i) => ({ device: i, fetch: meshFetches(node(i), big).at(-1) }));
     for (const { device, fetch } of fetches) assert.ok(fetch, `device-${device} logged no mesh fetch of the big layer`);

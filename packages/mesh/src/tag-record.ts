@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import type { PrivateKey } from '@libp2p/interface';
 import { peerIdFromString } from '@libp2p/peer-id';
 
@@ -5,6 +6,11 @@ import { peerIdFromString } from '@libp2p/peer-id';
 export const TAG_FORMAT_VERSION = 1;
 /** Most blobs one record may name in chunkIndexes. */
 export const MAX_CHUNK_INDEXES = 1024;
+/**
+ * Largest manifest a record carries. Image manifests and indexes are mostly 0.5-4 KiB; a larger
+ * one is fetched from a holder instead, so records (which every device keeps) stay small.
+ */
+export const MAX_CARRIED_MANIFEST_BYTES = 8 * 1024;
 
 // Signed bytes start with this so a tag signature can never pass for any other message signed by
 // the device key (the same key signs pubsub messages and the noise handshake).
@@ -37,6 +43,12 @@ export interface TagFields {
   size: number;
   /** Blob digest -> digest of that blob's chunk index, for layers and config; at most 1024 entries. */
   chunkIndexes: Record<string, string>;
+  /**
+   * The manifest's bytes, base64, when it is at most MAX_CARRIED_MANIFEST_BYTES, so a device
+   * serves the tag without fetching the manifest from a holder. Not signed, and need not be:
+   * it must hash to the signed `digest`, or the whole record is malformed.
+   */
+  manifest?: string;
 }
 
 /** A mesh-wide `repository:tag` -> manifest mapping, signed by the device that published it. */
@@ -61,7 +73,7 @@ export function compareTagRecords(a: TagRecord, b: TagRecord): number {
   return compare(a.time, b.time) || compare(a.publisher, b.publisher) || compare(a.signature, b.signature);
 }
 
-/** The bytes a record's signature covers: a domain prefix, then fixed-key-order JSON of every field but signature. */
+/** The bytes a record's signature covers: a domain prefix, then fixed-key-order JSON of every field but signature and the carried manifest. */
 export function tagSigningBytes(record: Omit<TagRecord, 'signature'>): Uint8Array {
   const json = new TextEncoder().encode(JSON.stringify(unsigned(record)));
   const bytes = new Uint8Array(SIGNATURE_DOMAIN.byteLength + json.byteLength);
@@ -144,7 +156,22 @@ export function checkTagFields(value: unknown, where = 'tag'): TagFields {
     mediaType: checkPattern(value.mediaType, `${where}.mediaType`, MEDIA_TYPE, 255),
     size: checkInteger(value.size, `${where}.size`),
     chunkIndexes: Object.fromEntries(entries) as Record<string, string>,
+    ...(value.manifest !== undefined && { manifest: checkCarriedManifest(value, `${where}.manifest`) }),
   };
+}
+
+/** The carried manifest of checked-so-far fields `value`, in standard base64, if it is the one `digest` names. */
+function checkCarriedManifest(value: Record<string, unknown>, where: string): string {
+  const { manifest } = value;
+  if (typeof manifest !== 'string' || manifest.length > Math.ceil(MAX_CARRIED_MANIFEST_BYTES / 3) * 4 || !BASE64.test(manifest)) {
+    throw new TagFormatError(`${where} is not base64 of at most ${MAX_CARRIED_MANIFEST_BYTES} bytes`);
+  }
+  const bytes = Buffer.from(manifest, 'base64');
+  if (bytes.byteLength !== value.size || `sha256:${createHash('sha256').update(bytes).digest('hex')}` !== value.digest) {
+    throw new TagFormatError(`${where} does not match the record's digest and size`);
+  }
+  // One encoding only, so equal records encode equally wherever they came from.
+  return bytes.toString('base64');
 }
 
 /** Checks every field and returns only the known ones, with the signature in base64url. */
@@ -162,7 +189,7 @@ function parseTagRecord(value: unknown, where: string): TagRecord {
 
 /** Every field in a fixed order, chunkIndexes sorted by blob digest. */
 function canonical(record: TagRecord): TagRecord {
-  return { ...unsigned(record), signature: record.signature };
+  return { ...unsigned(record), ...(record.manifest !== undefined && { manifest: record.manifest }), signature: record.signature };
 }
 
 function unsigned(record: Omit<TagRecord, 'signature'>): Omit<TagRecord, 'signature'> {

@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,6 +13,7 @@ import {
   decodeTagTable,
   encodeTagRecord,
   encodeTagTable,
+  MAX_CARRIED_MANIFEST_BYTES,
   MeshHost,
   signTagRecord,
   TAG_SYNC_PROTOCOL,
@@ -41,6 +43,11 @@ function fields(tag: string, n: number, repository = 'docker.io/library/app'): T
     size: 500 + n,
     chunkIndexes: { [digest(1000 + n)]: digest(2000 + n), [digest(1001 + n)]: digest(2001 + n) },
   };
+}
+
+/** `base` naming `manifest` (digest and size) and carrying it. */
+function carrying(base: TagFields, manifest: Buffer): TagFields {
+  return { ...base, digest: `sha256:${createHash('sha256').update(manifest).digest('hex')}`, size: manifest.byteLength, manifest: manifest.toString('base64') };
 }
 
 interface Device {
@@ -158,6 +165,37 @@ test('records sign, verify, encode canonically and order deterministically', asy
   assert.ok(compareTagRecords({ ...base, publisher: 'B' }, base) < 0, 'code-unit order, not locale order');
 });
 
+test('a record carries a small manifest outside its signature, pinned by the signed digest and size', async () => {
+  const key = await generateKeyPair('Ed25519');
+  const publisher = peerIdFromPrivateKey(key).toString();
+  const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, layers: [] }));
+  const carried = { ...carrying(fields('v1', 1), manifest), manifest: undefined };
+  const bare = await signTagRecord({ ...carried, time: 1_000, publisher }, key);
+  const record = await signTagRecord({ ...carried, manifest: manifest.toString('base64'), time: 1_000, publisher }, key);
+  assert.equal(record.signature, bare.signature, 'the manifest is not signed');
+  assert.equal(await verifyTagRecord(record), true);
+  assert.deepEqual(decodeTagRecord(encodeTagRecord(record), 4096), record);
+  assert.deepEqual(decodeTagTable(encodeTagTable([record, bare]), LIMITS), [record, bare]);
+  // base64url is taken and kept as standard base64, so equal records encode equally.
+  const url = new TextEncoder().encode(JSON.stringify({ v: 1, ...record, manifest: manifest.toString('base64url') }));
+  assert.equal(decodeTagRecord(url, 4096).manifest, record.manifest);
+
+  const wire = (change: Record<string, unknown>) => new TextEncoder().encode(JSON.stringify({ v: 1, ...record, ...change }));
+  const other = Buffer.from(JSON.stringify({ schemaVersion: 2, layers: [{}] }));
+  for (const [what, change] of [
+    ['other bytes', { manifest: other.toString('base64') }],
+    ['one byte changed', { manifest: Buffer.from(manifest.toString().replace('2', '3')).toString('base64') }],
+    ['the right bytes with a wrong size', { manifest: Buffer.concat([manifest, Buffer.from(' ')]).toString('base64') }],
+    ['not base64', { manifest: 'not base64!' }],
+    ['not a string', { manifest: 12 }],
+    ['over the limit', { manifest: Buffer.alloc(MAX_CARRIED_MANIFEST_BYTES + 1).toString('base64') }],
+  ] as const) {
+    assert.throws(() => decodeTagRecord(wire(change), 1 << 20), TagFormatError, what);
+  }
+  // Publishing checks the same: a device cannot sign a record whose manifest is not its digest's.
+  await assert.rejects(signTagRecord({ ...carried, manifest: other.toString('base64'), time: 1, publisher }, key), TagFormatError);
+});
+
 test('a record published on one device is on the others within 2 s, with its chunk index digests', async () => {
   const mesh = new TagMesh();
   try {
@@ -167,7 +205,9 @@ test('a record published on one device is on the others within 2 s, with its chu
     await waitForSubscriptions([a, b, c], TAG_TOPIC);
 
     const started = Date.now();
-    const record = await a.tags!.publish(fields('latest', 1));
+    // With a carried manifest, which travels with the record.
+    const record = await a.tags!.publish(carrying(fields('latest', 1), Buffer.from('{"schemaVersion":2}')));
+    assert.ok(record.manifest);
     await waitFor('b and c to have the record', () => [b, c].every((device) => device.tags!.get('docker.io/library/app', 'latest') !== undefined), 2_000);
     assert.ok(Date.now() - started < 2_000);
     assert.equal(record.publisher, a.id);

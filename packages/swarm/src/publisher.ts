@@ -1,4 +1,4 @@
-import type { TagFields } from '@shoal/mesh';
+import { MAX_CARRIED_MANIFEST_BYTES, type TagFields } from '@shoal/mesh';
 import { referencedBlobs, type ParsedManifest } from '@shoal/oci';
 import { chunkIndexDigest, type BlobInfo, type ContentStore } from '@shoal/store';
 import type { ProviderDirectory } from './types.ts';
@@ -21,7 +21,8 @@ const silentLog = { debug() {}, warn() {} };
 /**
  * Tells the mesh what this device holds as the store changes: every committed blob gets a
  * provider record, a deleted one is withdrawn, and a tag set here (a push, a pull-through) is
- * published as a signed tag record naming the chunk index of each blob it references.
+ * published as a signed tag record naming the chunk index of each blob it references, and
+ * carrying the manifest itself when it is small.
  */
 export class MeshPublisher {
   readonly #store: ContentStore;
@@ -96,6 +97,7 @@ export class MeshPublisher {
         mediaType: manifest.mediaType,
         size: manifest.bytes.byteLength,
         chunkIndexes,
+        ...(manifest.bytes.byteLength <= MAX_CARRIED_MANIFEST_BYTES && { manifest: manifest.bytes.toString('base64') }),
       });
       this.#log.debug({ repository, tag, digest: manifest.digest }, 'tag published to the mesh');
     } catch (err) {

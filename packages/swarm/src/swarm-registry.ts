@@ -19,7 +19,8 @@ const MAX_REFERENCED = 4096;
 
 /** The mesh-wide tag table, as the registry needs it. */
 export interface TagLookup {
-  get(repository: string, tag: string): { digest: string; mediaType: string } | undefined;
+  /** The record for a tag; `manifest`, when carried, is the manifest's bytes in base64, already checked against `digest`. */
+  get(repository: string, tag: string): { digest: string; mediaType: string; manifest?: string } | undefined;
   /** The chunk-index digest the newest signed record naming `blob` gives; undefined when no record names it. */
   chunkIndexDigest(blob: string): string | undefined;
 }
@@ -72,9 +73,13 @@ export class SwarmRegistry implements Registry {
   async getManifest(repository: string, reference: string): Promise<StoredManifest | undefined> {
     const local = await this.store.getManifest(repository, reference);
     const record = isDigest(reference) ? undefined : this.#tags.get(repository, reference);
-    // The mesh's word on a tag is newer than a local copy that still points elsewhere.
+    // The mesh's word on a tag is newer than a local copy that still points elsewhere. A small
+    // manifest rides in the record itself: no holder need be found and asked, which under load
+    // took a second or more of every pull's start.
     if (record && local?.digest !== record.digest) {
-      const fetched = await this.#manifestFromMesh(repository, record.digest, true, reference);
+      const fetched = record.manifest !== undefined
+        ? await this.#keepManifest(repository, Buffer.from(record.manifest, 'base64'), true, reference)
+        : await this.#manifestFromMesh(repository, record.digest, true, reference);
       if (fetched) return fetched;
     }
     if (local) return local;
@@ -153,7 +158,11 @@ export class SwarmRegistry implements Registry {
     if (info.size > MAX_MANIFEST_BYTES) return undefined;
     const reader = await this.store.readBlob(digest);
     if (!reader) return undefined;
-    const bytes = await buffer(reader.stream);
+    return this.#keepManifest(repository, await buffer(reader.stream), named, tag);
+  }
+
+  /** Checks that `bytes` parse as a manifest and records it (tagged if asked). */
+  async #keepManifest(repository: string, bytes: Buffer, named: boolean, tag?: string): Promise<StoredManifest> {
     const manifest = parseManifest(bytes);
     if (named) this.#expectReferences(manifest);
     await this.store.putManifest(repository, manifest, tag);

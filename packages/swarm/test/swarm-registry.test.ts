@@ -4,7 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { buffer } from 'node:stream/consumers';
 import { parseManifest, sha256Of } from '@shoal/oci';
 import { LocalRegistry } from '@shoal/registry-gateway';
-import { SwarmRegistry, type TagLookup } from '@shoal/swarm';
+import { SwarmRegistry, type Downloader, type TagLookup } from '@shoal/swarm';
 import { withFixture, type Device, type Fixture } from './fixtures/devices.ts';
 
 const REPO = 'docker.io/library/app';
@@ -28,15 +28,32 @@ async function seedImage(f: Fixture, device: Device, layer: Buffer) {
   return { manifest, layerDigest };
 }
 
-/** A tag table with these tags, whose records name the blobs in `named` (with a made-up chunk-index digest). */
-function tagTable(entries: Record<string, string>, named: string[] = []): TagLookup {
+/**
+ * A tag table with these tags, whose records name the blobs in `named` (with a made-up
+ * chunk-index digest) and carry the manifests in `carried`.
+ */
+function tagTable(entries: Record<string, string>, named: string[] = [], carried: Buffer[] = []): TagLookup {
   return {
     get: (repository, tag) => {
       const digest = entries[`${repository}:${tag}`];
-      return digest ? { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json' } : undefined;
+      const manifest = carried.find((bytes) => sha256Of(bytes) === digest)?.toString('base64');
+      return digest ? { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json', ...(manifest && { manifest }) } : undefined;
     },
     chunkIndexDigest: (blob) => (named.includes(blob) ? sha256Of(`index of ${blob}`) : undefined),
   };
+}
+
+/** `downloader`, recording the blobs of the mesh fetches started through it. */
+function countingFetches(downloader: Downloader): { downloader: Downloader; fetches: string[] } {
+  const fetches: string[] = [];
+  const counting = new Proxy(downloader, {
+    get(target, property) {
+      if (property === 'fetch') return (blob: string) => (fetches.push(blob), target.fetch(blob));
+      const value = Reflect.get(target, property, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+  return { downloader: counting, fetches };
 }
 
 test('a tag the mesh knows resolves on a device that never saw the image, and its layer streams from the mesh', () =>
@@ -58,6 +75,26 @@ test('a tag the mesh knows resolves on a device that never saw the image, and it
     assert.ok((await buffer(reader!.stream)).equals(layer.subarray(10, 100_000)));
     assert.equal(await registry.getManifest(REPO, '2'), undefined, 'an unknown tag is a miss');
     assert.equal(await registry.readBlob(REPO, sha256Of('absent')), undefined, 'no holder falls back');
+  }));
+
+test('a manifest carried in its tag record is served as is: no holder is asked, none need answer', () =>
+  withFixture(async (f) => {
+    const a = await f.device('a');
+    const { manifest, layerDigest } = await seedImage(f, a, randomBytes(10 * 1024));
+    const d = await f.device('d');
+    const { downloader, fetches } = countingFetches(d.downloader);
+    const registry = new SwarmRegistry({ fallback: new LocalRegistry(d.store), downloader, tags: tagTable({ [`${REPO}:1`]: manifest.digest }, [], [manifest.bytes]), retryDelayMs: 100 });
+    f.net.setFault('a', 'fail');
+    const got = await registry.getManifest(REPO, '1');
+    assert.equal(got?.digest, manifest.digest);
+    assert.ok(got?.bytes.equals(manifest.bytes));
+    assert.deepEqual(fetches, [], 'the mesh was not asked for the manifest');
+    assert.deepEqual(await d.store.tags(REPO), ['1'], 'stored with its tag');
+    assert.equal((await registry.getManifest(REPO, manifest.digest))?.digest, manifest.digest, 'then by digest, from the store');
+    // What it references counts as named, as for a fetched manifest: asked again while the holder fails.
+    setTimeout(() => f.net.setFault('a', 'none'), 50);
+    assert.deepEqual(await registry.statBlob(REPO, layerDigest), { digest: layerDigest, size: 10 * 1024 });
+    assert.ok(fetches.length > 1, `the layer was asked ${fetches.length} time(s)`);
   }));
 
 test('a newer mesh record for a tag wins over the tag a device already holds', () =>
@@ -104,27 +141,19 @@ test('a blob a tag record names is asked of the mesh again while its holder fail
     const a = await f.device('a');
     const { manifest, layerDigest } = await seedImage(f, a, randomBytes(10 * 1024));
     const d = await f.device('d');
-    let fetches = 0;
-    // d's downloader, counting the mesh fetches the registry starts.
-    const downloader = new Proxy(d.downloader, {
-      get(target, property) {
-        if (property === 'fetch') return (blob: string) => (fetches++, target.fetch(blob));
-        const value = Reflect.get(target, property, target);
-        return typeof value === 'function' ? value.bind(target) : value;
-      },
-    });
+    const { downloader, fetches } = countingFetches(d.downloader);
     const registry = (named: string[]) =>
       new SwarmRegistry({ fallback: new LocalRegistry(d.store), downloader, tags: tagTable({ [`${REPO}:1`]: manifest.digest }, named), retryDelayMs: 100 });
 
     f.net.setFault('a', 'fail');
     assert.equal(await registry([]).statBlob(REPO, layerDigest), undefined);
-    assert.equal(fetches, 1, 'a blob no record names is asked once');
+    assert.equal(fetches.length, 1, 'a blob no record names is asked once');
 
     // The holder fails (a loaded device timing out) for the first attempt, then answers.
-    fetches = 0;
+    fetches.length = 0;
     setTimeout(() => f.net.setFault('a', 'none'), 50);
     assert.deepEqual(await registry([layerDigest]).statBlob(REPO, layerDigest), { digest: layerDigest, size: 10 * 1024 });
-    assert.ok(fetches > 1, `a named blob was asked ${fetches} time(s)`);
+    assert.ok(fetches.length > 1, `a named blob was asked ${fetches.length} time(s)`);
   }));
 
 test('what a manifest named by a record references is asked again too, though the record gives it no chunk index', () =>
