@@ -111,6 +111,10 @@ export class MirroringRegistry extends EventEmitter<MirroringRegistryEvents> imp
     return pending;
   }
 
+  pullsThrough(repository: string): boolean {
+    return this.#route(repository) !== undefined;
+  }
+
   async statBlob(repository: string, digest: string): Promise<BlobInfo | undefined> {
     const local = await this.store.statBlob(digest);
     if (local) return local;

@@ -12,6 +12,8 @@ export interface Registry {
   statBlob(repository: string, digest: string): Promise<BlobInfo | undefined>;
   /** Throws RangeNotSatisfiableError when `range` lies outside the blob. */
   readBlob(repository: string, digest: string, range?: ByteRange): Promise<BlobReader | undefined>;
+  /** Whether what the store lacks in `repository` is asked of an upstream registry. Default false. */
+  pullsThrough?(repository: string): boolean;
 }
 
 /** A registry that serves only what the local store holds. */

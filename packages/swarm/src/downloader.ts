@@ -164,10 +164,11 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
 
   /**
    * The transfer of `blob`, joined if under way, else started. It rejects with NoHolderError
-   * when no device holds the blob. `index`, when given (a resumed partial blob), skips asking
-   * holders for theirs.
+   * when no device holds the blob, or when `lookup` (of a transfer this call starts) ends the
+   * search for holders first. `index`, when given (a resumed partial blob), skips asking holders
+   * for theirs.
    */
-  async fetch(blob: string, index?: ChunkIndex): Promise<Transfer> {
+  async fetch(blob: string, index?: ChunkIndex, lookup?: AbortSignal): Promise<Transfer> {
     if (this.#stopped) throw new Error('downloader is stopped');
     const running = this.#transfers.get(blob);
     if (running) return running;
@@ -177,7 +178,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       () => this.#ended(transfer),
       (err: Error) => this.#ended(transfer, err),
     );
-    await transfer.begin(index);
+    await transfer.begin(index, lookup);
     this.dispatchEvent(new CustomEvent('transfer:start', { detail: transfer.info() }));
     return transfer;
   }

@@ -1,5 +1,4 @@
 import { Readable } from 'node:stream';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { buffer } from 'node:stream/consumers';
 import { isDigest, parseManifest, referencedBlobs, type ParsedManifest } from '@shoal/oci';
 import { DEFAULT_MAX_MANIFEST_BYTES as MAX_MANIFEST_BYTES, type Registry } from '@shoal/registry-gateway';
@@ -13,6 +12,7 @@ import {
 } from '@shoal/store';
 import { NoHolderError, type Downloader } from './downloader.ts';
 import type { Transfer } from './transfer.ts';
+import type { AvailabilityUpdate, ProviderDirectory } from './types.ts';
 
 const REFERENCED_TTL_MS = 10 * 60_000;
 const MAX_REFERENCED = 4096;
@@ -39,6 +39,15 @@ export interface SwarmRegistryOptions {
   recordedAttempts?: number;
   /** Wait before the second attempt, doubling after. Default 1 000 ms. */
   retryDelayMs?: number;
+  /**
+   * Where the fallback pulls through from an upstream, how long the mesh is searched for
+   * content no record names before the upstream is asked instead. The search usually ends
+   * within a second, but at a cold start's first moments, ten devices looking up the same new
+   * blobs at once and starved of CPU, the seeder waited 5-6 s for it (a DHT query timing out,
+   * then holding queries to members too busy to answer) before its upstream pull, which
+   * everything else waits on, began. Default 1 000 ms.
+   */
+  upstreamAfterMs?: number;
 }
 
 /**
@@ -54,6 +63,7 @@ export class SwarmRegistry implements Registry {
   readonly #tags: TagLookup;
   readonly #attempts: number;
   readonly #retryDelayMs: number;
+  readonly #upstreamAfterMs: number;
   /**
    * Content that manifests named by records reference, until when (performance.now()): a
    * record made while its publisher was still pulling the image through carries no chunk
@@ -68,6 +78,7 @@ export class SwarmRegistry implements Registry {
     this.#tags = options.tags;
     this.#attempts = options.recordedAttempts ?? 3;
     this.#retryDelayMs = options.retryDelayMs ?? 1_000;
+    this.#upstreamAfterMs = options.upstreamAfterMs ?? 1_000;
   }
 
   async getManifest(repository: string, reference: string): Promise<StoredManifest | undefined> {
@@ -93,7 +104,7 @@ export class SwarmRegistry implements Registry {
   async statBlob(repository: string, digest: string): Promise<BlobInfo | undefined> {
     const local = await this.store.statBlob(digest);
     if (local) return local;
-    const transfer = await this.#transfer(digest, this.#named(digest));
+    const transfer = await this.#transfer(repository, digest, this.#named(digest));
     if (transfer) return { digest, size: transfer.size! };
     return this.#fallback.statBlob(repository, digest);
   }
@@ -101,7 +112,7 @@ export class SwarmRegistry implements Registry {
   async readBlob(repository: string, digest: string, range?: ByteRange): Promise<BlobReader | undefined> {
     const local = await this.store.readBlob(digest, range);
     if (local) return local;
-    const transfer = await this.#transfer(digest, this.#named(digest));
+    const transfer = await this.#transfer(repository, digest, this.#named(digest));
     if (!transfer) return this.#fallback.readBlob(repository, digest, range);
     const size = transfer.size!;
     if (size === 0) return { info: { digest, size }, stream: Readable.from([]) };
@@ -130,19 +141,27 @@ export class SwarmRegistry implements Registry {
 
   /**
    * The mesh transfer of `digest`, or undefined when no device in the mesh holds it; content a
-   * record names is asked again (1 s, then 2 s later by default) before that answer.
+   * record names is asked again (1 s, then 2 s later by default) before that answer, and other
+   * content is searched for at most upstreamAfterMs where `repository` has an upstream.
    */
-  async #transfer(digest: string, named: boolean): Promise<Transfer | undefined> {
+  async #transfer(repository: string, digest: string, named: boolean): Promise<Transfer | undefined> {
     if (!digest.startsWith('sha256:')) return undefined;
     const attempts = named ? this.#attempts : 1;
+    const limited = !named && this.#fallback.pullsThrough?.(repository) === true;
     for (let attempt = 1, wait = this.#retryDelayMs; ; attempt++, wait *= 2) {
+      // A holder gossiped while this attempt searches or while it waits cuts the wait short: at
+      // a cold start the seeder says so as its first chunk lands, a second or two after the
+      // others first asked.
+      const news = holderNews(this.#downloader.options.directory, digest);
       try {
-        return await this.#downloader.fetch(digest);
+        return await this.#downloader.fetch(digest, undefined, limited ? AbortSignal.timeout(this.#upstreamAfterMs) : undefined);
       } catch (err) {
         if (!(err instanceof NoHolderError)) throw err;
         if (attempt >= attempts) return undefined;
+        await news.within(wait);
+      } finally {
+        news.stop();
       }
-      await sleep(wait);
     }
   }
 
@@ -150,7 +169,7 @@ export class SwarmRegistry implements Registry {
   async #manifestFromMesh(repository: string, digest: string, named: boolean, tag?: string): Promise<StoredManifest | undefined> {
     let info = await this.store.statBlob(digest);
     if (!info) {
-      const transfer = await this.#transfer(digest, named);
+      const transfer = await this.#transfer(repository, digest, named);
       if (!transfer) return undefined;
       info = await transfer.done;
     }
@@ -168,4 +187,27 @@ export class SwarmRegistry implements Registry {
     await this.store.putManifest(repository, manifest, tag);
     return { digest: manifest.digest, mediaType: manifest.mediaType, size: bytes.byteLength, bytes };
   }
+}
+
+/**
+ * Listens, from now until stop(), for availability news naming a holder of `blob`. within(ms)
+ * resolves once some has come (at once if it already has), or after `ms`.
+ */
+function holderNews(directory: ProviderDirectory, blob: string): { within(ms: number): Promise<void>; stop(): void } {
+  const heard = Promise.withResolvers<void>();
+  const onNews = ({ detail }: CustomEvent<AvailabilityUpdate>) => {
+    if (detail.blob === blob && detail.have) heard.resolve();
+  };
+  directory.addEventListener('availability', onNews);
+  return {
+    within: (ms) =>
+      new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, ms);
+        void heard.promise.then(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      }),
+    stop: () => directory.removeEventListener('availability', onNews),
+  };
 }

@@ -119,15 +119,21 @@ export class Transfer {
     return this.#partial?.index.size;
   }
 
-  /** Finds holders and starts fetching; rejects (and fails the transfer) when nobody holds the blob. */
-  async begin(index?: ChunkIndex): Promise<void> {
+  /**
+   * Finds holders and starts fetching; rejects (and fails the transfer) when nobody holds the
+   * blob. `lookup` ending the search for holders counts as nobody holding it.
+   */
+  async begin(index?: ChunkIndex, lookup?: AbortSignal): Promise<void> {
     const { directory } = this.#downloader.options;
+    const signal = lookup ? AbortSignal.any([this.#abort.signal, lookup]) : this.#abort.signal;
     try {
-      const holdings = await this.#downloader.holdings(
-        this.blob,
-        await directory.findHolders(this.blob, this.#abort.signal),
-        this.#abort.signal,
-      );
+      let holdings: Map<string, Holding>;
+      try {
+        holdings = await this.#downloader.holdings(this.blob, await directory.findHolders(this.blob, signal), signal);
+      } catch (err) {
+        // The caller's limit ended the lookup: as far as it can tell, nobody holds the blob.
+        throw lookup?.aborted ? new NoHolderError(this.blob, 'none found within the lookup limit') : err;
+      }
       const chosen = index ?? this.#downloader.chooseIndex(this.blob, holdings);
       if (!chosen) throw new NoHolderError(this.blob);
       this.#partial = await this.#downloader.options.store.openPartial(chosen);

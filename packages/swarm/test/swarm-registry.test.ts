@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { buffer } from 'node:stream/consumers';
 import { parseManifest, sha256Of } from '@shoal/oci';
-import { LocalRegistry } from '@shoal/registry-gateway';
+import { LocalRegistry, type Registry } from '@shoal/registry-gateway';
 import { SwarmRegistry, type Downloader, type TagLookup } from '@shoal/swarm';
 import { withFixture, type Device, type Fixture } from './fixtures/devices.ts';
 
@@ -154,6 +154,57 @@ test('a blob a tag record names is asked of the mesh again while its holder fail
     setTimeout(() => f.net.setFault('a', 'none'), 50);
     assert.deepEqual(await registry([layerDigest]).statBlob(REPO, layerDigest), { digest: layerDigest, size: 10 * 1024 });
     assert.ok(fetches.length > 1, `a named blob was asked ${fetches.length} time(s)`);
+  }));
+
+test('where an upstream could serve it, content no record names is searched for at most upstreamAfterMs', () =>
+  withFixture(async (f) => {
+    // a holds the layer but answers each query 400 ms late, as a device starved of CPU does.
+    const a = await f.device('a', { delayMs: 400 });
+    const layer = randomBytes(10 * 1024);
+    const layerDigest = await f.seed(a, layer);
+    const d = await f.device('d');
+    const asked: string[] = [];
+    // An upstream, as MirroringRegistry is to the gateway: it would serve any blob.
+    const upstream = (pullsThrough: boolean): Registry => ({
+      store: d.store,
+      getManifest: async () => undefined,
+      statBlob: async (_repository, digest) => (asked.push(digest), { digest, size: layer.length }),
+      readBlob: async () => undefined,
+      pullsThrough: () => pullsThrough,
+    });
+    const registry = (fallback: Registry, named: string[] = []) =>
+      new SwarmRegistry({ fallback, downloader: d.downloader, tags: tagTable({}, named), upstreamAfterMs: 100 });
+
+    assert.deepEqual(await registry(upstream(true)).statBlob(REPO, layerDigest), { digest: layerDigest, size: layer.length });
+    assert.deepEqual(asked, [layerDigest], 'the upstream was asked once the search ran out of time');
+    assert.equal(d.downloader.get(layerDigest), undefined, 'and no mesh transfer was left running');
+    assert.equal(await d.store.statBlob(layerDigest), undefined);
+
+    // Named by a record, it is the mesh's to give: searched in full.
+    asked.length = 0;
+    const named = await registry(upstream(true), [layerDigest]).statBlob(REPO, layerDigest);
+    assert.deepEqual(named, { digest: layerDigest, size: layer.length });
+    assert.deepEqual(asked, []);
+    await d.downloader.get(layerDigest)?.done;
+    // Without an upstream there is nothing to turn to: searched in full too.
+    const e = await f.device('e');
+    const local = new SwarmRegistry({ fallback: new LocalRegistry(e.store), downloader: e.downloader, tags: tagTable({}), upstreamAfterMs: 100 });
+    assert.deepEqual(await local.statBlob(REPO, layerDigest), { digest: layerDigest, size: layer.length });
+  }));
+
+test('a named blob nobody holds yet is fetched as soon as a holder is gossiped, not after the retry delay', () =>
+  withFixture(async (f) => {
+    const a = await f.device('a');
+    const d = await f.device('d');
+    const layer = randomBytes(10 * 1024);
+    const layerDigest = sha256Of(layer);
+    const registry = new SwarmRegistry({ fallback: new LocalRegistry(d.store), downloader: d.downloader, tags: tagTable({}, [layerDigest]), retryDelayMs: 60_000 });
+    // a gets the layer (and announces it) once d's first search has come up empty.
+    const firstSearch = new Promise<void>((resolve) => d.downloader.addEventListener('transfer:failed', () => resolve(), { once: true }));
+    void firstSearch.then(() => f.seed(a, layer));
+    const guard = new Promise<'waited'>((resolve) => setTimeout(() => resolve('waited'), 10_000).unref());
+    const got = await Promise.race([registry.statBlob(REPO, layerDigest), guard]);
+    assert.deepEqual(got, { digest: layerDigest, size: layer.length }, 'the gossip cut the 60 s wait short');
   }));
 
 test('what a manifest named by a record references is asked again too, though the record gives it no chunk index', () =>
