@@ -232,7 +232,7 @@ export class ShoalNode {
         continue;
       }
       this.log.info({ blob: index.blob }, 'resuming an interrupted download');
-      this.#downloader!.fetch(index.blob, index).catch((err) =>
+      this.#downloader!.fetch(index.blob, { index }).catch((err) =>
         this.log.warn({ blob: index.blob, err: (err as Error).message }, 'resuming a download failed; it resumes on the next request'),
       );
     }

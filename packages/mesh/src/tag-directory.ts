@@ -186,13 +186,18 @@ export class TagDirectory extends TypedEventEmitter<TagDirectoryEvents> {
     return [...this.#records.values()].sort((a, b) => order(a.repository, b.repository) || order(a.tag, b.tag));
   }
 
-  /** The chunk index digest of a blob, from the newest record that names it. */
-  chunkIndexDigest(blobDigest: string): string | undefined {
+  /** The newest record that gives a chunk index digest for a blob. */
+  recordNaming(blobDigest: string): TagRecord | undefined {
     let newest: TagRecord | undefined;
     for (const record of this.#records.values()) {
       if (Object.hasOwn(record.chunkIndexes, blobDigest) && (!newest || compareTagRecords(record, newest) > 0)) newest = record;
     }
-    return newest?.chunkIndexes[blobDigest];
+    return newest;
+  }
+
+  /** The chunk index digest of a blob, from the newest record that names it. */
+  chunkIndexDigest(blobDigest: string): string | undefined {
+    return this.recordNaming(blobDigest)?.chunkIndexes[blobDigest];
   }
 
   async #gossip(node: MeshNode, record: TagRecord): Promise<void> {

@@ -89,6 +89,16 @@ export interface DownloaderEvents {
   'peer:banned': CustomEvent<PeerBanned>;
 }
 
+/** How a transfer that fetch() starts looks for holders; a transfer under way is joined as it is. */
+export interface FetchOptions {
+  /** The blob's chunk index (a resumed partial blob): holders are not asked for theirs. */
+  index?: ChunkIndex;
+  /** Ends the search for holders: the transfer then fails with NoHolderError. */
+  lookup?: AbortSignal;
+  /** Peers likely to hold the blob: asked, with those gossip names, instead of searching the mesh. */
+  likely?: string[];
+}
+
 /** Running totals since the downloader started, read by the node's metrics. */
 export interface DownloaderStats {
   /** Chunks that matched their hash and were written. */
@@ -163,12 +173,10 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
   }
 
   /**
-   * The transfer of `blob`, joined if under way, else started. It rejects with NoHolderError
-   * when no device holds the blob, or when `lookup` (of a transfer this call starts) ends the
-   * search for holders first. `index`, when given (a resumed partial blob), skips asking holders
-   * for theirs.
+   * The transfer of `blob`, joined if under way, else started (see FetchOptions). It rejects
+   * with NoHolderError when no device holds the blob.
    */
-  async fetch(blob: string, index?: ChunkIndex, lookup?: AbortSignal): Promise<Transfer> {
+  async fetch(blob: string, options: FetchOptions = {}): Promise<Transfer> {
     if (this.#stopped) throw new Error('downloader is stopped');
     const running = this.#transfers.get(blob);
     if (running) return running;
@@ -178,7 +186,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
       () => this.#ended(transfer),
       (err: Error) => this.#ended(transfer, err),
     );
-    await transfer.begin(index, lookup);
+    await transfer.begin(options);
     this.dispatchEvent(new CustomEvent('transfer:start', { detail: transfer.info() }));
     return transfer;
   }

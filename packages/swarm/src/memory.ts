@@ -170,8 +170,8 @@ class MemoryDirectory extends TypedEventEmitter<ProviderDirectoryEvents> impleme
     this.#gossip = gossip;
   }
 
-  async findHolders(blob: string): Promise<string[]> {
-    const all = new Set([...(this.#providers.get(blob) ?? []), ...(this.#partial.get(blob) ?? [])]);
+  async findHolders(blob: string, _signal?: AbortSignal, likely: string[] = []): Promise<string[]> {
+    const all = new Set([...(this.#providers.get(blob) ?? []), ...(this.#partial.get(blob) ?? []), ...likely]);
     all.delete(this.#self);
     return [...all];
   }

@@ -143,7 +143,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
     node.services.pubsub.topicValidators.delete(this.#options.topic);
   }
 
-  async findHolders(blob: string, signal: AbortSignal): Promise<string[]> {
+  async findHolders(blob: string, signal: AbortSignal, likely?: string[]): Promise<string[]> {
     const node = this.#node;
     if (!node) return [];
     const self = node.peerId.toString();
@@ -156,6 +156,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
       found.add(peer);
       wholeKnown ||= whole && usable(peer);
     }
+    if (likely) return [...new Set([...found, ...likely])].filter(usable);
     // A live device said it holds the whole blob: a source, and the DHT query would only add
     // others. Each query opens a stream to every DHT server and every device looks up every blob:
     // ten devices fanning out an image kept ~80 % of the machine busy at 20 Mbit/s with it, ~65 %

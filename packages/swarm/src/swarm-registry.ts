@@ -20,9 +20,15 @@ const MAX_REFERENCED = 4096;
 /** The mesh-wide tag table, as the registry needs it. */
 export interface TagLookup {
   /** The record for a tag; `manifest`, when carried, is the manifest's bytes in base64, already checked against `digest`. */
-  get(repository: string, tag: string): { digest: string; mediaType: string; manifest?: string } | undefined;
-  /** The chunk-index digest the newest signed record naming `blob` gives; undefined when no record names it. */
-  chunkIndexDigest(blob: string): string | undefined;
+  get(repository: string, tag: string): (Naming & { digest: string; mediaType: string; manifest?: string }) | undefined;
+  /** The newest signed record that gives a chunk index for `blob`; undefined when none does. */
+  recordNaming(blob: string): Naming | undefined;
+}
+
+/** What the registry uses of the signed record that names some content: who published it. */
+export interface Naming {
+  /** Peer id of the device that published the record, which held or was pulling the content. */
+  publisher: string;
 }
 
 export interface SwarmRegistryOptions {
@@ -65,11 +71,11 @@ export class SwarmRegistry implements Registry {
   readonly #retryDelayMs: number;
   readonly #upstreamAfterMs: number;
   /**
-   * Content that manifests named by records reference, until when (performance.now()): a
-   * record made while its publisher was still pulling the image through carries no chunk
-   * index for blobs it did not hold yet. Bounded; the oldest go first.
+   * Content that manifests named by records reference, with the record's publisher and until
+   * when (performance.now()): a record made while its publisher was still pulling the image
+   * through carries no chunk index for blobs it did not hold yet. Bounded; the oldest go first.
    */
-  readonly #referenced = new Map<string, number>();
+  readonly #referenced = new Map<string, Naming & { until: number }>();
 
   constructor(options: SwarmRegistryOptions) {
     this.#fallback = options.fallback;
@@ -89,13 +95,13 @@ export class SwarmRegistry implements Registry {
     // took a second or more of every pull's start.
     if (record && local?.digest !== record.digest) {
       const fetched = record.manifest !== undefined
-        ? await this.#keepManifest(repository, Buffer.from(record.manifest, 'base64'), true, reference)
-        : await this.#manifestFromMesh(repository, record.digest, true, reference);
+        ? await this.#keepManifest(repository, Buffer.from(record.manifest, 'base64'), record, reference)
+        : await this.#manifestFromMesh(repository, record.digest, record, reference);
       if (fetched) return fetched;
     }
     if (local) return local;
     if (isDigest(reference)) {
-      const fetched = await this.#manifestFromMesh(repository, reference, this.#named(reference));
+      const fetched = await this.#manifestFromMesh(repository, reference, this.#naming(reference));
       if (fetched) return fetched;
     }
     return this.#fallback.getManifest(repository, reference);
@@ -104,7 +110,7 @@ export class SwarmRegistry implements Registry {
   async statBlob(repository: string, digest: string): Promise<BlobInfo | undefined> {
     const local = await this.store.statBlob(digest);
     if (local) return local;
-    const transfer = await this.#transfer(repository, digest, this.#named(digest));
+    const transfer = await this.#transfer(repository, digest, this.#naming(digest));
     if (transfer) return { digest, size: transfer.size! };
     return this.#fallback.statBlob(repository, digest);
   }
@@ -112,7 +118,7 @@ export class SwarmRegistry implements Registry {
   async readBlob(repository: string, digest: string, range?: ByteRange): Promise<BlobReader | undefined> {
     const local = await this.store.readBlob(digest, range);
     if (local) return local;
-    const transfer = await this.#transfer(repository, digest, this.#named(digest));
+    const transfer = await this.#transfer(repository, digest, this.#naming(digest));
     if (!transfer) return this.#fallback.readBlob(repository, digest, range);
     const size = transfer.size!;
     if (size === 0) return { info: { digest, size }, stream: Readable.from([]) };
@@ -120,18 +126,19 @@ export class SwarmRegistry implements Registry {
     return transfer.read(range?.start ?? 0, range?.end ?? size - 1);
   }
 
-  /** Whether a signed tag record names `digest`, so the mesh is asked for it more than once. */
-  #named(digest: string): boolean {
-    if (this.#tags.chunkIndexDigest(digest) !== undefined) return true;
-    const until = this.#referenced.get(digest);
-    return until !== undefined && until > performance.now();
+  /** The signed tag record naming `digest`, if any: the mesh is then asked for it more than once. */
+  #naming(digest: string): Naming | undefined {
+    const record = this.#tags.recordNaming(digest);
+    if (record) return record;
+    const referenced = this.#referenced.get(digest);
+    return referenced && referenced.until > performance.now() ? referenced : undefined;
   }
 
-  #expectReferences(manifest: ParsedManifest): void {
+  #expectReferences(manifest: ParsedManifest, { publisher }: Naming): void {
     const until = performance.now() + REFERENCED_TTL_MS;
     for (const { digest } of [...referencedBlobs(manifest), ...manifest.manifests]) {
       this.#referenced.delete(digest);
-      this.#referenced.set(digest, until);
+      this.#referenced.set(digest, { publisher, until });
     }
     for (const digest of this.#referenced.keys()) {
       if (this.#referenced.size <= MAX_REFERENCED) break;
@@ -144,17 +151,23 @@ export class SwarmRegistry implements Registry {
    * record names is asked again (1 s, then 2 s later by default) before that answer, and other
    * content is searched for at most upstreamAfterMs where `repository` has an upstream.
    */
-  async #transfer(repository: string, digest: string, named: boolean): Promise<Transfer | undefined> {
+  async #transfer(repository: string, digest: string, naming: Naming | undefined): Promise<Transfer | undefined> {
     if (!digest.startsWith('sha256:')) return undefined;
-    const attempts = named ? this.#attempts : 1;
-    const limited = !named && this.#fallback.pullsThrough?.(repository) === true;
+    const attempts = naming ? this.#attempts : 1;
+    const limited = !naming && this.#fallback.pullsThrough?.(repository) === true;
     for (let attempt = 1, wait = this.#retryDelayMs; ; attempt++, wait *= 2) {
       // A holder gossiped while this attempt searches or while it waits cuts the wait short: at
       // a cold start the seeder says so as its first chunk lands, a second or two after the
       // others first asked.
       const news = holderNews(this.#downloader.options.directory, digest);
       try {
-        return await this.#downloader.fetch(digest, undefined, limited ? AbortSignal.timeout(this.#upstreamAfterMs) : undefined);
+        return await this.#downloader.fetch(digest, {
+          lookup: limited ? AbortSignal.timeout(this.#upstreamAfterMs) : undefined,
+          // Before the last attempt, only the record's publisher and holders gossip names are
+          // asked: ten devices searching the whole mesh (a DHT query, then every member) for
+          // blobs a seeder had not started pulling yet took the CPU its start needed.
+          likely: naming && attempt < attempts ? [naming.publisher] : undefined,
+        });
       } catch (err) {
         if (!(err instanceof NoHolderError)) throw err;
         if (attempt >= attempts) return undefined;
@@ -166,10 +179,10 @@ export class SwarmRegistry implements Registry {
   }
 
   /** Fetches a manifest by digest from the mesh, checks it parses, and records it (tagged if asked). */
-  async #manifestFromMesh(repository: string, digest: string, named: boolean, tag?: string): Promise<StoredManifest | undefined> {
+  async #manifestFromMesh(repository: string, digest: string, naming: Naming | undefined, tag?: string): Promise<StoredManifest | undefined> {
     let info = await this.store.statBlob(digest);
     if (!info) {
-      const transfer = await this.#transfer(repository, digest, named);
+      const transfer = await this.#transfer(repository, digest, naming);
       if (!transfer) return undefined;
       info = await transfer.done;
     }
@@ -177,13 +190,13 @@ export class SwarmRegistry implements Registry {
     if (info.size > MAX_MANIFEST_BYTES) return undefined;
     const reader = await this.store.readBlob(digest);
     if (!reader) return undefined;
-    return this.#keepManifest(repository, await buffer(reader.stream), named, tag);
+    return this.#keepManifest(repository, await buffer(reader.stream), naming, tag);
   }
 
   /** Checks that `bytes` parse as a manifest and records it (tagged if asked). */
-  async #keepManifest(repository: string, bytes: Buffer, named: boolean, tag?: string): Promise<StoredManifest> {
+  async #keepManifest(repository: string, bytes: Buffer, naming: Naming | undefined, tag?: string): Promise<StoredManifest> {
     const manifest = parseManifest(bytes);
-    if (named) this.#expectReferences(manifest);
+    if (naming) this.#expectReferences(manifest, naming);
     await this.store.putManifest(repository, manifest, tag);
     return { digest: manifest.digest, mediaType: manifest.mediaType, size: bytes.byteLength, bytes };
   }

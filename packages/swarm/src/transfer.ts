@@ -1,7 +1,7 @@
 import { Readable } from 'node:stream';
 import { shuffle } from '@shoal/mesh';
 import { ChunkBitmap, chunkSpan, isCompleteIndex, sendRange, type BlobInfo, type BlobReader, type ChunkIndex, type PartialBlob } from '@shoal/store';
-import { NoHolderError, type ChunkOutcome, type Downloader } from './downloader.ts';
+import { NoHolderError, type ChunkOutcome, type Downloader, type FetchOptions } from './downloader.ts';
 import type { Availability, AvailabilityUpdate, Holding } from './types.ts';
 
 export type TransferState = 'finding' | 'downloading' | 'verifying' | 'complete' | 'failed';
@@ -119,17 +119,14 @@ export class Transfer {
     return this.#partial?.index.size;
   }
 
-  /**
-   * Finds holders and starts fetching; rejects (and fails the transfer) when nobody holds the
-   * blob. `lookup` ending the search for holders counts as nobody holding it.
-   */
-  async begin(index?: ChunkIndex, lookup?: AbortSignal): Promise<void> {
+  /** Finds holders and starts fetching; rejects (and fails the transfer) when nobody holds the blob. */
+  async begin({ index, lookup, likely }: FetchOptions = {}): Promise<void> {
     const { directory } = this.#downloader.options;
     const signal = lookup ? AbortSignal.any([this.#abort.signal, lookup]) : this.#abort.signal;
     try {
       let holdings: Map<string, Holding>;
       try {
-        holdings = await this.#downloader.holdings(this.blob, await directory.findHolders(this.blob, signal), signal);
+        holdings = await this.#downloader.holdings(this.blob, await directory.findHolders(this.blob, signal, likely), signal);
       } catch (err) {
         // The caller's limit ended the lookup: as far as it can tell, nobody holds the blob.
         throw lookup?.aborted ? new NoHolderError(this.blob, 'none found within the lookup limit') : err;

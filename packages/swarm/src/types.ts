@@ -64,8 +64,12 @@ export interface ProviderDirectoryEvents {
 
 /** Who holds what: DHT provider records for whole blobs, gossip for partial ones. */
 export interface ProviderDirectory extends TypedEventTarget<ProviderDirectoryEvents> {
-  /** Peers believed to hold `blob` whole or in part; may be stale, the transport has the last word. */
-  findHolders(blob: string, signal: AbortSignal): Promise<string[]>;
+  /**
+   * Peers believed to hold `blob` whole or in part; may be stale, the transport has the last word.
+   * With `likely` (such as the publisher of a signed record naming it), the answer is those and
+   * the holders gossip has named, without the costlier search (a DHT query, asking members).
+   */
+  findHolders(blob: string, signal: AbortSignal, likely?: string[]): Promise<string[]>;
   /** This device now holds `blob` whole. */
   announce(blob: string): Promise<void>;
   /** This device no longer holds `blob`. */

@@ -303,7 +303,7 @@ test('a resumed download fetches only the chunks it lacks', () =>
     await writeChunks(partial, bytes, 10);
     await partial.close();
     const [resumable] = await d.store.partialBlobs();
-    const transfer = await d.downloader.fetch(digest, resumable);
+    const transfer = await d.downloader.fetch(digest, { index: resumable });
     await transfer.done;
     const served = f.net.served.get('a')!;
     assert.equal(served.length, 6, `chunks served: ${served.join(' ')}`);

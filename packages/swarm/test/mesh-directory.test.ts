@@ -89,7 +89,7 @@ test('MeshProviderDirectory: DHT records for whole blobs, gossip for partial one
   }
 });
 
-test('MeshProviderDirectory: while the device is busy, an announced blob is gossiped at once and its DHT record waits; a gossiped whole holder spares the DHT lookup', async () => {
+test('MeshProviderDirectory: while the device is busy, an announced blob is gossiped at once and its DHT record waits; a gossiped whole holder or likely holders spare the DHT lookup', async () => {
   const mesh = new TestMesh();
   const directories: MeshProviderDirectory[] = [];
   try {
@@ -123,6 +123,8 @@ test('MeshProviderDirectory: while the device is busy, an announced blob is goss
     // b is a provider in the DHT only, never gossiped.
     await b.host.node.contentRouting.provide(blobCid(blob), { signal: AbortSignal.timeout(5_000) });
     assert.deepEqual(await dc.findHolders(blob, AbortSignal.timeout(5_000)), [b.id], 'found in the DHT');
+    // Given likely holders (itself left out), those are the answer: the DHT is not asked.
+    assert.deepEqual(await dc.findHolders(blob, AbortSignal.timeout(5_000), [a.id, c.id]), [a.id], 'likely holders, no DHT lookup');
     let provided = false;
     const announced = da.announce(blob).then(() => (provided = true));
     await waitFor('the announcement gossiped', () => updates.some((u) => u.peer === a.id && u.blob === blob && u.have === 'all'));

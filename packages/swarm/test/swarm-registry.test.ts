@@ -28,18 +28,18 @@ async function seedImage(f: Fixture, device: Device, layer: Buffer) {
   return { manifest, layerDigest };
 }
 
-/**
- * A tag table with these tags, whose records name the blobs in `named` (with a made-up
- * chunk-index digest) and carry the manifests in `carried`.
- */
+/** Publisher of the records tagTable makes: device a, which seedImage puts the images on. */
+const PUBLISHER = 'a';
+
+/** A tag table with these tags, whose records name the blobs in `named` and carry the manifests in `carried`. */
 function tagTable(entries: Record<string, string>, named: string[] = [], carried: Buffer[] = []): TagLookup {
   return {
     get: (repository, tag) => {
       const digest = entries[`${repository}:${tag}`];
       const manifest = carried.find((bytes) => sha256Of(bytes) === digest)?.toString('base64');
-      return digest ? { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json', ...(manifest && { manifest }) } : undefined;
+      return digest ? { digest, mediaType: 'application/vnd.oci.image.manifest.v1+json', publisher: PUBLISHER, ...(manifest && { manifest }) } : undefined;
     },
-    chunkIndexDigest: (blob) => (named.includes(blob) ? sha256Of(`index of ${blob}`) : undefined),
+    recordNaming: (blob) => (named.includes(blob) ? { publisher: PUBLISHER } : undefined),
   };
 }
 
@@ -205,6 +205,20 @@ test('a named blob nobody holds yet is fetched as soon as a holder is gossiped, 
     const guard = new Promise<'waited'>((resolve) => setTimeout(() => resolve('waited'), 10_000).unref());
     const got = await Promise.race([registry.statBlob(REPO, layerDigest), guard]);
     assert.deepEqual(got, { digest: layerDigest, size: layer.length }, 'the gossip cut the 60 s wait short');
+  }));
+
+test('a named blob is asked of its record\'s publisher (and holders gossip names) before the last attempt searches the whole mesh', () =>
+  withFixture(async (f) => {
+    await f.device('a');
+    const d = await f.device('d');
+    const blob = sha256Of('nobody has this yet');
+    const { directory } = d.downloader.options;
+    const searches: (string[] | undefined)[] = [];
+    const findHolders = directory.findHolders.bind(directory);
+    directory.findHolders = (digest, signal, likely) => (searches.push(likely), findHolders(digest, signal, likely));
+    const registry = new SwarmRegistry({ fallback: new LocalRegistry(d.store), downloader: d.downloader, tags: tagTable({}, [blob]), retryDelayMs: 10 });
+    assert.equal(await registry.statBlob(REPO, blob), undefined);
+    assert.deepEqual(searches, [[PUBLISHER], [PUBLISHER], undefined]);
   }));
 
 test('what a manifest named by a record references is asked again too, though the record gives it no chunk index', () =>
