@@ -156,7 +156,11 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
       found.add(peer);
       wholeKnown ||= whole && usable(peer);
     }
-    if (likely) return [...new Set([...found, ...likely])].filter(usable);
+    if (likely) {
+      const answer = [...new Set([...found, ...likely])].filter(usable);
+      // None usable (the publisher went down): the search below is all there is to go on.
+      if (answer.length > 0) return answer;
+    }
     // A live device said it holds the whole blob: a source, and the DHT query would only add
     // others. Each query opens a stream to every DHT server and every device looks up every blob:
     // ten devices fanning out an image kept ~80 % of the machine busy at 20 Mbit/s with it, ~65 %

@@ -67,7 +67,8 @@ export interface ProviderDirectory extends TypedEventTarget<ProviderDirectoryEve
   /**
    * Peers believed to hold `blob` whole or in part; may be stale, the transport has the last word.
    * With `likely` (such as the publisher of a signed record naming it), the answer is those and
-   * the holders gossip has named, without the costlier search (a DHT query, asking members).
+   * the holders gossip has named, without the costlier search (a DHT query, asking members),
+   * unless none of them is usable (down, or this device).
    */
   findHolders(blob: string, signal: AbortSignal, likely?: string[]): Promise<string[]>;
   /** This device now holds `blob` whole. */

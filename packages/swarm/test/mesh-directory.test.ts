@@ -125,6 +125,7 @@ test('MeshProviderDirectory: while the device is busy, an announced blob is goss
     assert.deepEqual(await dc.findHolders(blob, AbortSignal.timeout(5_000)), [b.id], 'found in the DHT');
     // Given likely holders (itself left out), those are the answer: the DHT is not asked.
     assert.deepEqual(await dc.findHolders(blob, AbortSignal.timeout(5_000), [a.id, c.id]), [a.id], 'likely holders, no DHT lookup');
+    assert.deepEqual(await dc.findHolders(blob, AbortSignal.timeout(5_000), [c.id]), [b.id], 'none usable: the DHT after all');
     let provided = false;
     const announced = da.announce(blob).then(() => (provided = true));
     await waitFor('the announcement gossiped', () => updates.some((u) => u.peer === a.id && u.blob === blob && u.have === 'all'));
