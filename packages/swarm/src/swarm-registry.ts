@@ -163,10 +163,10 @@ export class SwarmRegistry implements Registry {
       try {
         return await this.#downloader.fetch(digest, {
           lookup: limited ? AbortSignal.timeout(this.#upstreamAfterMs) : undefined,
-          // Before the last attempt, only the record's publisher and holders gossip names are
-          // asked: ten devices searching the whole mesh (a DHT query, then every member) for
-          // blobs a seeder had not started pulling yet took the CPU its start needed.
-          likely: naming && attempt < attempts ? [naming.publisher] : undefined,
+          // The first attempt asks only the record's publisher and holders gossip names: ten
+          // devices searching the whole mesh (a DHT query, then every member) for blobs a seeder
+          // had not started pulling yet took the CPU its start needed. Later ones search it all.
+          likely: naming && attempt === 1 ? [naming.publisher] : undefined,
         });
       } catch (err) {
         if (!(err instanceof NoHolderError)) throw err;
