@@ -183,6 +183,7 @@ export class ShoalNode {
     const swarmLog = log.child({ component: 'swarm' });
     const tags = (this.#tags = new TagDirectory(mesh, { privateKey, file: join(config.dataDir, 'tags.json'), log: log.child({ component: 'tags' }) }));
     await tags.start();
+    tags.addEventListener('tag', ({ detail: { repository, tag, digest, publisher } }) => log.info({ repository, tag, digest, publisher }, 'tag updated'));
     this.#directory = new MeshProviderDirectory(mesh, {
       // A device membership has marked down is not worth a dial.
       isUsable: (peer) => this.#membership?.list().find((m) => m.peerId === peer)?.status !== 'down',

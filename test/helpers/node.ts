@@ -79,6 +79,12 @@ export interface RunningShoalNode {
   pid: number;
   /** Every stdout line parsed so far (the last few thousand). */
   logs(): LogEntry[];
+  /**
+   * The first log line, already kept or still to come, that `matches`; rejects after
+   * `timeoutMs`. Costs nothing while waiting, unlike polling the API from the device's
+   * namespace (a process per poll).
+   */
+  logged(matches: (entry: LogEntry) => boolean, timeoutMs: number): Promise<LogEntry>;
   /** The gateway's requests so far, from its "incoming request"/"request completed" lines. */
   requests(): GatewayRequest[];
   /** The raw output (stdout and stderr), last `lines` lines, for failure messages. */
@@ -182,6 +188,7 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
   const env = { ...process.env, ...RUNTIME_ENV, ...options.env };
   const child = spawn(command, commandArgs, { cwd: REPO_ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
   const entries: LogEntry[] = [];
+  const watchers = new Set<(entry: LogEntry) => void>();
   const rawLines: string[] = [];
   const keep = (line: string) => {
     rawLines.push(line);
@@ -199,6 +206,7 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
     const entry = parseLine(line);
     entries.push(entry);
     if (entries.length > MAX_LOG_LINES) entries.shift();
+    for (const watch of watchers) watch(entry);
     if (entry.msg === 'gateway listening' && typeof entry.url === 'string') gatewayUrl = entry.url;
     if (entry.msg === 'control API listening' && typeof entry.url === 'string') apiUrl = entry.url;
     if (gatewayUrl && apiUrl) onListening();
@@ -251,6 +259,18 @@ export async function startShoalNode(options: ShoalNodeOptions = {}): Promise<Ru
     dataDir,
     pid: child.pid!,
     logs: () => [...entries],
+    logged: (matches, timeoutMs) => {
+      const seen = entries.find(matches);
+      if (seen) return Promise.resolve(seen);
+      return new Promise<LogEntry>((resolve, reject) => {
+        const done = () => (clearTimeout(timer), watchers.delete(watch));
+        const watch = (entry: LogEntry) => {
+          if (matches(entry)) (done(), resolve(entry));
+        };
+        const timer = setTimeout(() => (done(), reject(new Error(`no matching log line within ${timeoutMs} ms:\n${logText(30)}`))), timeoutMs);
+        watchers.add(watch);
+      });
+    },
     requests: () => gatewayRequests(entries),
     logText,
     images: () => apiJson<ImageRecord[]>('/api/images'),

@@ -7,7 +7,7 @@ import { basename, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { startDockerRegistry, type DockerRegistry } from '../../../test/helpers/docker-registry.ts';
-import { eventually, waitForTagRecord } from '../../../test/helpers/devices.ts';
+import { eventually } from '../../../test/helpers/devices.ts';
 import { TestNetwork, type TestDevice } from '../../../test/helpers/netns.ts';
 import { MAX_LOG_LINES, startShoalNode, type RunningShoalNode, type ShoalNodeOptions } from '../../../test/helpers/node.ts';
 import { busyPercent, cpuJiffies } from '../shared.ts';
@@ -188,7 +188,7 @@ export class FanoutLab {
           const start = await measure.start();
           seederPull.go();
           const done = receivers.map(async ({ node, puller }) => {
-            await knowsTag(node, image, 50);
+            await knowsTag(node, image);
             puller.go();
             const { resumes } = await puller.result;
             return { ms: performance.now() - start, resumes };
@@ -334,9 +334,10 @@ export class FanoutLab {
 }
 
 /** Waits until `node` has the mesh-wide tag record of the benchmark image. */
-function knowsTag(node: RunningShoalNode, image: BenchImage, pollMs = 200): Promise<void> {
-  const record = { repository: `docker.io/${REPOSITORY}`, tag: TAG, digest: image.manifestDigest };
-  return waitForTagRecord(node, node.gatewayHost, record, CONVERGE_MS, pollMs);
+/** Resolves once `node` has logged that the image's tag record is current. */
+async function knowsTag(node: RunningShoalNode, image: BenchImage): Promise<void> {
+  const repository = `docker.io/${REPOSITORY}`;
+  await node.logged((e) => e.msg === 'tag updated' && e.repository === repository && e.tag === TAG && e.digest === image.manifestDigest, CONVERGE_MS);
 }
 
 /** tc rate (`100mbit`, `1gbit`, `500kbit`) in bits per second. */
