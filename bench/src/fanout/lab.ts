@@ -333,8 +333,7 @@ export class FanoutLab {
   }
 }
 
-/** Waits until `node` has the mesh-wide tag record of the benchmark image. */
-/** Resolves once `node` has logged that the image's tag record is current. */
+/** Waits until `node` has the mesh-wide tag record of the benchmark image (it logs each one that becomes current). */
 async function knowsTag(node: RunningShoalNode, image: BenchImage): Promise<void> {
   const repository = `docker.io/${REPOSITORY}`;
   await node.logged((e) => e.msg === 'tag updated' && e.repository === repository && e.tag === TAG && e.digest === image.manifestDigest, CONVERGE_MS);
