@@ -63,7 +63,7 @@ export class NodeMetrics {
     this.#metric('counter', 'shoal_swarm_chunks_rejected_total', 'Chunks from peers that failed verification.', [], (s) => [[{}, s.swarm.chunksRejected]]);
     this.#metric('counter', 'shoal_swarm_peers_banned_total', 'Peers banned for sending a chunk that failed verification.', [], (s) => [[{}, s.swarm.peersBanned]]);
     this.#metric('counter', 'shoal_swarm_uploaded_bytes_total', 'Chunk bytes sent to peers, by path.', ['path'], (s) => byPath(s.swarm.bytesUploaded));
-    this.#metric('counter', 'shoal_swarm_busy_answers_total', 'Chunk requests answered busy (the holder was sending all it sends at once), by direction.', ['direction'], (s) => [
+    this.#metric('counter', 'shoal_swarm_busy_answers_total', 'Chunk requests answered busy (the holder was sending all it sends at once, or pulling the blob through had sent every chunk asked for), by direction.', ['direction'], (s) => [
       [{ direction: 'received' }, s.swarm.requestsBusy],
       [{ direction: 'sent' }, s.swarm.uploadsRefused],
     ]);

@@ -44,7 +44,7 @@ export interface NodeStats {
     bytesReceived: BytesByPath;
     /** Chunk bytes sent to peers. */
     bytesUploaded: BytesByPath;
-    /** Chunk requests from peers answered busy: this device was sending all the chunks it sends at once. */
+    /** Chunk requests from peers answered busy: this device was sending all the chunks it sends at once, or, pulling the blob through, had sent every chunk asked for. */
     uploadsRefused: number;
   };
   /** Bytes pulled through from upstream registries, counted as each pull-through ends. */

@@ -28,6 +28,16 @@ export interface ChunkDataPlaneOptions {
    * not what is still on the wire. Default 4.
    */
   maxUploads?: number;
+  /**
+   * Chunks sent at once to picks of a blob this device is pulling through from an upstream,
+   * counted with all the others. Such a device is the only way that blob enters the mesh, so its
+   * uplink has to pass each chunk on as fast as its downlink brings them, and it sends each just
+   * once meanwhile (see #handle). Each receiver's downlink is shared evenly among the TCP flows
+   * into it; with as many flows as every other holder, a seeder pulling through held ~1/10 of
+   * them where it needed 1/9, ran its uplink ~90 % full, and fell further behind its own
+   * download all through the pull. Default twice maxUploads.
+   */
+  maxPullThroughUploads?: number;
   /** What this device has sent, for pick requests (share the chunk server's). Default a ledger of its own. */
   ledger?: UploadLedger;
   /** TEST ONLY: flip a byte in the chunks it picks, as ChunkServer's switch does. Default none. */
@@ -52,6 +62,8 @@ const POOL_SIZE = 16;
 interface Wanted {
   ask: number | ChunkBitmap;
   have: Availability;
+  /** A pick of a blob this device is pulling through (Holding.growing). */
+  pullThrough: boolean;
 }
 
 /** A request waiting for an upload slot: `grant(false)` answers it busy. */
@@ -59,6 +71,8 @@ interface Waiter {
   peer: string;
   /** How many times this device has sent what the request would get now (see UploadLedger.sends). */
   sends(): number;
+  /** Uploads at once this request may take a turn among. */
+  slots: number;
   grant(granted: boolean): void;
 }
 
@@ -95,6 +109,7 @@ export class ChunkDataPlane {
       log: silentLog,
       ledger: new UploadLedger(),
       ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
+      maxPullThroughUploads: options.maxPullThroughUploads ?? 2 * (options.maxUploads ?? 4),
     };
   }
 
@@ -106,7 +121,7 @@ export class ChunkDataPlane {
     return this.#bytesServed;
   }
 
-  /** Requests answered busy (503): maxUploads chunks were being sent and as many waited. */
+  /** Requests answered busy (503): the slots were taken and as many waited, or a pull-through had nothing new for a pick. */
   get uploadsRefused(): number {
     return this.#refused;
   }
@@ -164,13 +179,12 @@ export class ChunkDataPlane {
    * request arrived as their last chunk ended, while the others, answered busy and pausing,
    * waited ten seconds for a first chunk they could pass on.
    */
-  async #acquire(res: ServerResponse, peer: string, sends: () => number): Promise<boolean> {
-    const { maxUploads } = this.#options;
-    if (this.#active < maxUploads) {
+  async #acquire(res: ServerResponse, peer: string, sends: () => number, slots: number): Promise<boolean> {
+    if (this.#active < slots) {
       this.#take(peer);
       return true;
     }
-    if (this.#waiting.length >= maxUploads) {
+    if (this.#waiting.length >= slots) {
       const rank = (waiter: Waiter) => [waiter.sends(), this.#load(waiter.peer)] as const;
       const worst = this.#waiting.reduce((a, b) => (before(rank(a), rank(b)) ? b : a));
       // A peer's own load counts the request it is making, so two peers one slot apart do not swap places forever.
@@ -185,6 +199,7 @@ export class ChunkDataPlane {
       const waiter: Waiter = {
         peer,
         sends,
+        slots,
         grant: (granted) => {
           res.off('close', gone);
           if (!granted && !res.headersSent) this.#refuse(res);
@@ -222,9 +237,11 @@ export class ChunkDataPlane {
     const left = (this.#serving.get(peer) ?? 1) - 1;
     if (left > 0) this.#serving.set(peer, left);
     else this.#serving.delete(peer);
-    if (this.#waiting.length === 0) return;
+    // Only a request allowed more slots than are in use (a pull-through pick may be) takes this one.
+    const eligible = this.#waiting.filter((w) => w.slots > this.#active);
+    if (eligible.length === 0) return;
     const rank = (waiter: Waiter) => [waiter.sends(), this.#serving.get(waiter.peer) ?? 0] as const;
-    const next = this.#waiting.reduce((a, b) => (before(rank(b), rank(a)) ? b : a));
+    const next = eligible.reduce((a, b) => (before(rank(b), rank(a)) ? b : a));
     this.#waiting.splice(this.#waiting.indexOf(next), 1);
     this.#take(next.peer);
     next.grant(true);
@@ -238,11 +255,11 @@ export class ChunkDataPlane {
    * ChunkProtocolError for a bad bitmap.
    */
   async #wanted(blob: string, index: string, want: string | string[] | undefined): Promise<Wanted> {
-    if (index !== 'pick') return { ask: Number(index), have: 'all' };
+    if (index !== 'pick') return { ask: Number(index), have: 'all', pullThrough: false };
     if (typeof want !== 'string') throw new ChunkProtocolError('pick request without a shoal-want bitmap');
     const holding = await this.#source.holding(blob);
-    if (!holding) return { ask: new ChunkBitmap(0), have: 'all' };
-    return { ask: decodeBitmap(want, chunkCount(holding.index), 'pick request'), have: holding.have };
+    if (!holding) return { ask: new ChunkBitmap(0), have: 'all', pullThrough: false };
+    return { ask: decodeBitmap(want, chunkCount(holding.index), 'pick request'), have: holding.have, pullThrough: holding.growing === true };
   }
 
   async #handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
@@ -259,11 +276,11 @@ export class ChunkDataPlane {
       this.#options.log.debug({ peer: entry.peer, blob, err }, 'data plane request failed');
       return answer(res, err instanceof ChunkProtocolError ? 400 : 500);
     }
-    const { ask, have } = wanted;
-    const { ledger } = this.#options;
+    const { ask, have, pullThrough } = wanted;
+    const { ledger, maxUploads, maxPullThroughUploads } = this.#options;
     // A pick of nothing held is answered 404, which is cheap, so it goes first.
     const sends = () => ledger.sends(blob, ask, have) ?? -1;
-    if (!(await this.#acquire(res, entry.peer, sends))) return;
+    if (!(await this.#acquire(res, entry.peer, sends, pullThrough ? maxPullThroughUploads : maxUploads))) return;
     const buffer = this.#free.pop() ?? Buffer.allocUnsafeSlow(POOLED_BUFFER_BYTES);
     let reusable = true;
     let index: number | undefined;
@@ -278,7 +295,9 @@ export class ChunkDataPlane {
       } else {
         // A partial holder's chunks grew while the request waited.
         const holding = await this.#source.holding(blob);
-        index = holding && ask.length === chunkCount(holding.index) ? ledger.pick(blob, ask, holding.have) : undefined;
+        const picked = holding && ask.length === chunkCount(holding.index) ? ledger.pickFrom(blob, ask, holding) : undefined;
+        if (picked === 'busy') return this.#refuse(res);
+        index = picked;
       }
       if (index === undefined) return answer(res, 404);
       const data = await this.#source.readChunk(blob, index, buffer);

@@ -141,7 +141,8 @@ export class MemoryNetwork {
       pickChunk: (name, blob, want, signal, onPicked) =>
         upload(name, signal, async (p) => {
           const holding = await p.source.holding(blob);
-          const index = holding && p.ledger.pick(blob, want, holding.have);
+          const index = holding && p.ledger.pickFrom(blob, want, holding);
+          if (index === 'busy') throw new ChunkBusyError(`${name} has sent every chunk it holds of what it pulls through`);
           if (index === undefined) return undefined;
           onPicked?.(index);
           const bytes = await serve(name, p, blob, index);

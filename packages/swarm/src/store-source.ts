@@ -34,7 +34,7 @@ export class StoreChunkSource implements ChunkSource {
     if (!provisional) return undefined;
     const have = new ChunkBitmap(chunkCount(provisional));
     for (let i = 0; i < provisional.chunks.length; i++) have.set(i);
-    return { index: provisional, have };
+    return { index: provisional, have, growing: true };
   }
 
   async readChunk(blob: string, i: number, into?: Uint8Array): Promise<Uint8Array | undefined> {

@@ -390,14 +390,16 @@ export class Transfer {
         for (let i = position; i < partial.have.length && next.length < IN_ORDER_WINDOW; i++) {
           if (inShare(i) && open(i)) next.push(i);
         }
-        if (next.length > 0) return pickAmong(next, partial.have.length);
+        if (next.length > 0) return next.length === 1 ? next[0] : wanted(next, partial.have.length);
       }
     }
     // A holder of the whole blob picks among the rarest: it alone knows at once which of them it
     // has already sent to someone (gossip tells us a second late), so devices asking one seeder at
     // once get different chunks instead of the same ones. A partial holder is asked for one chunk
     // by index: a pick is only named once its answer arrives, so picks sent to several partial
-    // holders at once would often bring the same chunk twice.
+    // holders at once would often bring the same chunk twice. Chunks only that partial holder has
+    // are the exception: nobody else could be asked for them, and a holder pulling the blob
+    // through answers such a pick with a chunk it has not sent yet, or busy (see ChunkDataPlane).
     const chunks = partial.have.length;
     let rarest: number[] = [];
     let rarestCount = Infinity;
@@ -407,14 +409,21 @@ export class Transfer {
       if (count < rarestCount) [rarest, rarestCount] = [[i], count];
       else if (count === rarestCount) rarest.push(i);
     }
-    if (rarest.length > 0 && state.have !== 'all') return rarest[Math.floor(Math.random() * rarest.length)];
+    const unpicked = (candidates: number[]) => {
+      const unnamed = [...this.#unnamedPicks.values()];
+      return candidates.filter((i) => !unnamed.some((w) => w.has(i)));
+    };
+    if (rarest.length > 0 && state.have !== 'all') {
+      if (rarestCount > 1) return rarest[Math.floor(Math.random() * rarest.length)];
+      const from = unpicked(rarest);
+      return from.length > 0 ? wanted(from, chunks) : undefined;
+    }
     if (rarest.length > 0) {
       // A pick is only named once its answer comes, so what it may bring is asked of no one
       // else meanwhile, and whole holders asked at once each pick from a share of their own.
       const share = rarest.filter(inShare);
-      const unnamed = [...this.#unnamedPicks.values()];
-      const from = (share.length > 0 ? share : rarest).filter((i) => !unnamed.some((w) => w.has(i)));
-      return from.length <= 1 ? from[0] : pickAmong(from, chunks);
+      const from = unpicked(share.length > 0 ? share : rarest);
+      return from.length <= 1 ? from[0] : wanted(from, chunks);
     }
     // Endgame: every missing chunk is asked of someone; ask a second peer for the oldest late one.
     const { endgameDuplicates } = this.#downloader.options;
@@ -594,9 +603,8 @@ export class Transfer {
   }
 }
 
-/** A request for one of `chunks` (in a blob of `length` chunks): by index when there is one, else a pick. */
-function pickAmong(chunks: number[], length: number): number | ChunkBitmap {
-  if (chunks.length === 1) return chunks[0]!;
+/** A pick's bitmap: `chunks` set, in a blob of `length` chunks. */
+function wanted(chunks: number[], length: number): ChunkBitmap {
   const want = new ChunkBitmap(length);
   for (const i of chunks) want.set(i);
   return want;

@@ -9,6 +9,8 @@ export interface Holding {
   /** The blob's chunk index as the holder computed (or was given) it. */
   index: ChunkIndex;
   have: Availability;
+  /** Being pulled through from an upstream by this device: nobody else can have chunks it has not sent. */
+  growing?: boolean;
 }
 
 /**

@@ -1,5 +1,5 @@
 import type { ChunkBitmap } from '@shoal/store';
-import type { Availability } from './types.ts';
+import type { Availability, Holding } from './types.ts';
 
 /** Blobs whose send counts are kept; the one served least recently is forgotten first. */
 const MAX_BLOBS = 64;
@@ -38,6 +38,18 @@ export class UploadLedger {
     const { best, fewest } = leastSent(counts, want, have);
     if (best !== undefined) counts[best] = fewest + 1;
     return best;
+  }
+
+  /**
+   * A pick from what `holding` holds, as pick(); but of a blob this device is pulling through it
+   * sends each chunk only once while it pulls (whoever got a chunk passes it on, and this uplink
+   * is kept for the chunks only this device has): 'busy' when every wanted chunk it holds has
+   * gone out already. At the start of a cold pull every device wanted the first chunk, and a
+   * seeder with free upload slots sent it to all of them.
+   */
+  pickFrom(blob: string, want: ChunkBitmap, holding: Holding): number | 'busy' | undefined {
+    if (holding.growing && (this.sends(blob, want, holding.have) ?? 0) > 0) return 'busy';
+    return this.pick(blob, want, holding.have);
   }
 
   /**

@@ -37,6 +37,8 @@ interface MemoryBlob {
   data: Buffer;
   index: ChunkIndex;
   have: Availability;
+  /** Being pulled through from an upstream (Holding.growing). */
+  growing?: boolean;
 }
 
 /** A ChunkSource over random blobs in memory, with knobs for slow and failing reads. */
@@ -64,7 +66,7 @@ class MemorySource implements ChunkSource {
   async holding(blob: string): Promise<Holding | undefined> {
     if (this.fail) throw new Error('disk on fire');
     const held = this.blobs.get(blob);
-    return held && { index: held.index, have: held.have };
+    return held && { index: held.index, have: held.have, growing: held.growing };
   }
 
   async readChunk(blob: string, index: number): Promise<Uint8Array | undefined> {
@@ -706,6 +708,33 @@ test('among waiting requests a data plane grants first the one for a chunk it ha
     const novel = second!.pickChunk(serverId, fresh.index.blob, ChunkBitmap.full(2), signal());
     await Promise.all([...served, copy, novel]);
     assert.deepEqual(reads.slice(2), [`fresh ${(await novel)!.index}`, 'sent 0'], 'the new chunk was read first, though asked for last');
+  }));
+
+test('a data plane sends each chunk of a blob it pulls through once while it pulls, with twice the upload slots for it', () =>
+  withDataPlaneRig({ maxUploads: 1, ledger: new UploadLedger() }, 2, async ({ addBlob, planeSource: source, dataPlane, serverId, transports: [first, second] }) => {
+    const pulling = addBlob(4 * MiB, MiB, (i) => i < 3);
+    pulling.growing = true;
+    const stored = addBlob(2 * MiB);
+    for (const t of [first!, second!]) for (const blob of [pulling, stored]) await t.fetchHolding(serverId, blob.index.blob, signal());
+    const want = ChunkBitmap.full(4);
+    source.delayMs = 300;
+    const picks = [first!, second!].map((t) => t.pickChunk(serverId, pulling.index.blob, want, signal()));
+    await waitFor('two pull-through sends at once with maxUploads 1', () => source.active === 2, 2_000);
+    const plain = first!.fetchChunk(serverId, stored.index.blob, 0, signal());
+    await sleep(100);
+    assert.equal(source.active, 2, 'two pull-through sends at once with maxUploads 1; the plain request waits for its one slot');
+    const picked = (await Promise.all(picks)).map((got) => got!.index);
+    assert.notEqual(picked[0], picked[1], 'different chunks');
+    assert.equal(sha256Hex((await plain)!), stored.index.chunks[0], 'then the plain request was served');
+    assert.equal(source.maxActive, 2);
+    source.delayMs = 0;
+    const third = await first!.pickChunk(serverId, pulling.index.blob, want, signal());
+    assert.deepEqual([...picked, third!.index].sort(), [0, 1, 2], 'each chunk held, once');
+    await assert.rejects(second!.pickChunk(serverId, pulling.index.blob, want, signal()), ChunkBusyError, 'every chunk held has gone out: busy');
+    assert.equal(dataPlane.uploadsRefused, 1);
+    pulling.growing = false;
+    const again = await second!.pickChunk(serverId, pulling.index.blob, want, signal());
+    assert.ok(again && [0, 1, 2].includes(again.index), 'pulled, the blob is sent again like any other');
   }));
 
 test('a client that leaves while its chunk is read from disk gives its upload slot back, and the send is not counted', async () => {

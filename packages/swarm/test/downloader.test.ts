@@ -310,6 +310,44 @@ test('a resumed download fetches only the chunks it lacks', () =>
     assert.ok((await stored(d.store, digest)).equals(bytes));
   }));
 
+test('devices pulling together from a holder that pulls the blob through get each chunk from it once and trade the rest', () =>
+  withFixture(async (f) => {
+    const bytes = randomBytes(24 * CHUNK + 100);
+    const digest = sha256Of(bytes);
+    const full = indexOf(bytes);
+    // A chunk lands every 20 ms; each send takes 30 ms, so the devices' requests overlap.
+    let landed = 0;
+    const growing = {
+      index: async () => ({ ...full, chunks: full.chunks.slice(0, Math.floor(landed / CHUNK)) }),
+      read: async (buffer: Uint8Array, position: number) => {
+        const n = Math.max(0, Math.min(buffer.byteLength, landed - position));
+        bytes.copy(buffer, 0, position, position + n);
+        return n;
+      },
+    };
+    const a = await f.device('a', { sendMs: 30, growing: (blob) => (blob === digest && landed < bytes.length ? growing : undefined) });
+    f.net.directory('a').announcePartial(digest, new ChunkBitmap(full.chunks.length));
+    let sentWhilePulling: number[] = [];
+    const arriving = (async () => {
+      while (landed < bytes.length) {
+        await new Promise((r) => setTimeout(r, 20));
+        landed = Math.min(bytes.length, landed + CHUNK);
+      }
+      sentWhilePulling = [...(f.net.served.get('a') ?? [])];
+      await f.seed(a, bytes);
+    })();
+    const devices = await Promise.all(['b', 'c', 'd'].map((name) => f.device(name, { growingRefreshMs: 5, sendMs: 30 })));
+    const transfers = await Promise.all(devices.map((d) => d.downloader.fetch(digest)));
+    const infos = await Promise.all(transfers.map(async (t) => (await t.done, t.info())));
+    await arriving;
+    for (const d of devices) assert.ok((await stored(d.store, digest)).equals(bytes), `${d.name} has the blob`);
+    const once = new Set(sentWhilePulling);
+    assert.equal(once.size, sentWhilePulling.length, `while pulling, a sent no chunk twice: ${sentWhilePulling.join(' ')}`);
+    assert.ok(sentWhilePulling.length >= 12, `${sentWhilePulling.length} of 25 chunks went out while a pulled`);
+    const traded = infos.reduce((sum, info) => sum + Object.entries(info.sources).reduce((n, [peer, got]) => n + (peer === 'a' ? 0 : got), 0), 0);
+    assert.ok(traded >= bytes.length, `the devices passed each other at least a blob's worth: ${traded} bytes`);
+  }));
+
 test('a blob still arriving at its holder from an upstream is fetched chunk by chunk as it lands', () =>
   withFixture(async (f) => {
     const bytes = randomBytes(24 * CHUNK + 100);

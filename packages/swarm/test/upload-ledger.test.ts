@@ -55,3 +55,20 @@ test('a ledger tells how often a request would get a chunk sent, without countin
   ledger.unrecord(BLOB, 1);
   assert.equal(ledger.sends(BLOB, 1, have), 0, 'a send taken back, never below none');
 });
+
+test('a ledger sends each chunk of a blob being pulled through once, and answers busy when every wanted one has gone out', () => {
+  const ledger = new UploadLedger();
+  const have = new ChunkBitmap(6);
+  for (const i of [0, 1, 2]) have.set(i);
+  const index = { blob: BLOB, size: 6, chunkSize: 1, chunks: ['x', 'y', 'z'] };
+  const pulling = { index, have, growing: true };
+  const want = ChunkBitmap.full(6);
+  assert.deepEqual([0, 1, 2].map(() => ledger.pickFrom(BLOB, want, pulling)), [0, 1, 2], 'each held chunk once');
+  assert.equal(ledger.pickFrom(BLOB, want, pulling), 'busy', 'every held chunk has gone out');
+  have.set(3);
+  assert.equal(ledger.pickFrom(BLOB, want, pulling), 3, 'a chunk that landed since');
+  const unheld = new ChunkBitmap(6);
+  unheld.set(5);
+  assert.equal(ledger.pickFrom(BLOB, unheld, pulling), undefined, 'nothing wanted is held: not busy, absent');
+  assert.equal(ledger.pickFrom(BLOB, want, { index, have }), 0, 'a blob not pulled through gets its least sent chunk again');
+});
