@@ -7,7 +7,7 @@ import { sha256Of } from '@shoal/oci';
 import { ChunkBitmap, chunkIndexDigest, chunkSpan } from '@shoal/store';
 import { MemoryNetwork, NoHolderError } from '@shoal/swarm';
 import { waitFor } from '../../mesh/test/fixtures/membership-mesh.ts';
-import { CHUNK, indexOf, noProgressAfter, stored, withFixture, writeChunks } from './fixtures/devices.ts';
+import { CHUNK, indexOf, noProgressAfter, stored, withFixture, writeChunks, type Fixture } from './fixtures/devices.ts';
 
 test('a blob is fetched from several holders at once, verified and announced', () =>
   withFixture(async (f) => {
@@ -310,32 +310,41 @@ test('a resumed download fetches only the chunks it lacks', () =>
     assert.ok((await stored(d.store, digest)).equals(bytes));
   }));
 
+/**
+ * Device `a` pulling a random 25-chunk blob through from an upstream: a chunk lands every
+ * `everyMs`, then `beforeCommit` runs and the blob is committed, which settles `arriving`.
+ */
+async function pullThrough(f: Fixture, everyMs: number, opts: { sendMs?: number; beforeCommit?: () => void } = {}) {
+  const bytes = randomBytes(24 * CHUNK + 100);
+  const digest = sha256Of(bytes);
+  const full = indexOf(bytes);
+  let landed = 0;
+  const growing = {
+    index: async () => ({ ...full, chunks: full.chunks.slice(0, Math.floor(landed / CHUNK)) }),
+    read: async (buffer: Uint8Array, position: number) => {
+      const n = Math.max(0, Math.min(buffer.byteLength, landed - position));
+      bytes.copy(buffer, 0, position, position + n);
+      return n;
+    },
+  };
+  const a = await f.device('a', { sendMs: opts.sendMs, growing: (blob) => (blob === digest && landed < bytes.length ? growing : undefined) });
+  f.net.directory('a').announcePartial(digest, new ChunkBitmap(full.chunks.length));
+  const arriving = (async () => {
+    while (landed < bytes.length) {
+      await new Promise((r) => setTimeout(r, everyMs));
+      landed = Math.min(bytes.length, landed + CHUNK);
+    }
+    opts.beforeCommit?.();
+    await f.seed(a, bytes);
+  })();
+  return { bytes, digest, arriving, pulling: () => landed < bytes.length };
+}
+
 test('devices pulling together from a holder that pulls the blob through get each chunk from it once and trade the rest', () =>
   withFixture(async (f) => {
-    const bytes = randomBytes(24 * CHUNK + 100);
-    const digest = sha256Of(bytes);
-    const full = indexOf(bytes);
     // A chunk lands every 20 ms; each send takes 30 ms, so the devices' requests overlap.
-    let landed = 0;
-    const growing = {
-      index: async () => ({ ...full, chunks: full.chunks.slice(0, Math.floor(landed / CHUNK)) }),
-      read: async (buffer: Uint8Array, position: number) => {
-        const n = Math.max(0, Math.min(buffer.byteLength, landed - position));
-        bytes.copy(buffer, 0, position, position + n);
-        return n;
-      },
-    };
-    const a = await f.device('a', { sendMs: 30, growing: (blob) => (blob === digest && landed < bytes.length ? growing : undefined) });
-    f.net.directory('a').announcePartial(digest, new ChunkBitmap(full.chunks.length));
     let sentWhilePulling: number[] = [];
-    const arriving = (async () => {
-      while (landed < bytes.length) {
-        await new Promise((r) => setTimeout(r, 20));
-        landed = Math.min(bytes.length, landed + CHUNK);
-      }
-      sentWhilePulling = [...(f.net.served.get('a') ?? [])];
-      await f.seed(a, bytes);
-    })();
+    const { bytes, digest, arriving } = await pullThrough(f, 20, { sendMs: 30, beforeCommit: () => (sentWhilePulling = [...(f.net.served.get('a') ?? [])]) });
     const devices = await Promise.all(['b', 'c', 'd'].map((name) => f.device(name, { growingRefreshMs: 5, sendMs: 30 })));
     const transfers = await Promise.all(devices.map((d) => d.downloader.fetch(digest)));
     const infos = await Promise.all(transfers.map(async (t) => (await t.done, t.info())));
@@ -350,32 +359,12 @@ test('devices pulling together from a holder that pulls the blob through get eac
 
 test('a blob still arriving at its holder from an upstream is fetched chunk by chunk as it lands', () =>
   withFixture(async (f) => {
-    const bytes = randomBytes(24 * CHUNK + 100);
-    const digest = sha256Of(bytes);
-    const full = indexOf(bytes);
     // The holder's pull-through: a chunk lands every 25 ms; the blob is committed at the end.
-    let landed = 0;
-    const growing = {
-      index: async () => ({ ...full, chunks: full.chunks.slice(0, Math.floor(landed / CHUNK)) }),
-      read: async (buffer: Uint8Array, position: number) => {
-        const n = Math.max(0, Math.min(buffer.byteLength, landed - position));
-        bytes.copy(buffer, 0, position, position + n);
-        return n;
-      },
-    };
-    const a = await f.device('a', { growing: (blob) => (blob === digest && landed < bytes.length ? growing : undefined) });
-    f.net.directory('a').announcePartial(digest, new ChunkBitmap(full.chunks.length));
-    const arriving = (async () => {
-      while (landed < bytes.length) {
-        await new Promise((r) => setTimeout(r, 25));
-        landed = Math.min(bytes.length, landed + CHUNK);
-      }
-      await f.seed(a, bytes);
-    })();
+    const { bytes, digest, arriving, pulling } = await pullThrough(f, 25);
     const d = await f.device('d', { growingRefreshMs: 5 });
     let early = 0;
     d.downloader.addEventListener('chunk', () => {
-      if (landed < bytes.length) early++;
+      if (pulling()) early++;
     });
     const transfer = await d.downloader.fetch(digest);
     const streamed = buffer(transfer.read(0, bytes.length - 1).stream);
