@@ -8,10 +8,10 @@
 // pulled by all receivers at once over the same links: the central registry to beat.
 //
 // --devices takes a list (2,4,8,12,16) to sweep N; --chunk-sizes adds Shoal runs at other chunk
-// sizes at N = 10 (or the largest N); --systems names the warm trials (shoal, registry; none for
-// a cold start alone); --cold adds a cold start at that N (the seeder pulls through
-// from an upstream registry on its own device while the others pull from the mesh); --sweep is
-// all of it: N in 2,4,8,10,12,16, chunks 256KiB and 4MiB, and the cold start. --congestion-control
+// sizes at N = 10 (or the largest N), warm and, with --cold, cold; --systems names the warm trials
+// (shoal, registry; none for a cold start alone); --cold adds a cold start at that N (the seeder
+// pulls through from an upstream registry on its own device while the others pull from the mesh);
+// --sweep is all of it: N in 2,4,8,10,12,16, chunks 256KiB and 4MiB, and the cold starts. --congestion-control
 // sets every device's TCP congestion control (default cubic, Linux's own default, whatever this
 // host runs: on bbr, many flows sharing a shaped downlink starve some of them). --cpu-prof DIR
 // writes a V8 CPU profile of every node there, --logs DIR every node's log.
@@ -106,6 +106,10 @@ async function main(): Promise<void> {
     if (cold) {
       log(`N=${focusN} Shoal cold start through the seeder...`);
       record(`N=${focusN} cold start`, summarize(await lab.coldTrial(focusN, image)));
+      for (const size of chunkSizes) {
+        log(`N=${focusN} Shoal cold start, ${size} chunks...`);
+        record(`N=${focusN} cold start ${size}`, summarize(await lab.coldTrial(focusN, image, { size, sweep: true })));
+      }
     }
   } finally {
     lab.destroy();

@@ -69,6 +69,18 @@ test('speed-up compares the registry and Shoal at the same N and leaves out the 
   assert.doesNotMatch(svg, /NaN|Infinity/);
 });
 
+test('the cold start target is judged on the default chunk size; other sizes are listed beside it', () => {
+  const trials = [
+    summarize(trial({ system: 'shoal-cold', devices: 10, completionsMs: Array(9).fill(21_600) })),
+    summarize(trial({ system: 'shoal-cold', devices: 10, completionsMs: Array(9).fill(19_200), chunkSize: 512 * 1024, chunkSweep: true })),
+  ];
+  const report: FanoutReport = { machine: describeMachine(), command: 'npm run bench:fanout', rate: '100mbit', congestionControl: 'cubic', layers: 2, commit: 'abc1234', trials };
+  const markdown = markdownReport(report);
+  assert.match(markdown, /cold start makespan <= 1\.3x ideal: 1\.35x, MISSED/);
+  assert.match(markdown, /not the target: 512 KiB chunks\) cold start 1\.20x the ideal/);
+  assert.match(markdown, /\| Shoal, cold start \| 10 \| 512 KiB \|/);
+});
+
 test('rates and sizes parse as tc and users write them', () => {
   assert.equal(parseRate('100mbit'), 100e6);
   assert.equal(parseRate('1gbit'), 1e9);

@@ -171,13 +171,13 @@ export class FanoutLab {
    * upstream, so all they get comes from the mesh. Each starts pulling as soon as the seeder's
    * tag record reaches it (the record is published once the seeder has the manifest).
    */
-  async coldTrial(n: number, image: BenchImage): Promise<Trial> {
+  async coldTrial(n: number, image: BenchImage, chunk: { size?: string; sweep?: boolean } = {}): Promise<Trial> {
     const upstreamDevice = this.upstream;
     if (!upstreamDevice) throw new Error('the lab was created without an upstream device');
     const registry = await startDockerRegistry({ netns: upstreamDevice.netns, host: upstreamDevice.address });
     try {
       await this.#push(upstreamDevice, image, registry.host);
-      return await this.#withNodes(n, {}, { upstreams: { 'docker.io': registry.url } }, async (nodes) => {
+      const cold = await this.#withNodes(n, { chunkSize: chunk.size }, { upstreams: { 'docker.io': registry.url } }, async (nodes) => {
         const seeder = this.#devices[0]!;
         const upstreamBefore = (await this.#network.interfaceBytes(upstreamDevice)).sent;
         const seederPull = new Puller(seeder, nodes[0]!.gatewayUrl);
@@ -201,6 +201,9 @@ export class FanoutLab {
           for (const p of [seederPull, ...receivers.map((r) => r.puller)]) p.kill();
         }
       });
+      if (chunk.size) cold.chunkSize = parseSize(chunk.size);
+      if (chunk.sweep) cold.chunkSweep = true;
+      return cold;
     } finally {
       await registry.stop();
     }

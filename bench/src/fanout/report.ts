@@ -165,7 +165,7 @@ export function markdownReport(report: FanoutReport): string {
 function targetLines(trials: TrialSummary[]): string[] {
   const n = TARGETS.devices;
   const shoal = trials.find((t) => t.system === 'shoal' && t.devices === n && !t.chunkSweep);
-  const cold = trials.find((t) => t.system === 'shoal-cold' && t.devices === n);
+  const cold = trials.find((t) => t.system === 'shoal-cold' && t.devices === n && !t.chunkSweep);
   if (!shoal && !cold) return [`No run at N = ${n}: the targets are stated for N = ${n}.`];
   const mark = (ok: boolean) => (ok ? 'met' : 'MISSED');
   const out = [`Targets at N = ${n}:`, ''];
@@ -179,6 +179,11 @@ function targetLines(trials: TrialSummary[]): string[] {
   if (cold) {
     const ratio = cold.makespanMs / cold.idealMs;
     out.push(`- cold start makespan <= ${TARGETS.coldStartIdealRatio}x ideal: ${Number.isFinite(ratio) ? `${ratio.toFixed(2)}x` : 'failed'}, ${mark(ratio <= TARGETS.coldStartIdealRatio)}`);
+  }
+  // Other chunk sizes are settings a user may choose; the targets hold the default to account.
+  for (const t of trials.filter((t) => t.system === 'shoal-cold' && t.devices === n && t.chunkSweep)) {
+    const ratio = t.makespanMs / t.idealMs;
+    out.push(`- (not the target: ${binary(t.chunkSize ?? 0)} chunks) cold start ${Number.isFinite(ratio) ? `${ratio.toFixed(2)}x` : 'failed'} the ideal`);
   }
   return out;
 }
