@@ -37,7 +37,8 @@ describe('bench:fanout runs real devices, a central registry and a cold start si
   });
 
   it('every receiver of every system got the whole image, verified, and the figures follow from the completions', () => {
-    assert.equal(report.trials.length, 4);
+    // Shoal, the registry and the cold start, and Shoal and the cold start again with 256 KiB chunks.
+    assert.equal(report.trials.length, 5);
     for (const t of report.trials) {
       assert.deepEqual(t.failures, [], `${t.system}: ${t.failures.join('; ')}`);
       assert.equal(t.completionsMs.length, 2, t.system);
@@ -46,6 +47,7 @@ describe('bench:fanout runs real devices, a central registry and a cold start si
       assert.ok(t.efficiency > 0 && t.efficiency <= 1, `${t.system} efficiency ${t.efficiency}`);
     }
     assert.equal(trial('shoal', true).chunkSize, 256 * 1024);
+    assert.equal(trial('shoal-cold', true).chunkSize, 256 * 1024);
   });
 
   it('the registry sends the image to each receiver, Shoal\'s seeder at least once, and a cold start takes it from upstream once', () => {
