@@ -101,15 +101,17 @@ export class ChunkDataPlane {
 
   constructor(source: ChunkSource, options: ChunkDataPlaneOptions = {}) {
     this.#source = source;
+    const given: ChunkDataPlaneOptions = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined));
+    const maxUploads = given.maxUploads ?? 4;
     this.#options = {
       host: '0.0.0.0',
       port: 0,
       ticketTtlMs: 600_000,
-      maxUploads: 4,
+      maxUploads,
+      maxPullThroughUploads: 2 * maxUploads,
       log: silentLog,
       ledger: new UploadLedger(),
-      ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
-      maxPullThroughUploads: options.maxPullThroughUploads ?? 2 * (options.maxUploads ?? 4),
+      ...given,
     };
   }
 
