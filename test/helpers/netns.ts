@@ -1,5 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { run, type RunOptions, type RunResult } from './exec.ts';
 
 /** What mesh tests need: root for namespaces, iproute2 to build them, curl to reach APIs inside them. */
@@ -39,6 +40,8 @@ export class TestNetwork {
   readonly devices: TestDevice[] = [];
   readonly #bridgeNetns: string;
   readonly #namespaces: string[] = [];
+  /** The host's allowed congestion controls before setCongestionControl widened them, to restore. */
+  #hostAllowedCongestionControl: string | undefined;
   #destroyed = false;
   readonly #onExit = () => this.#destroySync();
   // A signal skips 'exit' handlers: clean up, then die of the signal as if no handler were set.
@@ -131,6 +134,7 @@ export class TestNetwork {
    * being modelled run.
    */
   async setCongestionControl(device: TestDevice, algorithm: string): Promise<void> {
+    this.#allowCongestionControl(algorithm);
     // /proc/sys/net shows the namespace of whoever opens it, so the write happens inside.
     await this.exec(device.netns, 'sh', ['-c', 'printf %s "$1" > /proc/sys/net/ipv4/tcp_congestion_control', 'sh', algorithm]);
   }
@@ -178,6 +182,18 @@ export class TestNetwork {
     for (const signal of CLEANUP_SIGNALS) process.removeListener(signal, this.#onSignal);
   }
 
+  /**
+   * A namespace other than the host's may only pick an algorithm the host lists as allowed (the
+   * kernel refuses others with EPERM), and a host defaulting to bbr may allow only reno and bbr:
+   * add `algorithm` to the host's list until destroy().
+   */
+  #allowCongestionControl(algorithm: string): void {
+    const allowed = readFileSync(ALLOWED_CONGESTION_CONTROL, 'utf8').trim();
+    if (allowed.split(/\s+/).includes(algorithm)) return;
+    this.#hostAllowedCongestionControl ??= allowed;
+    writeFileSync(ALLOWED_CONGESTION_CONTROL, `${allowed} ${algorithm}`);
+  }
+
   async #addNamespace(name: string): Promise<void> {
     // Recorded only once made: a name that already exists belongs to someone else.
     await run('ip', ['netns', 'add', name]);
@@ -192,6 +208,13 @@ export class TestNetwork {
   #destroySync(): void {
     if (this.#destroyed) return;
     this.#destroyed = true;
+    if (this.#hostAllowedCongestionControl !== undefined) {
+      try {
+        writeFileSync(ALLOWED_CONGESTION_CONTROL, this.#hostAllowedCongestionControl);
+      } catch {
+        // a host that let us widen the list lets us narrow it; nothing else to do if not
+      }
+    }
     for (const name of [...this.#namespaces].reverse()) {
       for (const pid of namespacePids(name)) {
         try {
@@ -209,6 +232,8 @@ export class TestNetwork {
     }
   }
 }
+
+const ALLOWED_CONGESTION_CONTROL = '/proc/sys/net/ipv4/tcp_allowed_congestion_control';
 
 /** A token bucket at `rate` whose burst and queue suit rates from a few to a few hundred Mbit/s. */
 function tbf(rate: string): string[] {
