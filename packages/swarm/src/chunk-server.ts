@@ -180,7 +180,7 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
   async #answer(peer: string, request: ChunkRequest, stream: Stream, stall: StallTimer): Promise<void> {
     switch (request.op) {
       case 'holding':
-        return this.#answerHolding(peer, request.blob, stream, stall);
+        return this.#answerHolding(peer, request.blob, request.from, stream, stall);
       case 'chunk':
         return this.#withSlot(peer, stream, stall, () => {
           this.#options.ledger.record(request.blob, request.index);
@@ -193,7 +193,7 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
     }
   }
 
-  async #answerHolding(peer: string, blob: string, stream: Stream, stall: StallTimer): Promise<void> {
+  async #answerHolding(peer: string, blob: string, from: number | undefined, stream: Stream, stall: StallTimer): Promise<void> {
     const holding = await this.#fromSource(stall, 'holding', blob, () => this.#source.holding(blob));
     if (holding === failed) return this.#sendHeader(stream, stall, errorHeader('holding unavailable'));
     if (!holding) return this.#sendHeader(stream, stall, { status: 'not-found' });
@@ -202,7 +202,7 @@ export class ChunkServer extends TypedEventEmitter<ChunkServerEvents> {
       this.#options.log.warn({ blob, bitmap: have.length, chunks: chunkCount(index) }, 'chunk source bitmap does not match its index');
       return this.#sendHeader(stream, stall, errorHeader('inconsistent holding'));
     }
-    const header = encodeFrame(holdingHeader(holding, this.#options.dataPlane?.ticketFor(peer)));
+    const header = encodeFrame(holdingHeader(holding, this.#options.dataPlane?.ticketFor(peer), from));
     if (header.byteLength > MAX_HEADER_FRAME_BYTES) {
       this.#options.log.warn({ blob, bytes: header.byteLength }, 'chunk index too large for a holding answer');
       return this.#sendHeader(stream, stall, errorHeader('chunk index too large'));

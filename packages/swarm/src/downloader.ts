@@ -263,8 +263,8 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
     return indexesAgree(ours, theirs);
   }
 
-  /** Asks `peers` concurrently what they hold of `blob`; failures and non-holders are left out. */
-  async holdings(blob: string, peers: Iterable<string>, signal: AbortSignal): Promise<Map<string, Holding>> {
+  /** Asks `peers` concurrently what they hold of `blob` (telling them the index `known` so far); failures and non-holders are left out. */
+  async holdings(blob: string, peers: Iterable<string>, signal: AbortSignal, known?: ChunkIndex): Promise<Map<string, Holding>> {
     const out = new Map<string, Holding>();
     await Promise.all(
       [...peers].map(async (peer) => {
@@ -274,6 +274,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
             peer,
             blob,
             AbortSignal.any([signal, AbortSignal.timeout(this.options.holdingTimeoutMs)]),
+            known,
           );
           if (holding && holding.index.blob === blob) out.set(peer, holding);
         } catch (err) {

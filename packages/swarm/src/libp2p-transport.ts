@@ -2,7 +2,7 @@ import type { Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/inter
 import { peerIdFromString } from '@libp2p/peer-id';
 import type { MeshHost, MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
-import type { ChunkBitmap } from '@shoal/store';
+import type { ChunkBitmap, ChunkIndex } from '@shoal/store';
 import {
   CHUNK_PROTOCOL,
   ChunkBusyError,
@@ -85,11 +85,16 @@ export class Libp2pChunkTransport implements ChunkTransport {
     this.#http = new DataPlaneClient({ stallTimeoutMs: this.#options.stallTimeoutMs });
   }
 
-  /** The peer's chunk index and availability of `blob`, or undefined when it holds none of it. */
-  async fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined> {
+  /**
+   * The peer's chunk index and availability of `blob`, or undefined when it holds none of it.
+   * Given the index this device `known`s, the peer sends only the entries past it.
+   */
+  async fetchHolding(peer: string, blob: string, signal: AbortSignal, known?: ChunkIndex): Promise<Holding | undefined> {
     checkDigest(blob);
-    const { result } = await this.#request(peer, { op: 'holding', blob }, signal, MAX_HEADER_FRAME_BYTES, (frame) => {
-      const holding = decodeHoldingHeader(frame, blob);
+    const from = known?.blob === blob ? known.chunks.length : 0;
+    const request: ChunkRequest = from > 0 ? { op: 'holding', blob, from } : { op: 'holding', blob };
+    const { result } = await this.#request(peer, request, signal, MAX_HEADER_FRAME_BYTES, (frame) => {
+      const holding = decodeHoldingHeader(frame, blob, from > 0 ? known : undefined);
       if (holding) this.#rememberDataPlane(peer, decodeDataPlaneTicket(frame));
       return { result: holding };
     });

@@ -35,6 +35,8 @@ export class MemoryNetwork {
   readonly served = new Map<string, number[]>();
   /** Chunk requests each peer received, served or not (a duplicate cancelled on its way too). */
   readonly requests = new Map<string, number>();
+  /** Holding queries each peer received. */
+  readonly holdingQueries = new Map<string, number>();
   readonly #gossipDelayMs: number;
 
   /** `gossipDelayMs`: availability reaches the other devices this late, as gossip does. Default 0 (at once). */
@@ -129,7 +131,10 @@ export class MemoryNetwork {
       return bytes;
     };
     return {
-      fetchHolding: (name, blob, signal) => call<Holding | undefined>(name, signal, (p) => p.source.holding(blob)),
+      fetchHolding: (name, blob, signal) => {
+        this.holdingQueries.set(name, (this.holdingQueries.get(name) ?? 0) + 1);
+        return call<Holding | undefined>(name, signal, (p) => p.source.holding(blob));
+      },
       fetchChunk: (name, blob, index, signal, onStarted) =>
         upload(name, signal, async (p) => {
           p.ledger.record(blob, index);

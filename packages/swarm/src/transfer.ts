@@ -26,6 +26,8 @@ export interface TransferInfo {
 
 interface PeerState {
   have: Availability;
+  /** Pulling the blob through from an upstream when it last answered: its index grows. */
+  growing: boolean;
   /** Requests by chunk; a pick (the chunk not known yet) under a negative key of its own. */
   inFlight: Map<number, AbortController>;
   failures: number;
@@ -269,7 +271,7 @@ export class Transfer {
   /** Asks `peers` what they hold now, takes in the answers and fills the freed request slots. */
   async #refresh(peers: Iterable<string>): Promise<void> {
     try {
-      await this.#addHolders(await this.#downloader.holdings(this.blob, peers, this.#abort.signal));
+      await this.#addHolders(await this.#downloader.holdings(this.blob, peers, this.#abort.signal, this.#partial?.index));
     } catch (err) {
       this.#fail(err as Error);
       return;
@@ -284,18 +286,24 @@ export class Transfer {
       if (this.#finished || this.#downloader.isBanned(peer)) continue;
       if (!this.#downloader.accepts(this.blob, partial.index, holding.index)) continue;
       if (holding.index.chunks.length > partial.index.chunks.length && !(await partial.learn(holding.index))) continue;
+      const growing = holding.growing === true;
       const state = this.#peers.get(peer);
-      if (state) state.have = holding.have;
-      else this.#peers.set(peer, { have: holding.have, inFlight: new Map(), failures: 0, busyUntil: 0, busyPauseMs: BUSY_PAUSE_MIN_MS, chunkMs: undefined });
+      if (state) Object.assign(state, { have: holding.have, growing });
+      else this.#peers.set(peer, { have: holding.have, growing, inFlight: new Map(), failures: 0, busyUntil: 0, busyPauseMs: BUSY_PAUSE_MIN_MS, chunkMs: undefined });
     }
   }
 
-  /** While our index is provisional, asks every holder again how far it got. */
+  /**
+   * While our index is provisional, asks the holders pulling the blob from an upstream how far
+   * they got: only they can name new chunks, and gossip tells of the others' new chunks. With
+   * none of them among our holders, every holder is asked.
+   */
   #refreshGrowing(): void {
     const partial = this.#partial;
     if (!partial || this.#finished || this.#refreshing || isCompleteIndex(partial.index)) return;
+    const growing = [...this.#peers].filter(([, s]) => s.growing).map(([p]) => p);
     this.#refreshing = true;
-    void this.#refresh([...this.#peers.keys()]).finally(() => (this.#refreshing = false));
+    void this.#refresh(growing.length > 0 ? growing : [...this.#peers.keys()]).finally(() => (this.#refreshing = false));
   }
 
   #tick(): void {

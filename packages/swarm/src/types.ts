@@ -34,7 +34,11 @@ export interface ChunkSource {
  * with ChunkBusyError; a peer that fails, stalls past `signal` or breaks the protocol rejects.
  */
 export interface ChunkTransport {
-  fetchHolding(peer: string, blob: string, signal: AbortSignal): Promise<Holding | undefined>;
+  /**
+   * What `peer` holds of `blob`. `known` (the asker's index of it) lets the peer leave out the
+   * entries it already has; the answer's index is whole either way.
+   */
+  fetchHolding(peer: string, blob: string, signal: AbortSignal, known?: ChunkIndex): Promise<Holding | undefined>;
   /** Chunk `index`; `onStarted` hears when the peer starts sending it (its answer's header is in). */
   fetchChunk(peer: string, blob: string, index: number, signal: AbortSignal, onStarted?: () => void): Promise<Uint8Array | undefined>;
   /**

@@ -205,6 +205,27 @@ test('holding answers the whole index with "all", a partial blob with its bitmap
   });
 });
 
+test('a holding asked with a known index leaves out the known entries, and the transport answers the whole index', async () => {
+  await withRig({}, async ({ source, serverId, transports: [transport] }) => {
+    const pulling = source.add(12 * MiB, MiB, (i) => i < 7);
+    pulling.growing = true;
+    const full = pulling.index;
+    const provisional = { ...full, chunks: full.chunks.slice(0, 7) };
+    pulling.index = provisional;
+    const known = { ...provisional, chunks: provisional.chunks.slice(0, 4) };
+
+    const got = await transport!.fetchHolding(serverId, pulling.index.blob, signal(), known);
+    assert.deepEqual(got!.index, provisional);
+    assert.equal(got!.growing, true);
+    assert.equal((got!.have as ChunkBitmap).count, 7);
+
+    // Knowing more than the holder has (or all of it) costs nothing and loses nothing.
+    assert.deepEqual((await transport!.fetchHolding(serverId, pulling.index.blob, signal(), full))!.index, provisional);
+    const whole = source.add(3 * MiB);
+    assert.deepEqual(await transport!.fetchHolding(serverId, whole.index.blob, signal(), whole.index), { index: whole.index, have: 'all' });
+  });
+});
+
 test('every chunk of a ~40 MiB blob arrives intact, the short last chunk included; uploads are counted', async () => {
   await withRig({}, async ({ source, chunkServer, serverId, clients, transports: [transport] }) => {
     const blob = source.add(40 * MiB + 123_457);
@@ -337,6 +358,7 @@ test('malformed, oversized and silent requests reset only their own stream; the 
       ['unknown op', /unknown request op/, [valid({ op: 'delete', blob: index.blob })]],
       ['bad digest', /blob digest/, [valid({ op: 'holding', blob: 'sha256:XYZ' })]],
       ['upper-case digest', /blob digest/, [valid({ op: 'holding', blob: index.blob.toUpperCase() })]],
+      ['holding from a negative entry', /valid from/, [valid({ op: 'holding', blob: index.blob, from: -1 })]],
       ['negative index', /valid index/, [valid({ op: 'chunk', blob: index.blob, index: -1 })]],
       ['fractional index', /valid index/, [valid({ op: 'chunk', blob: index.blob, index: 1.5 })]],
       ['string index', /valid index/, [valid({ op: 'chunk', blob: index.blob, index: '1' })]],
@@ -481,6 +503,26 @@ test('the transport rejects a peer that breaks the protocol', async () => {
     const holding = await transport.fetchHolding(peer, blob, signal());
     assert.deepEqual([0, 1, 2].map((i) => (holding!.have as ChunkBitmap).has(i)), [true, false, true]);
     assert.deepEqual(requests.at(-1), { op: 'holding', blob });
+
+    // An answer that leaves out entries continues the index the request said it knew, and only that.
+    const known = { ...index, chunks: index.chunks.slice(0, 2) };
+    const rest = { ...index, chunks: index.chunks.slice(2) };
+    const continuedCases: [string, object, ChunkIndex | undefined, RegExp][] = [
+      ['entries left out unasked', { status: 'ok', index: rest, from: 2, have: 'all' }, undefined, /did not know/],
+      ['more left out than known', { status: 'ok', index: { ...index, chunks: [] }, from: 3, have: 'all' }, known, /did not know/],
+      ['a from of 0', { status: 'ok', index, from: 0, have: 'all' }, known, /did not know/],
+      ['another chunk size', { status: 'ok', index: { ...rest, chunkSize: 5 }, from: 2, have: 'all' }, known, /another geometry/],
+    ];
+    for (const [what, header, asked, message] of continuedCases) {
+      serve(encodeFrame(header));
+      await assert.rejects(transport.fetchHolding(peer, blob, signal(), asked), { name: 'ChunkProtocolError', message }, what);
+    }
+    serve(encodeFrame({ status: 'ok', index: rest, from: 2, have: bitmap([0xc0]), growing: true }));
+    const grown = await transport.fetchHolding(peer, blob, signal(), known);
+    assert.deepEqual(grown!.index, index);
+    assert.equal(grown!.growing, true);
+    assert.equal((grown!.have as ChunkBitmap).count, 2);
+    assert.deepEqual(requests.at(-1), { op: 'holding', blob, from: 2 });
 
     const chunkCases: [string, number, Uint8Array[], RegExp][] = [
       ['more bytes than announced', 0, [encodeFrame({ status: 'ok', length: 4 }), Buffer.alloc(5)], /more than the 4 bytes/],

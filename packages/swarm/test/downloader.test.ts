@@ -355,6 +355,11 @@ test('devices pulling together from a holder that pulls the blob through get eac
     assert.ok(sentWhilePulling.length >= 12, `${sentWhilePulling.length} of 25 chunks went out while a pulled`);
     const traded = infos.reduce((sum, info) => sum + Object.entries(info.sources).reduce((n, [peer, got]) => n + (peer === 'a' ? 0 : got), 0), 0);
     assert.ok(traded >= bytes.length, `the devices passed each other at least a blob's worth: ${traded} bytes`);
+    // Following the growing index, each device asked the holder pulling through, not each other,
+    // how far it got: a 5 ms refresh over ~0.5 s is ~100 queries each to a, a handful to b, c, d.
+    const asked = Object.fromEntries(['a', 'b', 'c', 'd'].map((name) => [name, f.net.holdingQueries.get(name) ?? 0]));
+    assert.ok(asked.a! >= 60, `a was asked ${asked.a} times`);
+    for (const name of ['b', 'c', 'd']) assert.ok(asked[name]! <= asked.a! / 5, `${name} was asked ${asked[name]} times, a ${asked.a}`);
   }));
 
 test('a blob still arriving at its holder from an upstream is fetched chunk by chunk as it lands', () =>
