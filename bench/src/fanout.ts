@@ -16,13 +16,12 @@
 // host runs: on bbr, many flows sharing a shaped downlink starve some of them). --cpu-prof DIR
 // writes a V8 CPU profile of every node there, --logs DIR every node's log.
 // Writes bench/results/fanout.{json,md,svg}. A benchmark: it reports, it never asserts on time.
-import { execFileSync } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { describeMachine } from './machine.ts';
-import { writeResults } from './shared.ts';
+import { codeAtEnd, describeCode, writeResults } from './shared.ts';
 import { generateImage } from './fanout/image.ts';
 import { FanoutLab, parseSize } from './fanout/lab.ts';
 import { markdownReport, summarize, svgPlot, TARGETS, type FanoutReport, type TrialSummary } from './fanout/report.ts';
@@ -59,15 +58,6 @@ function log(message: string): void {
   process.stderr.write(`${message}\n`);
 }
 
-function commit(): string {
-  const git = (args: string[]) => execFileSync('git', args, { encoding: 'utf8' }).trim();
-  try {
-    return `${git(['rev-parse', '--short', 'HEAD'])}${git(['status', '--porcelain', '--untracked-files=no']) ? ' (with uncommitted changes)' : ''}`;
-  } catch {
-    return 'unknown';
-  }
-}
-
 function describe(t: TrialSummary): string {
   const s = (ms: number) => (Number.isFinite(ms) ? `${(ms / 1000).toFixed(1)} s` : 'failed');
   const failures = t.failures.length ? `; ${t.failures.length} failed: ${t.failures[0]}` : '';
@@ -75,6 +65,7 @@ function describe(t: TrialSummary): string {
 }
 
 async function main(): Promise<void> {
+  const code = describeCode();
   const scratch = await mkdtemp(join(tmpdir(), 'shoal-fanout-'));
   const maxN = Math.max(...deviceCounts);
   log(`generating a ${values.size} image in ${layers} layer(s)...`);
@@ -122,7 +113,7 @@ async function main(): Promise<void> {
     rate: values.rate!,
     congestionControl: values['congestion-control']!,
     layers,
-    commit: commit(),
+    code: codeAtEnd(code),
     trials,
   };
   const name = values.name!;

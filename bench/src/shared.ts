@@ -1,4 +1,5 @@
 // Helpers more than one benchmark uses.
+import { execFileSync } from 'node:child_process';
 import { createHash, randomFillSync } from 'node:crypto';
 import { createWriteStream, readFileSync } from 'node:fs';
 import { once } from 'node:events';
@@ -44,4 +45,49 @@ export function busyPercent(before: [number, number], after: [number, number]): 
 export async function writeResults(dir: string, files: Record<string, string>): Promise<void> {
   await mkdir(dir, { recursive: true });
   for (const [name, contents] of Object.entries(files)) await writeFile(join(dir, name), contents);
+}
+
+/** The commit a benchmark measured, and the product files that differed from it. */
+export interface CodeState {
+  commit: string;
+  modified: string[];
+  /** sha256 of the product code's diff against HEAD (and the untracked files' names), to see edits made during the run. */
+  diff?: string;
+  /** Set at the end of the run when the product code differs from what it was at the start. */
+  changedDuringRun?: string;
+}
+
+/** Where the product lives; results and docs written meanwhile (by this run or another) are not code. */
+const PRODUCT_PATHS = ['packages', 'node', 'registry-gateway'];
+
+/** The commit measured, and the product files that differed from it (others may edit the tree). */
+export function describeCode(): CodeState {
+  // Not trimmed: a porcelain line starts with a space when only the work tree differs.
+  const git = (...args: string[]) => execFileSync('git', args, { cwd: new URL('../../', import.meta.url), encoding: 'utf8', maxBuffer: 64 << 20 });
+  const status = git('status', '--porcelain', '--', ...PRODUCT_PATHS);
+  const modified = status
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => line.slice(3));
+  const diff = createHash('sha256')
+    .update(git('diff', 'HEAD', '--', ...PRODUCT_PATHS))
+    .update(status)
+    .digest('hex');
+  return { commit: git('rev-parse', '--short', 'HEAD').trim(), modified, diff };
+}
+
+/** `start` with a note when the product code at the end of the run is not what it was at the start. */
+export function codeAtEnd(start: CodeState): CodeState {
+  const end = describeCode();
+  if (end.commit === start.commit && end.diff === start.diff) return start;
+  const changed = end.commit !== start.commit ? `HEAD moved to ${end.commit}` : `the work tree changed (${end.modified.join(', ') || 'edits reverted'})`;
+  return { ...start, changedDuringRun: changed };
+}
+
+/** The report's sentence on the code measured: its commit, uncommitted product changes, and changes during the run. */
+export function codeSentence(code: CodeState): string {
+  return (
+    `Code: commit ${code.commit}${code.modified.length ? ` with uncommitted changes to ${code.modified.join(', ')}` : ', product code unmodified'}` +
+    (code.changedDuringRun ? `; CAUTION: the product code changed during the run (${code.changedDuringRun}), so later trials may have run other code.` : '.')
+  );
 }

@@ -30,7 +30,7 @@ import { parseArgs, promisify } from 'node:util';
 import { startDockerRegistry, type DockerRegistry } from '../../test/helpers/docker-registry.ts';
 import { startShoalNode, type LogEntry, type RunningShoalNode } from '../../test/helpers/node.ts';
 import { cpuSecondsOf, describeMachine, markdownMachine, RssSampler } from './machine.ts';
-import { busyPercent, cpuJiffies, median, writeRandomFile, writeResults } from './shared.ts';
+import { busyPercent, codeAtEnd, codeSentence, cpuJiffies, describeCode, median, writeRandomFile, writeResults, type CodeState } from './shared.ts';
 
 const { values } = parseArgs({
   options: {
@@ -585,39 +585,6 @@ function describeSample(name: CaseName, s: Sample): string {
   return `${name}: ${(SIZE / MB / s.seconds).toFixed(0)} MB/s in ${s.seconds.toFixed(2)} s (first byte ${(s.ttfb * 1000).toFixed(0)} ms); CPU s ${cpu}${rss ? `; peak RSS MiB ${rss}` : ''}${main}${sources}${paths}; machine busy ${Math.round((100 * s.machineBusy) / (s.seconds * cpus().length))} %`;
 }
 
-interface CodeState {
-  commit: string;
-  modified: string[];
-  /** sha256 of the product code's diff against HEAD (and the untracked files' names), to see edits made during the run. */
-  diff?: string;
-  /** Set at the end of the run when the product code differs from what it was at the start. */
-  changedDuringRun?: string;
-}
-
-/** The commit measured, and the product files that differed from it (others may edit the tree). */
-function describeCode(): CodeState {
-  // Not trimmed: a porcelain line starts with a space when only the work tree differs.
-  const git = (...args: string[]) => execFileSync('git', args, { cwd: new URL('../../', import.meta.url), encoding: 'utf8', maxBuffer: 64 << 20 });
-  const status = git('status', '--porcelain', '--', 'packages', 'node', 'registry-gateway');
-  const modified = status
-    .split('\n')
-    .filter(Boolean)
-    .map((line) => line.slice(3));
-  const diff = createHash('sha256')
-    .update(git('diff', 'HEAD', '--', 'packages', 'node', 'registry-gateway'))
-    .update(status)
-    .digest('hex');
-  return { commit: git('rev-parse', '--short', 'HEAD').trim(), modified, diff };
-}
-
-/** `start` with a note when the product code at the end of the run is not what it was at the start. */
-function codeAtEnd(start: CodeState): CodeState {
-  const end = describeCode();
-  if (end.commit === start.commit && end.diff === start.diff) return start;
-  const changed = end.commit !== start.commit ? `HEAD moved to ${end.commit}` : `the work tree changed (${end.modified.join(', ') || 'edits reverted'})`;
-  return { ...start, changedDuringRun: changed };
-}
-
 async function main(): Promise<void> {
   const code = describeCode();
   const loadBefore = loadavg();
@@ -1083,8 +1050,7 @@ async function report(samples: Map<CaseName, Sample[]>, info: RunInfo): Promise<
     '# Transfer: one layer between two devices over loopback, Shoal vs plain HTTP (same file, same run)',
     '',
     markdownMachine(machine),
-    `Code: commit ${code.commit}${code.modified.length ? ` with uncommitted changes to ${code.modified.join(', ')}` : ', product code unmodified'}` +
-      (code.changedDuringRun ? `; CAUTION: the product code changed during the run (${code.changedDuringRun}), so later transfers may have run other code.` : '.'),
+    codeSentence(code),
     `Load average before the run: ${loadBefore.map((l) => l.toFixed(2)).join(', ')}; after: ${loadAfter.map((l) => l.toFixed(2)).join(', ')}.`,
     '',
     `Layer: ${layerMiB} MiB of random bytes; median of ${one.runs} runs per Shoal case with the data plane, ${lib.runs} of the libp2p-only case and ${registry.runs} per plain HTTP case (one next to each Shoal run, in alternating order). curl downloads to /dev/null in every case, all on 127.0.0.1. ` +

@@ -33,7 +33,7 @@ test('uplink use is what each uplink sent over the makespan against what its rat
   // 100 Mbit/s for 20 s: 250 MB a link could send.
   const s = summarize(trial({ system: 'shoal', devices: 4, completionsMs: [18_000, 20_000, 19_000], seederTxBytes: 200 * MB, receiverTxBytes: [100 * MB, 150 * MB, 125 * MB] }));
   assert.deepEqual(s.uplinkUse, { seeder: 0.8, receivers: 0.5 });
-  assert.match(markdownReport({ machine: describeMachine(), command: 'x', rate: '100mbit', congestionControl: 'cubic', layers: 2, commit: 'abc', trials: [s] }), /\| 1\.00x F \| 80 %, 50 % \|/);
+  assert.match(markdownReport({ machine: describeMachine(), command: 'x', rate: '100mbit', congestionControl: 'cubic', layers: 2, code: { commit: 'abc', modified: [] }, trials: [s] }), /\| 1\.00x F \| 80 %, 50 % \|/);
   assert.equal(summarize(trial({ system: 'shoal', devices: 4, completionsMs: [18_000, 20_000] })).uplinkUse, undefined, 'no makespan, no figure');
 });
 
@@ -55,7 +55,7 @@ test('speed-up compares the registry and Shoal at the same N and leaves out the 
   ];
   assert.equal(speedUp(trials, 10), 8);
   assert.equal(speedUp(trials, 4), undefined);
-  const report: FanoutReport = { machine: describeMachine(), command: 'npm run bench:fanout', rate: '100mbit', congestionControl: 'cubic', layers: 2, commit: 'abc1234', trials };
+  const report: FanoutReport = { machine: describeMachine(), command: 'npm run bench:fanout', rate: '100mbit', congestionControl: 'cubic', layers: 2, code: { commit: 'abc1234', modified: [] }, trials };
   const markdown = markdownReport(report);
   assert.match(markdown, /\| Shoal \| 10 \| {2}\| 200 MB \| 18\.0 \| 18\.0 \| 18\.0 \| 16\.0 \| 0\.89 \| 8\.0x \|/);
   assert.match(markdown, /efficiency >= 0\.8: 0\.89, met/);
@@ -74,7 +74,7 @@ test('the cold start target is judged on the default chunk size; other sizes are
     summarize(trial({ system: 'shoal-cold', devices: 10, completionsMs: Array(9).fill(21_600) })),
     summarize(trial({ system: 'shoal-cold', devices: 10, completionsMs: Array(9).fill(19_200), chunkSize: 512 * 1024, chunkSweep: true })),
   ];
-  const report: FanoutReport = { machine: describeMachine(), command: 'npm run bench:fanout', rate: '100mbit', congestionControl: 'cubic', layers: 2, commit: 'abc1234', trials };
+  const report: FanoutReport = { machine: describeMachine(), command: 'npm run bench:fanout', rate: '100mbit', congestionControl: 'cubic', layers: 2, code: { commit: 'abc1234', modified: [] }, trials };
   const markdown = markdownReport(report);
   assert.match(markdown, /cold start makespan <= 1\.3x ideal: 1\.35x, MISSED/);
   assert.match(markdown, /not the target: 512 KiB chunks\) cold start 1\.20x the ideal/);

@@ -3,6 +3,7 @@
 // Pure functions, so the arithmetic is unit-tested apart from the network.
 import type { MachineDescription } from '../machine.ts';
 import { markdownMachine } from '../machine.ts';
+import { codeSentence, type CodeState } from '../shared.ts';
 
 /** How the receivers got the image: Shoal seeded by a push, Shoal with the seeder pulling through from an upstream, or a central registry. */
 export type SystemName = 'shoal' | 'shoal-cold' | 'registry';
@@ -110,8 +111,8 @@ export interface FanoutReport {
   /** TCP congestion control every device ran. */
   congestionControl: string;
   layers: number;
-  /** Git commit the run measured. */
-  commit: string;
+  /** The code the run measured. */
+  code: CodeState;
   trials: TrialSummary[];
 }
 
@@ -131,7 +132,7 @@ export function markdownReport(report: FanoutReport): string {
     '# Fan-out: one image from one seeder to N - 1 devices at once',
     '',
     markdownMachine(report.machine),
-    `Commit ${report.commit}. Command: \`${report.command}\`.`,
+    `${codeSentence(report.code)} Command: \`${report.command}\`.`,
     '',
     `Every device is a network namespace on one bridge, its link shaped with tc tbf to ${report.rate} in each direction and TCP congestion control ${report.congestionControl}; each runs a real \`shoal node\` ` +
       '(mDNS discovery, default settings). The seeder holds a freshly generated image of random (incompressible) bytes in ' +
