@@ -21,7 +21,7 @@ import type { DataPlaneTicket, Holding } from './types.ts';
  * A holding request's `from` says the asker already knows the first K entries of the index: the
  * answer's `chunks` then start at entry K' = min(K, the holder's count) and `from` says K'. A
  * receiver following a blob that is still arriving from an upstream asks its source a few times
- * a second, and whole indexes in every answer took a tenth of a 12 Mbit/s seeder's uplink.
+ * a second, and a whole index in every answer would repeat what it knows each time.
  * `growing` marks a holder pulling the blob through from an upstream: its index grows.
  *
  * `pick` lets the holder choose: of the chunks set in the bitmap `want`, it sends one it holds

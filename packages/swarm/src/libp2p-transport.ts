@@ -87,7 +87,7 @@ export class Libp2pChunkTransport implements ChunkTransport {
 
   /**
    * The peer's chunk index and availability of `blob`, or undefined when it holds none of it.
-   * Given the index this device `known`s, the peer sends only the entries past it.
+   * Given `known` (this device's index of the blob), the peer sends only the entries past it.
    */
   async fetchHolding(peer: string, blob: string, signal: AbortSignal, known?: ChunkIndex): Promise<Holding | undefined> {
     checkDigest(blob);
