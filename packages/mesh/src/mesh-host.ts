@@ -11,6 +11,7 @@ import { peerIdFromString } from '@libp2p/peer-id';
 import { ping, type Ping } from '@libp2p/ping';
 import { preSharedKey } from '@libp2p/pnet';
 import { tcp } from '@libp2p/tcp';
+import { isLoopback, Queue } from '@libp2p/utils';
 import { multiaddr, type Multiaddr } from '@multiformats/multiaddr';
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p';
 import { raceSignal } from 'race-signal';
@@ -58,6 +59,13 @@ export interface MeshHostOptions {
    * when many nodes share an IP (tests, containers, NAT). Default 100.
    */
   inboundConnectionThreshold?: number;
+  /**
+   * Inbound connections still in their handshake at once; more are refused. libp2p's default of 10
+   * is below a LAN's size: when the devices of a site start together each is dialled by all the
+   * others at once, handshakes on busy devices take seconds, and a refused dialler only tries
+   * again seconds later. Default 64.
+   */
+  maxIncomingPendingConnections?: number;
   /** Default silent. */
   log?: MeshLog;
 }
@@ -80,6 +88,14 @@ const STREAM_BUFFER_BYTES = 4 * 1024 * 1024;
 const MDNS_DIAL_RETRIES = 3;
 /** How long the device with the smaller peer id waits for the other to dial (see #onDiscovered). */
 const MDNS_YIELD_MS = 2_000;
+/**
+ * mDNS dials running at once. A device that starts among many finds them all within a second.
+ * Dialled all at once, on devices all busy starting, each handshake waited on dozens of others
+ * (a median of ~3.5 s at 16 devices on 2 cores), and tens per start ran past libp2p's 10 s dial
+ * timeout, their work wasted at both ends. One connection is enough for a device's table and
+ * record to spread; the others follow a few at a time.
+ */
+const MDNS_DIAL_CONCURRENCY = 4;
 /**
  * Gossipsub's defaults suit a public network of thousands; on a LAN of tens of devices nearly
  * every peer ends up in every mesh and flood publishing sends each message to all of them, so
@@ -121,6 +137,7 @@ export class MeshHost {
   #redialTimer: NodeJS.Timeout | undefined;
   /** Peers found by mDNS that a dial (or a wait before one) is under way to. */
   readonly #dialing = new Set<string>();
+  readonly #mdnsDials = new Queue<unknown>({ concurrency: MDNS_DIAL_CONCURRENCY });
 
   constructor(options: MeshHostOptions = {}) {
     this.#options = {
@@ -131,6 +148,7 @@ export class MeshHost {
       mdnsIntervalMs: 30_000,
       mdnsServiceTag: DEFAULT_MDNS_SERVICE_TAG,
       inboundConnectionThreshold: 100,
+      maxIncomingPendingConnections: 64,
       log: silentLog,
       ...withoutUndefined(options),
     };
@@ -158,7 +176,7 @@ export class MeshHost {
    */
   async start(): Promise<void> {
     if (this.#node) return;
-    const { listen, swarmKey, privateKey, inboundConnectionThreshold } = this.#options;
+    const { listen, swarmKey, privateKey, inboundConnectionThreshold, maxIncomingPendingConnections } = this.#options;
     const services: ServiceFactoryMap<MeshServices> = {
       identify: identify(),
       // kad-dht pings new contacts through this service; one outbound stream (the default)
@@ -179,7 +197,7 @@ export class MeshHost {
     const node = await createLibp2p<MeshServices>({
       start: false,
       privateKey,
-      addresses: { listen },
+      addresses: { listen, announceFilter: withoutLoopback },
       transports: [tcp()],
       connectionEncrypters: [noise()],
       streamMuxers: [
@@ -193,7 +211,7 @@ export class MeshHost {
         }),
       ],
       connectionProtector: swarmKey ? preSharedKey({ psk: swarmKey }) : undefined,
-      connectionManager: { inboundConnectionThreshold },
+      connectionManager: { inboundConnectionThreshold, maxIncomingPendingConnections },
       connectionMonitor: { enabled: false },
       services,
     });
@@ -245,6 +263,7 @@ export class MeshHost {
     this.#redialTimer = undefined;
     const node = this.#node;
     this.#node = undefined;
+    this.#mdnsDials.abort();
     await node?.stop();
   }
 
@@ -272,9 +291,9 @@ export class MeshHost {
    * starting among many hears each peer many times: one dial (or wait) per peer at a time. Both
    * devices of a pair hear each other at once, and two dials crossing cost twice the handshakes
    * on machines busy starting up; so the one with the smaller peer id gives the other a moment to
-   * dial first. Devices that start together are all busy at once and dials time out, while the
-   * next answer may be a whole mDNS interval away, so a failed dial is tried again a few times,
-   * 1 s, 2 s and 4 s later.
+   * dial first. At most MDNS_DIAL_CONCURRENCY dials run at once (see there). Devices that start
+   * together are all busy at once and dials time out, while the next answer may be a whole mDNS
+   * interval away, so a failed dial is tried again a few times, 1 s, 2 s and 4 s later.
    */
   #onDiscovered(peer: PeerInfo, attempt = 0): void {
     const node = this.#node;
@@ -285,7 +304,8 @@ export class MeshHost {
     node.peerStore
       .merge(peer.id, { multiaddrs: peer.multiaddrs, tags: { [KEEP_ALIVE]: { value: 1 } } })
       .then(() => sleep(yieldMs, undefined, { ref: false }))
-      .then(() => (node.getConnections(peer.id).length > 0 ? undefined : node.dial(peer.id)))
+      // The peer may have dialled in while this dial waited, for its yield or for a turn.
+      .then(() => this.#mdnsDials.add(async () => (node.getConnections(peer.id).length > 0 ? undefined : node.dial(peer.id))))
       .then(
         () => {
           this.#dialing.delete(key);
@@ -305,6 +325,17 @@ export async function createMeshHost(options: MeshHostOptions = {}): Promise<Mes
   const host = new MeshHost(options);
   await host.start();
   return host;
+}
+
+/**
+ * The addresses announced (identify, mDNS answers, the membership record): loopback ones only
+ * when there is nothing else, as when every node runs on one host. Announced beside a LAN
+ * address, a peer whose LAN dial failed tried the loopback one next and reached its own node
+ * (its own handshake, wasted at both ends).
+ */
+function withoutLoopback(addrs: Multiaddr[]): Multiaddr[] {
+  const reachable = addrs.filter((addr) => !isLoopback(addr));
+  return reachable.length > 0 ? reachable : addrs;
 }
 
 function parseBootstrapAddr(text: string): { peerId: PeerId; addr: Multiaddr } {

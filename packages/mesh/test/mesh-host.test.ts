@@ -1,6 +1,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Message } from '@libp2p/gossipsub';
@@ -113,6 +114,27 @@ describe('MeshHost over TCP on 127.0.0.1', () => {
     assert.ok(provider.id.equals(seed.peerId));
     const [seedAddr] = seed.node.getMultiaddrs().map((addr) => addr.toString());
     assert.ok(provider.multiaddrs.some((addr) => seedAddr === `${addr}/p2p/${seed.peerId}`));
+  });
+
+  test('a host accepts a dial while more inbound handshakes are pending than libp2p allows by default', async () => {
+    // Sockets that never handshake stay pending until libp2p's inbound upgrade timeout (10 s),
+    // like the dials of devices that start together and are too busy to answer at once.
+    const components = seed.multiaddrs[0].getComponents();
+    const host = components.find((component) => component.name === 'ip4')!.value!;
+    const port = Number(components.find((component) => component.name === 'tcp')!.value);
+    const stalled = await Promise.all(
+      Array.from({ length: 12 }, () => new Promise<Socket>((resolve, reject) => {
+        const socket = connect(port, host, () => resolve(socket));
+        socket.on('error', reject);
+      })),
+    );
+    try {
+      const late = await startHost({ swarmKey });
+      await late.node.dial(seed.multiaddrs[0], { signal: AbortSignal.timeout(5_000) });
+      assert.equal(late.node.getConnections(seed.peerId).length, 1);
+    } finally {
+      for (const socket of stalled) socket.destroy();
+    }
   });
 
   test('a host restarted with the same data dir keeps its peer id and is reachable again', async () => {
