@@ -18,7 +18,7 @@ import { TestNetwork } from '../../test/helpers/netns.ts';
 import { SHOAL_BIN, startShoalNode, type PeerRecord, type RunningShoalNode } from '../../test/helpers/node.ts';
 import { Scratch } from '../../test/helpers/scratch.ts';
 import { describeMachine, markdownMachine, rssOf } from './machine.ts';
-import { busyPercent, cpuJiffies, writeResults } from './shared.ts';
+import { busyPercent, cpuJiffies, median, writeResults } from './shared.ts';
 
 const { values } = parseArgs({
   options: {
@@ -248,7 +248,7 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
 
     return {
       devices: count,
-      fullViewMs: median(fullViewStartsMs),
+      fullViewMs: medianMs(fullViewStartsMs),
       fullViewStartsMs: fullViewStartsMs.map((ms) => (ms === null ? null : Math.round(ms))),
       downMs: downMs === null ? null : Math.round(downMs),
       rejoinMs: rejoinMs === null ? null : Math.round(rejoinMs),
@@ -269,9 +269,8 @@ async function measureMesh(count: number, scratch: Scratch, swarmKey: string): P
 }
 
 /** The median, rounded; a start that never got there counts as the slowest, and null wins if it is the median. */
-function median(values: (number | null)[]): number | null {
-  const sorted = values.map((v) => v ?? Infinity).sort((a, b) => a - b);
-  const middle = sorted.length % 2 === 1 ? sorted[(sorted.length - 1) / 2]! : (sorted[sorted.length / 2 - 1]! + sorted[sorted.length / 2]!) / 2;
+function medianMs(values: (number | null)[]): number | null {
+  const middle = median(values.map((v) => v ?? Infinity));
   return Number.isFinite(middle) ? Math.round(middle) : null;
 }
 
