@@ -101,11 +101,15 @@ export interface Suspicion {
   seq: number;
 }
 
-/** A message on the membership topic: the sender's whole record, a beat, or a suspicion. */
+/**
+ * A message on the membership topic: the sender's whole record, a beat, a suspicion, or a relay
+ * (members the sender has just learned of, with the age of its news of each, as in a sync answer).
+ */
 export type Heartbeat =
-  | { record: MemberRecord; beat?: never; suspicion?: never }
-  | { beat: Beat; record?: never; suspicion?: never }
-  | { suspicion: Suspicion; record?: never; beat?: never };
+  | { record: MemberRecord; beat?: never; suspicion?: never; relay?: never }
+  | { beat: Beat; record?: never; suspicion?: never; relay?: never }
+  | { suspicion: Suspicion; record?: never; beat?: never; relay?: never }
+  | { relay: SyncedMember[]; record?: never; beat?: never; suspicion?: never };
 
 /** A heartbeat carrying the whole record (sent at start and whenever the record changes). */
 export function encodeHeartbeat(record: MemberRecord): Uint8Array {
@@ -120,9 +124,15 @@ export function encodeSuspicion(suspicion: Suspicion): Uint8Array {
   return new TextEncoder().encode(JSON.stringify({ v: MEMBERSHIP_FORMAT_VERSION, suspicion }));
 }
 
+export function encodeRelay(members: SyncedMember[]): Uint8Array {
+  return new TextEncoder().encode(JSON.stringify({ v: MEMBERSHIP_FORMAT_VERSION, relay: members }));
+}
+
 /** Parses and schema-checks a heartbeat; throws MembershipFormatError for anything malformed or over maxBytes. */
 export function decodeHeartbeat(bytes: Uint8Array, maxBytes: number): Heartbeat {
   const message = parseVersionedJson(bytes, maxBytes, 'heartbeat');
+  // The message's size bounds its entries: each fits in a heartbeat of its own as well.
+  if (message.relay !== undefined) return { relay: parseSyncedMembers(message.relay, 'heartbeat.relay') };
   if (message.suspicion !== undefined) {
     const { suspicion } = message;
     if (!isPlainObject(suspicion)) throw new MembershipFormatError('heartbeat.suspicion is not an object');
@@ -160,20 +170,25 @@ export interface SyncLimits {
 /** Parses a sync message; one malformed entry makes the whole message malformed. */
 export function decodeSync(bytes: Uint8Array, { maxBytes, maxMembers, maxHeartbeatBytes }: SyncLimits): SyncedMember[] {
   const message = parseVersionedJson(bytes, maxBytes, 'sync message');
-  const { members } = message;
-  if (!Array.isArray(members)) throw new MembershipFormatError('sync message: members is not an array');
-  if (members.length > maxMembers) {
-    throw new MembershipFormatError(`sync message: ${members.length} members, more than ${maxMembers}`);
+  return parseSyncedMembers(message.members, 'sync message: members', { maxMembers, maxHeartbeatBytes });
+}
+
+function parseSyncedMembers(members: unknown, where: string, limits?: Omit<SyncLimits, 'maxBytes'>): SyncedMember[] {
+  if (!Array.isArray(members)) throw new MembershipFormatError(`${where} is not an array`);
+  if (limits && members.length > limits.maxMembers) {
+    throw new MembershipFormatError(`${where}: ${members.length} members, more than ${limits.maxMembers}`);
   }
   return members.map((value, index) => {
-    const where = `sync message: members[${index}]`;
-    const record = parseMemberRecord(value, where);
-    const recordBytes = encodeHeartbeat(record).byteLength;
-    if (recordBytes > maxHeartbeatBytes) {
-      throw new MembershipFormatError(`${where} takes ${recordBytes} bytes, more than a heartbeat may (${maxHeartbeatBytes})`);
+    const at = `${where}[${index}]`;
+    const record = parseMemberRecord(value, at);
+    if (limits) {
+      const recordBytes = encodeHeartbeat(record).byteLength;
+      if (recordBytes > limits.maxHeartbeatBytes) {
+        throw new MembershipFormatError(`${at} takes ${recordBytes} bytes, more than a heartbeat may (${limits.maxHeartbeatBytes})`);
+      }
     }
     const ageMs = (value as Record<string, unknown>).ageMs;
-    return { ...record, ageMs: checkNumber(ageMs, `${where}.ageMs`, { integer: true }) };
+    return { ...record, ageMs: checkNumber(ageMs, `${at}.ageMs`, { integer: true }) };
   });
 }
 

@@ -1,5 +1,5 @@
 import { arch, hostname, platform } from 'node:os';
-import { TopicValidatorResult, type Message, type SubscriptionChangeData } from '@libp2p/gossipsub';
+import { TopicValidatorResult, type GossipSub, type Message, type SubscriptionChangeData } from '@libp2p/gossipsub';
 import { TypedEventEmitter, type PeerId } from '@libp2p/interface';
 import { peerIdFromString } from '@libp2p/peer-id';
 import { multiaddr } from '@multiformats/multiaddr';
@@ -13,6 +13,7 @@ import {
   decodeSync,
   encodeBeat,
   encodeHeartbeat,
+  encodeRelay,
   encodeSuspicion,
   encodeSync,
   MAX_ADDRESSES,
@@ -192,6 +193,13 @@ interface OwnService {
 
 // One successful exchange gives a joiner the whole table, so a few in parallel are plenty.
 const MAX_CONCURRENT_SYNCS = 4;
+/**
+ * How long members learned from table syncs wait to be relayed together: a sync brings many at
+ * once, and the syncs of a device meeting many devices land close together.
+ */
+const RELAY_DELAY_MS = 20;
+// Bytes of a relay message around its members: {"v":2,"relay":[...]}.
+const RELAY_ENVELOPE_BYTES = 32;
 // Slack per member in a sync message for the ageMs field and separators.
 const SYNC_ENTRY_OVERHEAD_BYTES = 64;
 const silentLog: MeshLog = { debug() {}, warn() {} };
@@ -235,6 +243,9 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   #sending = false;
   /** A heartbeat was asked for while one was being sent; send another right after. */
   #announceAgain = false;
+  /** Members learned from table syncs and not yet relayed, and the timer that relays them. */
+  readonly #toRelay = new Set<string>();
+  #relayTimer: NodeJS.Timeout | undefined;
   readonly #counters: MembershipCounters = { probesAnswered: 0, probesUnanswered: 0, suspicionsSent: 0, suspicionsReceived: 0, heartbeatsRejected: 0 };
 
   constructor(host: MeshHost, options: MembershipOptions = {}) {
@@ -320,6 +331,9 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     this.#node = undefined;
     this.#stopping.abort(new Error('membership stopped'));
     clearTimeout(this.#heartbeatTimer);
+    clearTimeout(this.#relayTimer);
+    this.#relayTimer = undefined;
+    this.#toRelay.clear();
     clearInterval(this.#checkTimer);
     clearInterval(this.#probeTimer);
     this.#probeRound = [];
@@ -591,9 +605,11 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   }
 
   /** False when nobody is subscribed yet (the first node, or before subscriptions are exchanged), which is normal. */
-  async #publish(node: MeshNode, bytes: Uint8Array): Promise<boolean> {
+  async #publish(node: MeshNode, bytes: Uint8Array, floodPublish?: boolean): Promise<boolean> {
+    // The implementation takes per-message options that the exported interface leaves out.
+    const pubsub = node.services.pubsub as GossipSub & { publish(topic: string, data: Uint8Array, opts?: { floodPublish?: boolean }): Promise<unknown> };
     try {
-      await node.services.pubsub.publish(this.#options.topic, bytes);
+      await pubsub.publish(this.#options.topic, bytes, { floodPublish });
       return true;
     } catch (err) {
       if ((err as Error).message === 'PublishError.NoPeersSubscribedToTopic') return false;
@@ -628,7 +644,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       return TopicValidatorResult.Reject;
     }
     this.#decoded.set(message, heartbeat);
-    if (heartbeat.suspicion) return TopicValidatorResult.Accept;
+    if (heartbeat.suspicion || heartbeat.relay) return TopicValidatorResult.Accept;
     const row = message.type === 'signed' ? this.#rows.get(message.from.toString()) : undefined;
     const seq = heartbeat.record?.seq ?? heartbeat.beat!.seq;
     // Stale or replayed: drop quietly without penalising whoever forwarded it.
@@ -642,6 +658,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const heartbeat = this.#decoded.get(message) ?? this.#authenticatedHeartbeat(message);
     if (heartbeat?.record) this.#merge(heartbeat.record, 0, true);
     else if (heartbeat?.beat) this.#onBeat(message.from, heartbeat.beat);
+    else if (heartbeat?.relay) this.#mergeMembers(heartbeat.relay, message.from.toString(), false);
     // Only a member's word counts, so a peer outside the table cannot make members suspect.
     else if (heartbeat?.suspicion && this.#rows.has(message.from.toString())) this.#onSuspicion(heartbeat.suspicion);
   };
@@ -691,7 +708,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
    * (authenticated) word only has to beat its own earlier word, so relayed records can never
    * shut out its heartbeats.
    */
-  #merge(record: MemberRecord, ageMs: number, authenticated: boolean): void {
+  #merge(record: MemberRecord, ageMs: number, authenticated: boolean, relay = false): void {
     if (record.peerId === this.#self?.peerId) return;
     const heardAt = performance.now() - ageMs;
     const row = this.#rows.get(record.peerId);
@@ -713,6 +730,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       };
       this.#rows.set(record.peerId, added);
       this.#emit(added);
+      if (relay && !silent) this.#queueRelay(record.peerId);
       return;
     }
     // Beats do not change record seqs, so the member's own word may repeat the seq of a record
@@ -789,15 +807,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const members: SyncedMember[] = [{ ...self, ...servicesField(this.#ownServiceRecords()), ageMs: 0 }];
     for (const row of this.#rows.values()) {
       // A down member would come back alive at a receiver that has not heard of it.
-      if (row.status === 'down') continue;
-      // Service TTLs are re-based on the moment ageMs refers to, so the receiver's deadlines match ours.
-      const services = (row.record.services ?? []).flatMap((service) => {
-        if (service.ttlMs === undefined) return [service];
-        const ttlMs = Math.ceil(row.recordAt + service.ttlMs - row.heardAt);
-        return ttlMs > 0 ? [{ ...service, ttlMs }] : [];
-      });
-      const { services: _services, ...record } = row.record;
-      members.push({ ...record, ...servicesField(services), ageMs: Math.round(now - row.heardAt) });
+      if (row.status !== 'down') members.push(synced(row, now));
     }
     return encodeSync(members);
   }
@@ -805,10 +815,47 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   #mergeSync(bytes: Uint8Array, remotePeer: PeerId): void {
     const { maxHeartbeatBytes, maxMembers } = this.#options;
     const members = decodeSync(bytes, { maxBytes: this.#maxSyncBytes, maxMembers: maxMembers + 1, maxHeartbeatBytes });
-    const remote = remotePeer.toString();
-    for (const member of members) {
-      const { ageMs, ...record } = member;
-      this.#merge(record, ageMs, record.peerId === remote);
+    this.#mergeMembers(members, remotePeer.toString(), true);
+  }
+
+  /** Members as `remote` relayed them: its own entry is its word, the others hearsay. */
+  #mergeMembers(members: SyncedMember[], remote: string, relay: boolean): void {
+    for (const { ageMs, ...record } of members) this.#merge(record, ageMs, record.peerId === remote, relay);
+  }
+
+  /**
+   * Passes a member learned from a table sync on to the whole mesh, soon. A sync happens once per
+   * connection, so without this a device that met a newcomer early kept it to itself: starting
+   * 16 devices at once, tables filled only as each pair connected, ~3 s after the last device
+   * listened, and not one record came by gossip (it reached devices after their syncs had).
+   * Members learned from relays are not relayed again: gossipsub forwards the relay itself.
+   */
+  #queueRelay(peerId: string): void {
+    this.#toRelay.add(peerId);
+    this.#relayTimer ??= setTimeout(() => {
+      this.#relayTimer = undefined;
+      void this.#relay();
+    }, RELAY_DELAY_MS);
+  }
+
+  async #relay(): Promise<void> {
+    const node = this.#node;
+    if (!node) return;
+    const now = performance.now();
+    const members: SyncedMember[] = [];
+    for (const peerId of this.#toRelay) {
+      const row = this.#rows.get(peerId);
+      if (row && row.status !== 'down') members.push(synced(row, now));
+    }
+    this.#toRelay.clear();
+    for (const bytes of relayMessages(members, this.#options.maxHeartbeatBytes)) {
+      try {
+        // Flooded to every peer on the topic, not only to the few of its gossip mesh, which at a
+        // start is still forming.
+        await this.#publish(node, bytes, true);
+      } catch (err) {
+        this.#options.log.debug({ err }, 'membership relay not sent');
+      }
     }
   }
 
@@ -838,4 +885,35 @@ function endpointHost(record: MemberRecord): string {
     if (ip4 !== undefined && !ip4.startsWith('127.') && ip4 !== '0.0.0.0') return ip4;
   }
   return FALLBACK_SERVICE_HOST;
+}
+
+/** A member's row as a synced entry: its record with the age of this node's news of it. */
+function synced(row: Row, now: number): SyncedMember {
+  // Service TTLs are re-based on the moment ageMs refers to, so the receiver's deadlines match ours.
+  const services = (row.record.services ?? []).flatMap((service) => {
+    if (service.ttlMs === undefined) return [service];
+    const ttlMs = Math.ceil(row.recordAt + service.ttlMs - row.heardAt);
+    return ttlMs > 0 ? [{ ...service, ttlMs }] : [];
+  });
+  const { services: _services, ...record } = row.record;
+  return { ...record, ...servicesField(services), ageMs: Math.round(now - row.heardAt) };
+}
+
+/** `members` in as few relay messages of at most `maxBytes` as fit; one too big alone is left out. */
+function relayMessages(members: SyncedMember[], maxBytes: number): Uint8Array[] {
+  const messages: Uint8Array[] = [];
+  let batch: SyncedMember[] = [];
+  let bytes = RELAY_ENVELOPE_BYTES;
+  for (const member of members) {
+    const size = Buffer.byteLength(JSON.stringify(member)) + 1;
+    if (RELAY_ENVELOPE_BYTES + size > maxBytes) continue;
+    if (bytes + size > maxBytes) {
+      messages.push(encodeRelay(batch));
+      [batch, bytes] = [[], RELAY_ENVELOPE_BYTES];
+    }
+    batch.push(member);
+    bytes += size;
+  }
+  if (batch.length > 0) messages.push(encodeRelay(batch));
+  return messages;
 }

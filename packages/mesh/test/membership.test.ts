@@ -5,12 +5,14 @@ import type { Stream } from '@libp2p/interface';
 import {
   encodeBeat,
   encodeHeartbeat,
+  encodeRelay,
   encodeSuspicion,
   encodeSync,
   MEMBERSHIP_SYNC_PROTOCOL,
   MEMBERSHIP_TOPIC,
   Membership,
   MeshHost,
+  decodeHeartbeat,
   type MemberRecord,
   type MemberStatus,
 } from '../src/index.ts';
@@ -196,6 +198,9 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
       text(JSON.stringify({ v: 2, beat: [1, 1, 0, 0] })),
       text(JSON.stringify({ v: 2, suspicion: { peerId: 'not-a-peer-id', seq: 1 } })),
       text(JSON.stringify({ v: 2, suspicion: { peerId: b.id, seq: -1 } })),
+      text(JSON.stringify({ v: 2, relay: { peerId: b.id } })),
+      text(JSON.stringify({ v: 2, relay: [{ ...record(b.id), ageMs: -5 }] })),
+      text(JSON.stringify({ v: 2, relay: [record(b.id)] })), // no ageMs
       encodeHeartbeat(record(forger.id, { labels: hugeLabels })), // schema-valid but over 8 KiB
       new Uint8Array([0xff, 0xfe, 0x00]),
     ];
@@ -220,6 +225,38 @@ test('forged, malformed and oversized heartbeats are rejected and the device kee
     assert.equal(seenB.status, 'alive');
     assert.deepEqual(suspected, []);
     assert.equal(a.membership!.counters.heartbeatsRejected - rejectedBefore, payloads.length);
+
+    // So is a relay of a member a has not heard of, taken as hearsay (its own word would override it).
+    const ghost = (await mesh.host()).id;
+    await pubsub.publish(MEMBERSHIP_TOPIC, encodeRelay([{ ...record(ghost, { name: 'ghost', seq: 1 }), ageMs: 10 }]));
+    await waitFor('a to take the relayed member', () => a.membership!.list().some((member) => member.peerId === ghost));
+    assert.deepEqual([...names], ['honest-forger', 'ghost']);
+  } finally {
+    await mesh.stopAll();
+  }
+});
+
+test('a member one device learns by sync is relayed at once to devices that never met it', async () => {
+  const mesh = new TestMesh();
+  try {
+    const b = await mesh.device('b', HEARTBEAT_NEVER);
+    const c = await mesh.device('c', HEARTBEAT_NEVER, [b]);
+    await waitFor('b and c to see each other', () => allAlive(b, [b, c]) && allAlive(c, [b, c]));
+    await waitForSubscriptions([b, c]);
+    const relayedToC: string[][] = [];
+    c.host.node.services.pubsub.addEventListener('message', (evt: CustomEvent<Message>) => {
+      const message = evt.detail;
+      if (message.type !== 'signed' || message.from.toString() !== b.id) return;
+      const { relay } = decodeHeartbeat(message.data, 8_192);
+      if (relay) relayedToC.push(relay.map((member) => member.peerId));
+    });
+
+    // a knows only b: b learns a by their sync, and only b's relay can tell c (nobody heartbeats).
+    const a = await mesh.device('a', HEARTBEAT_NEVER, [b]);
+    // (b may have relayed c itself before: it learned c by sync too.)
+    await waitFor('c to see a alive and b to relay it', () => statusOf(c, a) === 'alive' && relayedToC.some((ids) => ids.includes(a.id)));
+    const seenA = c.membership!.list().find((member) => member.peerId === a.id)!;
+    assert.equal(seenA.gateway, 'http://a.test:5000');
   } finally {
     await mesh.stopAll();
   }
