@@ -11,7 +11,8 @@
 // ways: one source and three sources with the chunk data plane (the default: B gets a ticket over
 // libp2p and fetches the chunks over plain HTTP), and one source with every node's data plane off
 // (`dataPlane: false`, what --no-data-plane sets), so the chunks cross libp2p TCP + noise + yamux.
-// curl downloads to /dev/null in every case. Reports throughput, time to first byte, CPU seconds
+// curl downloads to /dev/null in every case but one: docker-registry's download is also run saved
+// to a file, since B stores what it pulls. Reports throughput, time to first byte, CPU seconds
 // per GB of every process involved (server or sending devices, receiving device, curl), peak RSS
 // of each node during the transfer, the bytes each source sent, and the bytes B received over HTTP
 // and over libp2p (from ss). Writes bench/results/transfer.{json,md}.
@@ -65,8 +66,10 @@ const execFileAsync = promisify(execFile);
 // than this fraction of the one-source median (runs of one case spread by about that much).
 const TARGETS = { oneSourceRatio: 0.4, threeSourcesMargin: 0.1, rssBytes: 200 * 2 ** 20 };
 
-type CaseName = 'docker-registry' | 'busybox httpd' | 'Shoal, 1 source' | 'Shoal, 3 sources' | 'Shoal, 1 source, libp2p only';
-const CASES: CaseName[] = ['docker-registry', 'busybox httpd', 'Shoal, 1 source', 'Shoal, 3 sources', 'Shoal, 1 source, libp2p only'];
+type CaseName = 'docker-registry' | 'docker-registry, saved' | 'busybox httpd' | 'Shoal, 1 source' | 'Shoal, 3 sources' | 'Shoal, 1 source, libp2p only';
+const CASES: CaseName[] = ['docker-registry', 'docker-registry, saved', 'busybox httpd', 'Shoal, 1 source', 'Shoal, 3 sources', 'Shoal, 1 source, libp2p only'];
+// The plain HTTP downloads next to each Shoal run.
+const BASELINES: CaseName[] = ['docker-registry', 'docker-registry, saved', 'busybox httpd'];
 const LIBP2P_ONLY: CaseName = 'Shoal, 1 source, libp2p only';
 
 interface Sample {
@@ -171,11 +174,11 @@ interface Download {
   curlCpu: number;
 }
 
-/** GET `url` with curl to /dev/null; fails unless it is a 200 with exactly SIZE bytes. */
-async function download(url: string): Promise<Download> {
+/** GET `url` with curl to `output` (/dev/null unless given); fails unless it is a 200 with exactly SIZE bytes. */
+async function download(url: string, output = '/dev/null'): Promise<Download> {
   const { stdout } = await execFileAsync(
     'sh',
-    ['-c', `curl "$@"; rc=$?; ${REPORT_CHILD_CPU}; exit $rc`, 'sh', '-sS', '-o', '/dev/null', '-w', '%{http_code} %{size_download} %{time_starttransfer} %{time_total}', url],
+    ['-c', `curl "$@"; rc=$?; ${REPORT_CHILD_CPU}; exit $rc`, 'sh', '-sS', '-o', output, '-w', '%{http_code} %{size_download} %{time_starttransfer} %{time_total}', url],
     { maxBuffer: 1 << 20 },
   );
   const lines = stdout.trim().split('\n');
@@ -499,6 +502,15 @@ async function runCase(ctx: Context, name: CaseName): Promise<Sample> {
   switch (name) {
     case 'docker-registry':
       return measure([{ role: 'server', pid: ctx.registry.pid }], () => download(`${ctx.registry.url}/v2/${REPO}/blobs/${ctx.digest}`));
+    case 'docker-registry, saved': {
+      // Stored as B stores it: a new file on the disk that holds the devices' data dirs.
+      const saved = join(ctx.work, 'saved.bin');
+      try {
+        return await measure([{ role: 'server', pid: ctx.registry.pid }], () => download(`${ctx.registry.url}/v2/${REPO}/blobs/${ctx.digest}`, saved));
+      } finally {
+        await rm(saved, { force: true });
+      }
+    }
     case 'busybox httpd':
       return measure([], async () => {
         const serverCpu = ctx.httpd.nextConnectionCpu();
@@ -624,7 +636,7 @@ async function main(): Promise<void> {
     execFileSync('sync');
     for (let run = 0; run < runs; run++) {
       console.log(`run ${run + 1}/${runs} (${shoal})`);
-      const order: CaseName[] = ['docker-registry', 'busybox httpd', shoal];
+      const order: CaseName[] = [...BASELINES, shoal];
       for (const name of run % 2 === 0 ? order : order.reverse()) record(name, await runCase(ctx, name));
     }
   };
@@ -930,6 +942,7 @@ async function report(samples: Map<CaseName, Sample[]>, info: RunInfo): Promise<
   const rows = CASES.map((c) => summarize(c, samples.get(c)!, cores));
   const row = (c: CaseName) => rows.find((r) => r.case === c)!;
   const registry = row('docker-registry');
+  const saved = row('docker-registry, saved');
   const httpd = row('busybox httpd');
   const one = row('Shoal, 1 source');
   const three = row('Shoal, 3 sources');
@@ -981,6 +994,7 @@ async function report(samples: Map<CaseName, Sample[]>, info: RunInfo): Promise<
       (registry.mbpsRange[1] > 1.3 * registry.mbpsRange[0]
         ? ` (docker-registry itself varied from ${registry.mbpsRange[0]} to ${registry.mbpsRange[1]} MB/s over its ${registry.runs} runs; against its fastest run one source is ${round2(one.mbps / registry.mbpsRange[1])}x.)`
         : '') +
+      ` B stores the layer as it goes; a download that stores it too (docker-registry, saved: curl writes a new file on the disk that holds the devices' data dirs) ran at ${saved.mbps} MB/s, ${ratio(saved, registry)}x the download to /dev/null, at ${saved.cpuPerGBTotal} CPU s/GB against ${registry.cpuPerGBTotal}: against it, one source is ${ratio(one, saved)}x.` +
       ` With three sources it moved ${three.mbps} MB/s (${ratio(three, registry)}x docker-registry, ${round2(three.mbps / one.mbps)}x one source): ` +
       (verdicts.threeSources
         ? `more than ${Math.round(100 * TARGETS.threeSourcesMargin)} % above one source, as targeted.`
@@ -1053,21 +1067,21 @@ async function report(samples: Map<CaseName, Sample[]>, info: RunInfo): Promise<
     codeSentence(code),
     `Load average before the run: ${loadBefore.map((l) => l.toFixed(2)).join(', ')}; after: ${loadAfter.map((l) => l.toFixed(2)).join(', ')}.`,
     '',
-    `Layer: ${layerMiB} MiB of random bytes; median of ${one.runs} runs per Shoal case with the data plane, ${lib.runs} of the libp2p-only case and ${registry.runs} per plain HTTP case (one next to each Shoal run, in alternating order). curl downloads to /dev/null in every case, all on 127.0.0.1. ` +
-      `**docker-registry**: the reference registry 2.8 serving the pushed blob. **busybox httpd**: a raw static-file server (inetd mode, one process per connection, sendfile). ` +
+    `Layer: ${layerMiB} MiB of random bytes; median of ${one.runs} runs per Shoal case with the data plane, ${lib.runs} of the libp2p-only case and ${registry.runs} per plain HTTP case (one next to each Shoal run, in alternating order). curl downloads to /dev/null in every case but one, all on 127.0.0.1. ` +
+      `**docker-registry**: the reference registry 2.8 serving the pushed blob. **docker-registry, saved**: the same download written to a new file (curl -o) on the disk that holds the devices' data dirs, deleted after each run, as B stores the layer. **busybox httpd**: a raw static-file server (inetd mode, one process per connection, sendfile). ` +
       `**Shoal, 1 source**: device A holds the blob (pushed to its gateway); a fresh device B (new data dir, bootstrapped to A) pulls it through its gateway. Both run the chunk data plane (the default): B asks A over libp2p (\`/shoal/chunks/1.0.0\`) what it holds and gets a ticket in the answer, fetches the chunks from A's data plane over plain HTTP, verifies and stores them, and its gateway streams them to curl. ` +
       `**Shoal, 3 sources**: the same with A1, A2, A3 holding the blob (pushed to A1, pulled by A2 and A3 through their gateways); a fresh B bootstrapped to all three pulls. ` +
       `**Shoal, 1 source, libp2p only**: as with one source, but A and B run with the data plane off (\`dataPlane: false\` in a config file, what \`--no-data-plane\` sets), so the chunks cross libp2p TCP + noise + yamux from A to B. ` +
       `CPU: user + system seconds per GB (10^9 bytes) from /proc of every process involved (busybox httpd and curl via their parent shell's cutime). MB/s: 10^6 bytes per second over curl's total time.`,
     '',
-    '| transfer | MB/s | slowest - fastest run | vs docker-registry | vs busybox httpd | first byte | CPU s/GB, all processes | CPU s/GB by process | peak RSS during transfer |',
-    '|---|---:|---:|---:|---:|---:|---:|---|---|',
+    '| transfer | MB/s | slowest - fastest run | vs docker-registry | vs docker-registry, saved | vs busybox httpd | first byte | CPU s/GB, all processes | CPU s/GB by process | peak RSS during transfer |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|---|---|',
     ...rows.map(
       (r) =>
-        `| ${r.case} | ${r.mbps} | ${r.mbpsRange[0]} - ${r.mbpsRange[1]} | ${ratio(r, registry)} | ${ratio(r, httpd)} | ${r.ttfbMs} ms | ${r.cpuPerGBTotal} | ${list(r.cpuPerGB)} | ${Object.keys(r.peakRssMiB).length ? list(r.peakRssMiB, ' MiB') : 'n/a (one process per connection)'} |`,
+        `| ${r.case} | ${r.mbps} | ${r.mbpsRange[0]} - ${r.mbpsRange[1]} | ${ratio(r, registry)} | ${ratio(r, saved)} | ${ratio(r, httpd)} | ${r.ttfbMs} ms | ${r.cpuPerGBTotal} | ${list(r.cpuPerGB)} | ${Object.keys(r.peakRssMiB).length ? list(r.peakRssMiB, ' MiB') : 'n/a (one process per connection)'} |`,
     ),
     '',
-    `Targets (with the data plane, the default): Shoal >= ${TARGETS.oneSourceRatio}x plain HTTP (docker-registry) with one source: ${ratio(one, registry)}x, ${met(verdicts.oneSource)}. ` +
+    `Targets (with the data plane, the default): Shoal >= ${TARGETS.oneSourceRatio}x plain HTTP (docker-registry, to /dev/null) with one source: ${ratio(one, registry)}x, ${met(verdicts.oneSource)} (against the download that stores the layer as B does: ${ratio(one, saved)}x). ` +
       `More with three sources (by more than ${Math.round(100 * TARGETS.threeSourcesMargin)} %, beyond run-to-run noise): ${three.mbps} vs ${one.mbps} MB/s, ${met(verdicts.threeSources)}. ` +
       `RSS of each node <= 200 MB (read as 200 MiB, as in the other benchmarks), in every Shoal case: at most ${maxNodeRss} MiB, ${met(verdicts.rss)}. ` +
       `Over libp2p only (data plane off): ${lib.mbps} MB/s, ${ratio(lib, registry)}x docker-registry.`,
