@@ -209,11 +209,12 @@ const FALLBACK_SERVICE_HOST = '127.0.0.1';
  * Membership and liveness over a started MeshHost: every node heartbeats on a gossipsub topic
  * (its whole record when that changed, else a small beat), keeps a table of the others with
  * alive/suspect/down status from the time since it last heard them, and exchanges tables with
- * each newly connected peer so a joiner sees everyone at once. A beat naming a record this node
- * lacks makes it ask the sender for its table.
+ * each newly connected peer so a joiner sees everyone at once; members a sync brings are relayed
+ * to the whole mesh at once. A beat naming a record this node lacks makes it ask the sender for
+ * its table.
  *
  * Trust: heartbeats are signed by their sender (a heartbeat about another peer is rejected);
- * sync answers may relay third parties' records unsigned, so a member's own word (its
+ * sync answers and relays carry third parties' records unsigned, so a member's own word (its
  * heartbeats and its own sync answers) always overrides relayed information.
  */
 export class Membership extends TypedEventEmitter<MembershipEvents> {
@@ -706,9 +707,9 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   /**
    * Takes a record heard `ageMs` ago if it is newer than what the table holds. A member's own
    * (authenticated) word only has to beat its own earlier word, so relayed records can never
-   * shut out its heartbeats.
+   * shut out its heartbeats. A member new to the table is relayed to the mesh if `passOn`.
    */
-  #merge(record: MemberRecord, ageMs: number, authenticated: boolean, relay = false): void {
+  #merge(record: MemberRecord, ageMs: number, authenticated: boolean, passOn = false): void {
     if (record.peerId === this.#self?.peerId) return;
     const heardAt = performance.now() - ageMs;
     const row = this.#rows.get(record.peerId);
@@ -730,7 +731,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       };
       this.#rows.set(record.peerId, added);
       this.#emit(added);
-      if (relay && !silent) this.#queueRelay(record.peerId);
+      if (passOn && !silent) this.#queueRelay(record.peerId);
       return;
     }
     // Beats do not change record seqs, so the member's own word may repeat the seq of a record
@@ -818,9 +819,9 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     this.#mergeMembers(members, remotePeer.toString(), true);
   }
 
-  /** Members as `remote` relayed them: its own entry is its word, the others hearsay. */
-  #mergeMembers(members: SyncedMember[], remote: string, relay: boolean): void {
-    for (const { ageMs, ...record } of members) this.#merge(record, ageMs, record.peerId === remote, relay);
+  /** Members as `remote` sent them: its own entry is its word, the others hearsay; new ones are relayed if `passOn`. */
+  #mergeMembers(members: SyncedMember[], remote: string, passOn: boolean): void {
+    for (const { ageMs, ...record } of members) this.#merge(record, ageMs, record.peerId === remote, passOn);
   }
 
   /**
