@@ -163,6 +163,7 @@ export class ShoalNode {
         probes: { answered: membership.probesAnswered, unanswered: membership.probesUnanswered },
         suspicions: { sent: membership.suspicionsSent, received: membership.suspicionsReceived },
         heartbeatsRejected: membership.heartbeatsRejected,
+        relays: { sent: membership.relaysSent, received: membership.relaysReceived },
       },
       swarm: {
         ...downloader.stats,

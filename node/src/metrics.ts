@@ -49,6 +49,10 @@ export class NodeMetrics {
       [{ direction: 'received' }, s.mesh.suspicions.received],
     ]);
     this.#metric('counter', 'shoal_mesh_heartbeats_rejected_total', 'Membership messages that failed validation.', [], (s) => [[{}, s.mesh.heartbeatsRejected]]);
+    this.#metric('counter', 'shoal_mesh_relays_total', 'Relay messages (members new to the table, passed on) this node published or received.', ['direction'], (s) => [
+      [{ direction: 'sent' }, s.mesh.relays.sent],
+      [{ direction: 'received' }, s.mesh.relays.received],
+    ]);
 
     this.#metric('gauge', 'shoal_swarm_transfers_active', 'Blobs being fetched from the mesh now.', [], (s) => [[{}, s.swarm.activeTransfers]]);
     this.#metric('counter', 'shoal_swarm_transfers_total', 'Mesh transfers that ended, by result (failed includes blobs no device held).', ['result'], (s) => [

@@ -37,6 +37,8 @@ export interface NodeStats {
     probes: { answered: number; unanswered: number };
     suspicions: { sent: number; received: number };
     heartbeatsRejected: number;
+    /** Relay messages (members new to the table, passed on to the mesh) published and received. */
+    relays: { sent: number; received: number };
   };
   swarm: DownloaderStats & {
     activeTransfers: number;

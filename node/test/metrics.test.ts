@@ -190,5 +190,6 @@ describe('/metrics and /api/stats of two nodes in one process', () => {
     assert.ok(mesh.probes.answered >= valueOf(probed, 'shoal_mesh_probes_total', { result: 'answered' })!);
     assert.equal(typeof valueOf(probed, 'shoal_mesh_suspicions_total', { direction: 'sent' }), 'number');
     assert.equal(valueOf(probed, 'shoal_mesh_heartbeats_rejected_total'), 0);
+    assert.ok(mesh.relays.received >= valueOf(probed, 'shoal_mesh_relays_total', { direction: 'received' })!);
   });
 });

@@ -90,6 +90,9 @@ export interface MembershipCounters {
   suspicionsReceived: number;
   /** Heartbeats that failed validation (malformed, oversized or claiming another peer's id). */
   heartbeatsRejected: number;
+  /** Relay messages (members new to the table, passed on) this node published, and those it took in. */
+  relaysSent: number;
+  relaysReceived: number;
 }
 
 export interface MembershipEvents {
@@ -247,7 +250,15 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   /** Members learned from table syncs and not yet relayed, and the timer that relays them. */
   readonly #toRelay = new Set<string>();
   #relayTimer: NodeJS.Timeout | undefined;
-  readonly #counters: MembershipCounters = { probesAnswered: 0, probesUnanswered: 0, suspicionsSent: 0, suspicionsReceived: 0, heartbeatsRejected: 0 };
+  readonly #counters: MembershipCounters = {
+    probesAnswered: 0,
+    probesUnanswered: 0,
+    suspicionsSent: 0,
+    suspicionsReceived: 0,
+    heartbeatsRejected: 0,
+    relaysSent: 0,
+    relaysReceived: 0,
+  };
 
   constructor(host: MeshHost, options: MembershipOptions = {}) {
     super();
@@ -659,7 +670,10 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const heartbeat = this.#decoded.get(message) ?? this.#authenticatedHeartbeat(message);
     if (heartbeat?.record) this.#merge(heartbeat.record, 0, true);
     else if (heartbeat?.beat) this.#onBeat(message.from, heartbeat.beat);
-    else if (heartbeat?.relay) this.#mergeMembers(heartbeat.relay, message.from.toString(), false);
+    else if (heartbeat?.relay) {
+      this.#counters.relaysReceived++;
+      this.#mergeMembers(heartbeat.relay, message.from.toString(), false);
+    }
     // Only a member's word counts, so a peer outside the table cannot make members suspect.
     else if (heartbeat?.suspicion && this.#rows.has(message.from.toString())) this.#onSuspicion(heartbeat.suspicion);
   };
@@ -853,7 +867,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       try {
         // Flooded to every peer on the topic, not only to the few of its gossip mesh, which at a
         // start is still forming.
-        await this.#publish(node, bytes, true);
+        if (await this.#publish(node, bytes, true)) this.#counters.relaysSent++;
       } catch (err) {
         this.#options.log.debug({ err }, 'membership relay not sent');
       }

@@ -257,6 +257,7 @@ test('a member one device learns by sync is relayed at once to devices that neve
     await waitFor('c to see a alive and b to relay it', () => statusOf(c, a) === 'alive' && relayedToC.some((ids) => ids.includes(a.id)));
     const seenA = c.membership!.list().find((member) => member.peerId === a.id)!;
     assert.equal(seenA.gateway, 'http://a.test:5000');
+    assert.ok(b.membership!.counters.relaysSent >= 1 && c.membership!.counters.relaysReceived >= 1);
   } finally {
     await mesh.stopAll();
   }
