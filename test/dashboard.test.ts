@@ -82,7 +82,7 @@ describe('the dashboard in a real browser', gate.options, () => {
     assert.match((await page.locator('#stat-bytes-served').textContent()) ?? '', /^\d+(\.\d)? KiB$/);
     // A lone node probes nobody: 0, with the membership detail in its title.
     assert.equal(await page.locator('#stat-probes-unanswered').textContent(), '0');
-    assert.match((await page.locator('#stat-probes-unanswered').getAttribute('title')) ?? '', /^0 answered; suspicions sent 0, received 0; heartbeats rejected 0; relays sent 0, received 0$/);
+    assert.match((await page.locator('#stat-probes-unanswered').getAttribute('title')) ?? '', /^0 answered; suspicions sent 0, received 0; heartbeats rejected 0; relays sent 0, received 0; beacon records 0$/);
   });
 
   it("shows a peer's labels as text, never as markup", async () => {

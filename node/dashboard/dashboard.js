@@ -74,7 +74,7 @@ function renderCounters({ gateway, swarm, upstream, store, mesh }) {
     'stat-probes-unanswered',
     mesh.probes.unanswered,
     String,
-    `${mesh.probes.answered} answered; suspicions sent ${mesh.suspicions.sent}, received ${mesh.suspicions.received}; heartbeats rejected ${mesh.heartbeatsRejected}; relays sent ${mesh.relays.sent}, received ${mesh.relays.received}`,
+    `${mesh.probes.answered} answered; suspicions sent ${mesh.suspicions.sent}, received ${mesh.suspicions.received}; heartbeats rejected ${mesh.heartbeatsRejected}; relays sent ${mesh.relays.sent}, received ${mesh.relays.received}; beacon records ${mesh.beaconRecords}`,
   );
   setCounter('stat-transfers-active', swarm.activeTransfers);
   setCounter('stat-store-blobs', store.blobs);

@@ -164,6 +164,7 @@ export class ShoalNode {
         suspicions: { sent: membership.suspicionsSent, received: membership.suspicionsReceived },
         heartbeatsRejected: membership.heartbeatsRejected,
         relays: { sent: membership.relaysSent, received: membership.relaysReceived },
+        beaconRecords: membership.beaconRecords,
       },
       swarm: {
         ...downloader.stats,

@@ -53,6 +53,7 @@ export class NodeMetrics {
       [{ direction: 'sent' }, s.mesh.relays.sent],
       [{ direction: 'received' }, s.mesh.relays.received],
     ]);
+    this.#metric('counter', 'shoal_mesh_beacon_records_total', "Members' own records from the mDNS beacon that were new to this node.", [], (s) => [[{}, s.mesh.beaconRecords]]);
 
     this.#metric('gauge', 'shoal_swarm_transfers_active', 'Blobs being fetched from the mesh now.', [], (s) => [[{}, s.swarm.activeTransfers]]);
     this.#metric('counter', 'shoal_swarm_transfers_total', 'Mesh transfers that ended, by result (failed includes blobs no device held).', ['result'], (s) => [

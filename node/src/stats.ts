@@ -39,6 +39,8 @@ export interface NodeStats {
     heartbeatsRejected: number;
     /** Relay messages (members new to the table, passed on to the mesh) published and received. */
     relays: { sent: number; received: number };
+    /** Members' own records the mDNS beacon brought that were new to this node. */
+    beaconRecords: number;
   };
   swarm: DownloaderStats & {
     activeTransfers: number;

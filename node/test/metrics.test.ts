@@ -191,5 +191,8 @@ describe('/metrics and /api/stats of two nodes in one process', () => {
     assert.equal(typeof valueOf(probed, 'shoal_mesh_suspicions_total', { direction: 'sent' }), 'number');
     assert.equal(valueOf(probed, 'shoal_mesh_heartbeats_rejected_total'), 0);
     assert.ok(mesh.relays.received >= valueOf(probed, 'shoal_mesh_relays_total', { direction: 'received' })!);
+    // These nodes run without mDNS, so no beacon.
+    assert.equal(valueOf(probed, 'shoal_mesh_beacon_records_total'), 0);
+    assert.equal(mesh.beaconRecords, 0);
   });
 });

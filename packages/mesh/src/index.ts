@@ -3,6 +3,7 @@ export * from './peer-key.ts';
 export * from './swarm-key.ts';
 export * from './membership.ts';
 export * from './membership-codec.ts';
+export * from './record-beacon.ts';
 export * from './tag-record.ts';
 export * from './tag-directory.ts';
 export * from './shuffle.ts';

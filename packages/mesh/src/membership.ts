@@ -28,6 +28,7 @@ import {
 import { shuffle } from './shuffle.ts';
 import { TableExchange } from './table-exchange.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
+import type { BeaconRecord } from './record-beacon.ts';
 
 export const MEMBERSHIP_TOPIC = '/shoal/membership/2';
 export const MEMBERSHIP_SYNC_PROTOCOL = '/shoal/membership/sync/2.0.0';
@@ -93,6 +94,8 @@ export interface MembershipCounters {
   /** Relay messages (members new to the table, passed on) this node published, and those it took in. */
   relaysSent: number;
   relaysReceived: number;
+  /** Members' own records the mDNS beacon brought that were new to this node (a new member or a newer record). */
+  beaconRecords: number;
 }
 
 export interface MembershipEvents {
@@ -258,6 +261,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     heartbeatsRejected: 0,
     relaysSent: 0,
     relaysReceived: 0,
+    beaconRecords: 0,
   };
 
   constructor(host: MeshHost, options: MembershipOptions = {}) {
@@ -329,6 +333,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     node.services.pubsub.subscribe(topic);
     node.addEventListener('peer:connect', this.#onConnect);
     node.addEventListener('peer:disconnect', this.#onDisconnect);
+    this.#host.beacon?.addEventListener('record', this.#onBeaconRecord);
     this.#checkTimer = setInterval(() => this.#check(), checkIntervalMs);
     this.#probeTimer = setInterval(() => this.#probeNext(), probeIntervalMs);
     void this.#heartbeat();
@@ -352,6 +357,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
     const { topic } = this.#options;
     node.removeEventListener('peer:connect', this.#onConnect);
     node.removeEventListener('peer:disconnect', this.#onDisconnect);
+    this.#host.beacon?.removeEventListener('record', this.#onBeaconRecord);
     node.services.pubsub.removeEventListener('message', this.#onMessage);
     node.services.pubsub.removeEventListener('subscription-change', this.#onSubscriptionChange);
     if (node.status === 'started') node.services.pubsub.unsubscribe(topic);
@@ -510,6 +516,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
         this.#options.log.warn({ bytes: bytes.byteLength, max: this.#options.maxHeartbeatBytes }, 'heartbeat too large, not sent');
         return;
       }
+      // The beacon answers queries with the latest record, so it takes every new one, delivered or not.
+      if (sendRecord) void this.#host.beacon?.publish(bytes).catch((err: unknown) => this.#options.log.warn({ err }, 'record not sent to the beacon'));
       let delivered = false;
       try {
         delivered = await this.#publish(node, bytes);
@@ -686,6 +694,29 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
   #onSubscriptionChange = (evt: CustomEvent<SubscriptionChangeData>): void => {
     if (!this.#recordDue) return;
     if (evt.detail.subscriptions.some(({ topic, subscribe }) => subscribe && topic === this.#options.topic)) this.#announce();
+  };
+
+  /**
+   * A member's own record from the mDNS beacon: news of a member not in the table, or of a newer
+   * record. The same record again is not a sign of life: every device answers every query with
+   * it, and anyone on the LAN could replay it.
+   */
+  #onBeaconRecord = (evt: CustomEvent<BeaconRecord>): void => {
+    const { from, payload } = evt.detail;
+    let record: MemberRecord | undefined;
+    try {
+      record = decodeHeartbeat(payload, this.#options.maxHeartbeatBytes).record;
+    } catch (err) {
+      this.#options.log.debug({ from: from.toString(), err }, 'malformed beacon record');
+    }
+    if (!record || record.peerId !== from.toString()) {
+      this.#counters.heartbeatsRejected++;
+      return;
+    }
+    const row = this.#rows.get(record.peerId);
+    if (row && record.seq <= row.ownRecordSeq) return;
+    this.#counters.beaconRecords++;
+    this.#merge(record, 0, true);
   };
 
   /** The heartbeat in a signed message, if a record then only about its signer; undefined otherwise. */

@@ -3,6 +3,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { noise } from '@chainsafe/libp2p-noise';
 import { yamux } from '@chainsafe/libp2p-yamux';
 import { gossipsub, type GossipSub } from '@libp2p/gossipsub';
+import { generateKeyPair } from '@libp2p/crypto/keys';
 import { identify, type Identify } from '@libp2p/identify';
 import { KEEP_ALIVE, type Libp2p, type PeerDiscovery, type PeerId, type PeerInfo, type PrivateKey } from '@libp2p/interface';
 import { kadDHT, removePublicAddressesMapper, type KadDHT } from '@libp2p/kad-dht';
@@ -15,6 +16,7 @@ import { isLoopback, Queue } from '@libp2p/utils';
 import { multiaddr, type Multiaddr } from '@multiformats/multiaddr';
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p';
 import { raceSignal } from 'race-signal';
+import { RecordBeacon } from './record-beacon.ts';
 
 export const DEFAULT_LISTEN = ['/ip4/0.0.0.0/tcp/4001'];
 export const DEFAULT_MDNS_SERVICE_TAG = '_shoal._udp.local';
@@ -37,7 +39,10 @@ export interface MeshHostOptions {
   bootstrap?: string[];
   /** How often disconnected bootstrap peers are dialled again. Default 10 000 ms. */
   bootstrapRedialMs?: number;
-  /** Find peers on the LAN by multicast DNS. Default true. */
+  /**
+   * Find peers on the LAN by multicast DNS, and carry each device's signed membership record
+   * there too (see RecordBeacon). Default true.
+   */
   mdns?: boolean;
   /**
    * mDNS query interval. A starting device queries at once and every device answers, so this
@@ -138,6 +143,7 @@ export class MeshHost {
   /** Peers found by mDNS that a dial (or a wait before one) is under way to. */
   readonly #dialing = new Set<string>();
   readonly #mdnsDials = new Queue<unknown>({ concurrency: MDNS_DIAL_CONCURRENCY });
+  #beacon: RecordBeacon | undefined;
 
   constructor(options: MeshHostOptions = {}) {
     this.#options = {
@@ -165,6 +171,11 @@ export class MeshHost {
     return this.node.peerId;
   }
 
+  /** The mDNS record beacon while the host runs with mDNS; undefined otherwise. */
+  get beacon(): RecordBeacon | undefined {
+    return this.#beacon;
+  }
+
   /** The addresses the host listens on, each ending in /p2p/<peer id>. */
   get multiaddrs(): Multiaddr[] {
     return this.node.getMultiaddrs();
@@ -176,7 +187,9 @@ export class MeshHost {
    */
   async start(): Promise<void> {
     if (this.#node) return;
-    const { listen, swarmKey, privateKey, inboundConnectionThreshold, maxIncomingPendingConnections } = this.#options;
+    const { listen, swarmKey, inboundConnectionThreshold, maxIncomingPendingConnections } = this.#options;
+    // The beacon signs with the node's key, so the host holds it rather than leaving it to libp2p.
+    const privateKey = this.#options.privateKey ?? (await generateKeyPair('Ed25519'));
     const services: ServiceFactoryMap<MeshServices> = {
       identify: identify(),
       // kad-dht pings new contacts through this service; one outbound stream (the default)
@@ -220,6 +233,10 @@ export class MeshHost {
     node.services.mdns?.addEventListener('peer', (evt) => this.#onDiscovered(evt.detail));
     await node.start();
     this.#node = node;
+    if (this.#options.mdns) {
+      this.#beacon = new RecordBeacon({ privateKey, swarmKey, log: this.#options.log });
+      this.#beacon.start();
+    }
     await this.#dialBootstrap();
     this.#redialTimer = setInterval(() => void this.#dialBootstrap(), this.#options.bootstrapRedialMs);
     this.#redialTimer.unref();
@@ -264,6 +281,8 @@ export class MeshHost {
     const node = this.#node;
     this.#node = undefined;
     this.#mdnsDials.abort();
+    this.#beacon?.stop();
+    this.#beacon = undefined;
     await node?.stop();
   }
 

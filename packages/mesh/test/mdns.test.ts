@@ -27,3 +27,27 @@ test('two hosts on one LAN find and connect to each other by mDNS', { skip: !can
 test('a device found by mDNS before it accepts connections is dialled again', { skip: !canUnshare && 'needs unshare -rn' }, async () => {
   assert.deepEqual(await inPrivateNetwork('mdns-late-peer.ts'), { connected: true });
 });
+
+test('record beacons carry signed records between devices of one swarm only, and turn away forgeries', { skip: !canUnshare && 'needs unshare -rn' }, async () => {
+  const seen = (await inPrivateNetwork('record-beacon.ts')) as {
+    capturedForged: boolean;
+    forgeries: { a: string[]; b: string[] };
+    a: string[];
+    b: string[];
+    other: string[];
+    open: string[];
+  };
+  assert.ok(seen.capturedForged, "the forger's own beacon went out");
+  // b started after a published: it heard a from the answer to its start query, and a's next
+  // record at once. The forger holds the swarm key, so its own record counts (as its own).
+  assert.deepEqual(seen.b, ['a1 from a', 'a2 from a', 'forged from forger']);
+  assert.deepEqual(seen.a, ['b1 from b', 'b2 from b', 'forged from forger']);
+  // Another swarm's key, or none: nothing in either direction.
+  assert.deepEqual(seen.other, []);
+  assert.deepEqual(seen.open, []);
+  // Each forgery was seen and turned away for its own reason (a skips those under its own name,
+  // b those under b's).
+  assert.deepEqual(seen.forgeries.a, ['Envelope signature is not valid for the given domain', 'bad swarm key HMAC', 'bad swarm key HMAC', 'not a record beacon frame']);
+  assert.equal(seen.forgeries.b.length, 3);
+  assert.match(seen.forgeries.b[2]!, /^signed by \S+, answered as \S+\._shoal-record\._udp\.local$/);
+});
