@@ -31,7 +31,7 @@ program
   .option('--log-level <level>', 'trace, debug, info, warn, error (default info)')
   .option('--listen <multiaddr>', 'libp2p listen address (repeatable; default /ip4/0.0.0.0/tcp/4001)', collect, [])
   .option('--bootstrap <multiaddr>', 'peer to dial and keep connected, ending in /p2p/<id> (repeatable)', collect, [])
-  .option('--no-mdns', 'do not discover devices by multicast DNS')
+  .option('--no-mdns', 'do not discover devices (or send this one\'s record) by multicast DNS')
   .option('--swarm-key <file>', 'private network key (see shoal keygen): only devices with the same key connect')
   .option('--label <key=value>', 'label shown to other devices (repeatable)', collect, [])
   .option('--data-plane <host:port>', 'where peers fetch chunks over HTTP (default 0.0.0.0:0, any port)')
