@@ -1,4 +1,5 @@
 export * from './mesh-host.ts';
+export * from './options.ts';
 export * from './peer-key.ts';
 export * from './swarm-key.ts';
 export * from './membership.ts';

@@ -25,6 +25,7 @@ import {
   type Suspicion,
   type SyncedMember,
 } from './membership-codec.ts';
+import { silentLog, withoutUndefined } from './options.ts';
 import { shuffle } from './shuffle.ts';
 import { TableExchange } from './table-exchange.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
@@ -208,7 +209,6 @@ const RELAY_DELAY_MS = 20;
 const RELAY_ENVELOPE_BYTES = 32;
 // Slack per member in a sync message for the ageMs field and separators.
 const SYNC_ENTRY_OVERHEAD_BYTES = 64;
-const silentLog: MeshLog = { debug() {}, warn() {} };
 const FALLBACK_SERVICE_HOST = '127.0.0.1';
 
 /**
@@ -285,7 +285,7 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
       maxMembers: 256,
       syncTimeoutMs: 5_000,
       log: silentLog,
-      ...(Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as MembershipOptions),
+      ...withoutUndefined(options),
     };
     const { name, gatewayUrl, apiUrl, serviceHost, suspectAfterMs, suspicionMs, dropAfterMs } = this.#options;
     checkName(name);

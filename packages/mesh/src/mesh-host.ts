@@ -16,6 +16,7 @@ import { isLoopback, Queue } from '@libp2p/utils';
 import { multiaddr, type Multiaddr } from '@multiformats/multiaddr';
 import { createLibp2p, type ServiceFactoryMap } from 'libp2p';
 import { raceSignal } from 'race-signal';
+import { silentLog, withoutUndefined } from './options.ts';
 import { RecordBeacon } from './record-beacon.ts';
 
 export const DEFAULT_LISTEN = ['/ip4/0.0.0.0/tcp/4001'];
@@ -85,7 +86,6 @@ export type MeshServices = {
 
 export type MeshNode = Libp2p<MeshServices>;
 
-const silentLog: MeshLog = { debug() {}, warn() {} };
 // yamux grows a stream's receive window to 16 MiB by default but resets a stream whose unread
 // buffer passes maxReadBufferLength (4 MiB), so a paused fast stream would be killed.
 const STREAM_BUFFER_BYTES = 4 * 1024 * 1024;
@@ -367,8 +367,4 @@ function parseBootstrapAddr(text: string): { peerId: PeerId; addr: Multiaddr } {
   const id = addr.getComponents().findLast((component) => component.name === 'p2p')?.value;
   if (!id) throw new Error(`bootstrap address ${JSON.stringify(text)} lacks /p2p/<peer id>`);
   return { peerId: peerIdFromString(id), addr };
-}
-
-function withoutUndefined<T extends object>(options: T): Partial<T> {
-  return Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as Partial<T>;
 }

@@ -6,6 +6,7 @@ import { RecordEnvelope } from '@libp2p/peer-record';
 import type { TxtAnswer } from 'dns-packet';
 import multicastDns from 'multicast-dns';
 import type { MeshLog } from './mesh-host.ts';
+import { silentLog, withoutUndefined } from './options.ts';
 
 export const DEFAULT_BEACON_SERVICE = '_shoal-record._udp.local';
 /** The signed envelope's domain, so a beacon signature is good for nothing else. */
@@ -76,8 +77,8 @@ export class RecordBeacon extends TypedEventEmitter<RecordBeaconEvents> {
       service: DEFAULT_BEACON_SERVICE,
       maxPayloadBytes: 4_096,
       minAnswerIntervalMs: 100,
-      log: { debug() {}, warn() {} },
-      ...(Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as RecordBeaconOptions),
+      log: silentLog,
+      ...withoutUndefined(options),
     };
   }
 

@@ -5,6 +5,7 @@ import { peerIdFromPrivateKey } from '@libp2p/peer-id';
 import { writeFileAtomic } from './io.ts';
 import { TableExchange } from './table-exchange.ts';
 import type { MeshHost, MeshLog, MeshNode } from './mesh-host.ts';
+import { silentLog, withoutUndefined } from './options.ts';
 import {
   compareTagRecords,
   decodeTagRecord,
@@ -55,7 +56,6 @@ type ResolvedOptions = Required<Omit<TagDirectoryOptions, 'file'>> & Pick<TagDir
 
 // One exchange gives a peer the whole table, so a few in parallel are plenty.
 const MAX_CONCURRENT_SYNCS = 4;
-const silentLog: MeshLog = { debug() {}, warn() {} };
 
 /**
  * Mesh-wide `repository:tag` -> manifest table. Every record is signed by the device that
@@ -89,7 +89,7 @@ export class TagDirectory extends TypedEventEmitter<TagDirectoryEvents> {
       syncTimeoutMs: 5_000,
       resyncIntervalMs: 30_000,
       log: silentLog,
-      ...(Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as TagDirectoryOptions),
+      ...withoutUndefined(options),
     };
     if (!this.#options.privateKey) throw new TypeError('TagDirectory needs the device privateKey');
     for (const key of ['maxRecordBytes', 'maxRecords', 'maxSyncBytes', 'syncTimeoutMs', 'resyncIntervalMs'] as const) {

@@ -1,5 +1,5 @@
 import { TypedEventEmitter, type Connection, type Stream, type StreamCloseEvent, type StreamMessageEvent } from '@libp2p/interface';
-import type { MeshHost, MeshLog } from '@shoal/mesh';
+import { silentLog, withoutUndefined, type MeshHost, type MeshLog } from '@shoal/mesh';
 import { chunkCount } from '@shoal/store';
 import { pEvent } from 'p-event';
 import {
@@ -78,7 +78,6 @@ export interface ChunkServerEvents {
 type ResolvedOptions = Required<Omit<ChunkServerOptions, 'corrupt' | 'dataPlane'>> &
   Pick<ChunkServerOptions, 'dataPlane'> & { corrupt: (blob: string, index: number) => boolean };
 
-const silentLog: MeshLog = { debug() {}, warn() {} };
 
 /**
  * Serves `/shoal/chunks/1.0.0` from a ChunkSource: one request per stream, answered with a header
@@ -409,8 +408,4 @@ function once(fn: () => void): () => void {
     called = true;
     fn();
   };
-}
-
-function withoutUndefined<T extends object>(options: T): Partial<T> {
-  return Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as Partial<T>;
 }

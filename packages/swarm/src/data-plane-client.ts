@@ -1,4 +1,5 @@
 import { connect, type Socket } from 'node:net';
+import { withoutUndefined } from '@shoal/mesh';
 import { ChunkProtocolError, ChunkStallError } from './chunk-protocol.ts';
 
 export interface DataPlaneClientOptions {
@@ -55,7 +56,7 @@ export class DataPlaneClient {
       maxIdlePerOrigin: 8,
       idleTimeoutMs: 20_000,
       stallTimeoutMs: 10_000,
-      ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
+      ...withoutUndefined(options),
     };
   }
 

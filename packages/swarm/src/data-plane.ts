@@ -3,7 +3,7 @@ import { once } from 'node:events';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { finished } from 'node:stream/promises';
 import type { AddressInfo } from 'node:net';
-import type { MeshLog } from '@shoal/mesh';
+import { silentLog, withoutUndefined, type MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
 import { ChunkBitmap, chunkCount } from '@shoal/store';
 import { ChunkProtocolError, corrupted, decodeBitmap } from './chunk-protocol.ts';
@@ -53,7 +53,6 @@ export interface ChunkDataPlaneOptions {
 const ROUTE = /^\/v1\/chunks\/([a-z0-9]+:[a-f0-9]+)\/(\d{1,10}|pick)$/;
 /** A pick's bitmap rides in a header: room for ~147 000 chunks, as on the libp2p path. */
 const MAX_HEADER_BYTES = 32 * 1024;
-const silentLog: MeshLog = { debug() {}, warn() {} };
 /** Chunks of the default size fit; a larger chunk gets a buffer of its own. */
 const POOLED_BUFFER_BYTES = 1024 * 1024;
 const POOL_SIZE = 16;
@@ -101,7 +100,7 @@ export class ChunkDataPlane {
 
   constructor(source: ChunkSource, options: ChunkDataPlaneOptions = {}) {
     this.#source = source;
-    const given: ChunkDataPlaneOptions = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined));
+    const given = withoutUndefined(options);
     const maxUploads = given.maxUploads ?? 4;
     this.#options = {
       host: '0.0.0.0',

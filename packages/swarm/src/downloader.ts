@@ -1,4 +1,5 @@
 import { TypedEventEmitter } from '@libp2p/interface';
+import { silentLog, withoutUndefined } from '@shoal/mesh';
 import {
   ChunkMismatchError,
   chunkIndexDigest,
@@ -129,7 +130,6 @@ type Resolved = Required<Omit<DownloaderOptions, 'trustedIndexDigest' | 'log'>> 
   log: NonNullable<DownloaderOptions['log']>;
 };
 
-const silentLog = { debug() {}, warn() {} };
 
 /**
  * Fetches blobs chunk by chunk from every holder at once: rarest chunk first (random among
@@ -154,7 +154,7 @@ export class Downloader extends TypedEventEmitter<DownloaderEvents> {
 
   constructor(options: DownloaderOptions) {
     super();
-    const given = Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)) as DownloaderOptions;
+    const given = withoutUndefined(options);
     this.options = {
       maxInFlightPerPeer: 2,
       maxStoringChunks: 4,

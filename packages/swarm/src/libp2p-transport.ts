@@ -1,6 +1,6 @@
 import type { Stream, StreamCloseEvent, StreamMessageEvent } from '@libp2p/interface';
 import { peerIdFromString } from '@libp2p/peer-id';
-import type { MeshHost, MeshLog } from '@shoal/mesh';
+import { silentLog, withoutUndefined, type MeshHost, type MeshLog } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
 import type { ChunkBitmap, ChunkIndex } from '@shoal/store';
 import {
@@ -47,7 +47,6 @@ export interface Libp2pChunkTransportOptions {
 /** Chunk geometry per (peer, blob) from fetchHolding answers; enough to know each chunk's length. */
 const MAX_REMEMBERED_GEOMETRIES = 4096;
 
-const silentLog: MeshLog = { debug() {}, warn() {} };
 const POOLED_BUFFER_BYTES = 1024 * 1024;
 const POOL_SIZE = 32;
 /** The data plane could not serve a request; use the libp2p stream. */
@@ -404,8 +403,4 @@ function checkDigest(blob: string): void {
 
 function key(peer: string, blob: string): string {
   return `${peer} ${blob}`;
-}
-
-function withoutUndefined<T extends object>(options: T): Partial<T> {
-  return Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined)) as Partial<T>;
 }

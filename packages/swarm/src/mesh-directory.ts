@@ -1,7 +1,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { TopicValidatorResult, type Message } from '@libp2p/gossipsub';
 import { TypedEventEmitter, type PeerId } from '@libp2p/interface';
-import type { MeshHost, MeshLog, MeshNode } from '@shoal/mesh';
+import { silentLog, withoutUndefined, type MeshHost, type MeshLog, type MeshNode } from '@shoal/mesh';
 import { isDigest } from '@shoal/oci';
 import { ChunkBitmap } from '@shoal/store';
 import { CID } from 'multiformats/cid';
@@ -65,7 +65,6 @@ interface WireAvailability {
   }[];
 }
 
-const silentLog: MeshLog = { debug() {}, warn() {} };
 
 /** A holder gossip named: when last heard (performance.now()), and whether of the whole blob. */
 interface GossipedHolder {
@@ -117,7 +116,7 @@ export class MeshProviderDirectory extends TypedEventEmitter<ProviderDirectoryEv
       maxMessageBytes: 16 * 1024,
       maxProvideDelayMs: 60_000,
       log: silentLog,
-      ...Object.fromEntries(Object.entries(options).filter(([, v]) => v !== undefined)),
+      ...withoutUndefined(options),
     };
   }
 

@@ -1,4 +1,4 @@
-import { MAX_CARRIED_MANIFEST_BYTES, type TagFields } from '@shoal/mesh';
+import { MAX_CARRIED_MANIFEST_BYTES, silentLog, type TagFields } from '@shoal/mesh';
 import { referencedBlobs, type ParsedManifest } from '@shoal/oci';
 import { chunkIndexDigest, type BlobInfo, type ContentStore } from '@shoal/store';
 import type { ProviderDirectory } from './types.ts';
@@ -16,7 +16,6 @@ export interface MeshPublisherOptions {
   log?: { debug(obj: object, msg: string): void; warn(obj: object, msg: string): void };
 }
 
-const silentLog = { debug() {}, warn() {} };
 
 /**
  * Tells the mesh what this device holds as the store changes: every committed blob gets a
