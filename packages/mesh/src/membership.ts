@@ -703,13 +703,8 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
    */
   #onBeaconRecord = (evt: CustomEvent<BeaconRecord>): void => {
     const { from, payload } = evt.detail;
-    let record: MemberRecord | undefined;
-    try {
-      record = decodeHeartbeat(payload, this.#options.maxHeartbeatBytes).record;
-    } catch (err) {
-      this.#options.log.debug({ from: from.toString(), err }, 'malformed beacon record');
-    }
-    if (!record || record.peerId !== from.toString()) {
+    const record = this.#ownHeartbeat(payload, from)?.record;
+    if (!record) {
       this.#counters.heartbeatsRejected++;
       return;
     }
@@ -721,13 +716,17 @@ export class Membership extends TypedEventEmitter<MembershipEvents> {
 
   /** The heartbeat in a signed message, if a record then only about its signer; undefined otherwise. */
   #authenticatedHeartbeat(message: Message): Heartbeat | undefined {
-    if (message.type !== 'signed') return undefined;
+    return message.type === 'signed' ? this.#ownHeartbeat(message.data, message.from) : undefined;
+  }
+
+  /** The heartbeat in `bytes` that `from` signed, if a record then only about `from`; undefined (logged) otherwise. */
+  #ownHeartbeat(bytes: Uint8Array, from: PeerId): Heartbeat | undefined {
     try {
-      const heartbeat = decodeHeartbeat(message.data, this.#options.maxHeartbeatBytes);
-      if (!heartbeat.record || heartbeat.record.peerId === message.from.toString()) return heartbeat;
-      this.#options.log.warn({ from: message.from.toString(), claimed: heartbeat.record.peerId }, 'heartbeat claims another peer id');
+      const heartbeat = decodeHeartbeat(bytes, this.#options.maxHeartbeatBytes);
+      if (!heartbeat.record || heartbeat.record.peerId === from.toString()) return heartbeat;
+      this.#options.log.warn({ from: from.toString(), claimed: heartbeat.record.peerId }, 'heartbeat claims another peer id');
     } catch (err) {
-      this.#options.log.debug({ from: message.from.toString(), err }, 'malformed heartbeat');
+      this.#options.log.debug({ from: from.toString(), err }, 'malformed heartbeat');
     }
     return undefined;
   }
